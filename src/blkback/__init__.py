@@ -1,0 +1,5 @@
+"""blkback: a userspace NBD block backend with xen-blkback page pools and the squeeze."""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"

@@ -1,0 +1,5 @@
+from __future__ import annotations
+
+from blkback.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,206 @@
+"""Page allocators: where pool pages come from and where freed pages go.
+
+xen-blkback takes pages with ``gnttab_alloc_pages`` and gives them back with
+``gnttab_free_pages``; here a page is an integer id and an allocator maps ids to memory.
+
+* :class:`MmapAllocator` backs pages with **private** anonymous mappings. Python's
+  ``mmap.mmap(-1, n)`` is MAP_SHARED (shmem), on which ``MADV_DONTNEED`` frees nothing
+  (nbd-notes §5.6), so we ask for ``MAP_PRIVATE | MAP_ANONYMOUS`` explicitly. Freeing a page
+  ``madvise(MADV_DONTNEED)``\\ s its 4 KiB: the kernel drops the frame at once, RSS falls, and the
+  next use of the slot faults in a fresh zero page, which is what a new allocation costs.
+  Address space is mapped in chunks and kept (a chunk cannot be unmapped while memoryviews of
+  it exist), so the only thing that stays is virtual address space, never resident memory.
+* :class:`CountingAllocator` hands out ids with no memory behind them: for the simulator and
+  for tests of the pool's bookkeeping.
+
+Both reuse freed ids LIFO, so ids stay dense.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import mmap
+import os
+from collections.abc import Callable, Sequence
+from typing import Protocol
+
+PAGE_SIZE = 4096
+
+
+class PageAllocator(Protocol):
+    """Source and sink of pages (``gnttab_alloc_pages`` / ``gnttab_free_pages``)."""
+
+    def alloc(self) -> int:
+        """Return the id of a new page (may raise MemoryError)."""
+        ...
+
+    def free(self, pages: Sequence[int]) -> None:
+        """Give pages back to the system."""
+        ...
+
+    @property
+    def live_pages(self) -> int:
+        """Pages handed out and not freed."""
+        ...
+
+
+class CountingAllocator:
+    """Pages without memory: ids only. ``limit`` makes :meth:`alloc` fail like a full host."""
+
+    def __init__(self, limit: int | None = None) -> None:
+        self._next = 0
+        self._free_ids: list[int] = []
+        self._live = 0
+        self.limit = limit
+        self.allocs = 0
+        self.frees = 0
+
+    def alloc(self) -> int:
+        if self.limit is not None and self._live >= self.limit:
+            raise MemoryError("page allocation failed: allocator limit reached")
+        self._live += 1
+        self.allocs += 1
+        if self._free_ids:
+            return self._free_ids.pop()
+        page = self._next
+        self._next += 1
+        return page
+
+    def free(self, pages: Sequence[int]) -> None:
+        self._live -= len(pages)
+        self.frees += len(pages)
+        self._free_ids.extend(pages)
+
+    @property
+    def live_pages(self) -> int:
+        return self._live
+
+
+def _load_libc() -> ctypes.CDLL | None:
+    name = ctypes.util.find_library("c")
+    if name is None:
+        return None
+    return ctypes.CDLL(name, use_errno=True)
+
+
+class MmapAllocator:
+    """Real 4 KiB pages over private anonymous mappings; freeing returns them to the OS.
+
+    Args:
+        chunk_pages: pages mapped per chunk of address space (one mmap call each).
+        mlock: try to pin pages in RAM (like Xen's ballooned frames, which never swap). On
+            this kind of host RLIMIT_MEMLOCK is 8 MiB: when the kernel refuses, pinning stops,
+            ``warn`` is called once with the reason, and allocation goes on unpinned.
+        warn: where the single degradation message goes.
+    """
+
+    def __init__(
+        self,
+        chunk_pages: int = 256,
+        *,
+        mlock: bool = False,
+        warn: Callable[[str], None] | None = None,
+    ) -> None:
+        if chunk_pages < 1:
+            raise ValueError("chunk_pages must be at least 1")
+        self.chunk_pages = chunk_pages
+        self._chunks: list[mmap.mmap] = []
+        self._views: list[memoryview] = []
+        self._free_ids: list[int] = []
+        self._live = 0
+        self._mlock = mlock
+        self._warn = warn
+        self._libc = _load_libc() if mlock else None
+        self._addrs: list[int] = []
+        self._locked: set[int] = set()
+        self.pinned_pages = 0
+        self.mlock_error: str | None = None
+        if mlock and self._libc is None:
+            self._stop_pinning("mlock unavailable: libc not found; pool pages are not pinned")
+
+    # -- allocator protocol ---------------------------------------------------------------
+    def alloc(self) -> int:
+        if not self._free_ids:
+            self._map_chunk()
+        page = self._free_ids.pop()
+        self._live += 1
+        if self._mlock:
+            self._pin(page)
+        return page
+
+    def free(self, pages: Sequence[int]) -> None:
+        chunk_pages = self.chunk_pages
+        for page in pages:
+            if self._locked:
+                self._unpin(page)
+            chunk = self._chunks[page // chunk_pages]
+            chunk.madvise(mmap.MADV_DONTNEED, (page % chunk_pages) * PAGE_SIZE, PAGE_SIZE)
+        self._live -= len(pages)
+        self._free_ids.extend(pages)
+
+    @property
+    def live_pages(self) -> int:
+        return self._live
+
+    # -- buffers --------------------------------------------------------------------------
+    def view(self, page: int) -> memoryview:
+        """The page's 4096 bytes, writable, usable by preadv/pwritev/recvmsg_into/sendmsg."""
+        return self._views[page]
+
+    def views(self, pages: Sequence[int]) -> list[memoryview]:
+        """Memoryviews of several pages, for scatter/gather I/O."""
+        v = self._views
+        return [v[p] for p in pages]
+
+    @property
+    def mapped_pages(self) -> int:
+        """Pages of address space mapped so far (resident or not)."""
+        return len(self._views)
+
+    # -- internals ------------------------------------------------------------------------
+    def _map_chunk(self) -> None:
+        size = self.chunk_pages * PAGE_SIZE
+        chunk = mmap.mmap(
+            -1,
+            size,
+            flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS,
+            prot=mmap.PROT_READ | mmap.PROT_WRITE,
+        )
+        base_id = len(self._views)
+        self._chunks.append(chunk)
+        whole = memoryview(chunk)
+        self._views.extend(whole[i * PAGE_SIZE : (i + 1) * PAGE_SIZE] for i in range(self.chunk_pages))
+        if self._mlock:
+            self._addrs.append(ctypes.addressof(ctypes.c_char.from_buffer(chunk)))
+        # Highest id last so that pop() hands out the chunk's pages in ascending order.
+        self._free_ids.extend(range(base_id + self.chunk_pages - 1, base_id - 1, -1))
+
+    def _page_addr(self, page: int) -> int:
+        return self._addrs[page // self.chunk_pages] + (page % self.chunk_pages) * PAGE_SIZE
+
+    def _pin(self, page: int) -> None:
+        assert self._libc is not None
+        if self._libc.mlock(ctypes.c_void_p(self._page_addr(page)), ctypes.c_size_t(PAGE_SIZE)):
+            err = ctypes.get_errno()
+            self._stop_pinning(
+                f"mlock of pool pages stopped after {self.pinned_pages} pages "
+                f"({self.pinned_pages * PAGE_SIZE // 1024} KiB): {os.strerror(err)}; "
+                "RLIMIT_MEMLOCK is too low here, so further pool pages are not pinned"
+            )
+            return
+        self._locked.add(page)
+        self.pinned_pages += 1
+
+    def _unpin(self, page: int) -> None:
+        if page in self._locked:
+            assert self._libc is not None
+            self._libc.munlock(ctypes.c_void_p(self._page_addr(page)), ctypes.c_size_t(PAGE_SIZE))
+            self._locked.discard(page)
+            self.pinned_pages -= 1
+
+    def _stop_pinning(self, message: str) -> None:
+        self._mlock = False
+        self.mlock_error = message
+        if self._warn is not None:
+            self._warn(message)

@@ -1,0 +1,172 @@
+"""The per-ring free-page pool of xen-blkback (``get_free_page``/``put_free_pages``/``shrink``).
+
+Rule 1: the pool only ever frees pages that are *in it*. A page handed out by :meth:`get`
+is in flight until it comes back through :meth:`put`; :meth:`shrink` cannot see it, so it
+can never free it (the seed's safety argument, blkback-spec §6.1).
+
+Rule 2: the semantics are the kernel's, exactly (blkback-spec §1):
+
+* LIFO: ``get`` pops the most recently ``put`` page; when the pool is empty it allocates a
+  fresh page from the allocator, which is not counted in the pool.
+* ``put`` pushes with **no cap check**: the pool may exceed ``max_buffer_pages`` until the
+  ring's next loop pass trims it.
+* ``shrink(target, batch)`` frees down to exactly ``min(size, target)`` pages, the most
+  recently returned first, handing them to the allocator ``batch`` at a time.
+
+The pool is owned by one ring and used from that ring's thread only, like the kernel's
+pool is used under its spinlock; it has no lock of its own.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from blkback.core.pages import PageAllocator
+
+
+@dataclass(frozen=True, slots=True)
+class PoolCounters:
+    """A snapshot of a pool's counters."""
+
+    pool_pages: int
+    in_flight_pages: int
+    peak_pool_pages: int
+    peak_in_flight_pages: int
+    pages_allocated: int
+    pages_freed: int
+    hits: int
+    misses: int
+
+
+class PagePool:
+    """A LIFO stack of free page ids over an allocator."""
+
+    __slots__ = (
+        "_free",
+        "allocator",
+        "hits",
+        "in_flight",
+        "misses",
+        "pages_allocated",
+        "pages_freed",
+        "peak_in_flight",
+        "peak_pool",
+    )
+
+    def __init__(self, allocator: PageAllocator) -> None:
+        self.allocator = allocator
+        self._free: list[int] = []  # top of the stack is the end of the list
+        self.in_flight = 0
+        self.peak_pool = 0
+        self.peak_in_flight = 0
+        self.pages_allocated = 0
+        self.pages_freed = 0
+        self.hits = 0
+        self.misses = 0
+
+    def __len__(self) -> int:
+        return len(self._free)
+
+    @property
+    def size(self) -> int:
+        """Pages in the pool (free, ready for reuse)."""
+        return len(self._free)
+
+    def get(self) -> int:
+        """Take one page: the most recently returned one, or a new one if the pool is empty."""
+        free = self._free
+        if free:
+            page = free.pop()
+            self.hits += 1
+        else:
+            page = self.allocator.alloc()
+            self.pages_allocated += 1
+            self.misses += 1
+        self.in_flight += 1
+        if self.in_flight > self.peak_in_flight:
+            self.peak_in_flight = self.in_flight
+        return page
+
+    def get_many(self, n: int) -> list[int]:
+        """Take ``n`` pages, as ``n`` calls of :meth:`get` would, in the same order.
+
+        If the allocator fails part-way, the pages already taken go back into the pool (as
+        the kernel's ``xen_blkbk_map`` returns the batch gathered so far) and the error
+        propagates.
+        """
+        free = self._free
+        k = n if n <= len(free) else len(free)
+        if k:
+            pages = free[-k:]
+            del free[-k:]
+            pages.reverse()
+        else:
+            pages = []
+        self.hits += k
+        self.in_flight += k
+        if k < n:
+            alloc = self.allocator.alloc
+            try:
+                for _ in range(n - k):
+                    pages.append(alloc())
+                    self.pages_allocated += 1
+                    self.misses += 1
+                    self.in_flight += 1
+            except BaseException:
+                self.put(pages)
+                raise
+        if self.in_flight > self.peak_in_flight:
+            self.peak_in_flight = self.in_flight
+        return pages
+
+    def put(self, pages: Sequence[int]) -> None:
+        """Return pages that were taken with :meth:`get`; no cap is applied here."""
+        n = len(pages)
+        if n > self.in_flight:
+            raise ValueError(f"put of {n} pages but only {self.in_flight} are in flight")
+        self.in_flight -= n
+        free = self._free
+        free.extend(pages)
+        if len(free) > self.peak_pool:
+            self.peak_pool = len(free)
+
+    def shrink(self, target: int, batch: int = 10) -> int:
+        """Free pool pages down to ``min(size, target)``, ``batch`` at a time; return the count."""
+        if target < 0:
+            raise ValueError(f"shrink target must be >= 0, not {target}")
+        if batch < 1:
+            raise ValueError(f"batch must be >= 1, not {batch}")
+        free = self._free
+        excess = len(free) - target
+        if excess <= 0:
+            return 0
+        freed = 0
+        allocator_free = self.allocator.free
+        while excess > 0:
+            k = batch if batch < excess else excess
+            chunk = free[-k:]
+            del free[-k:]
+            chunk.reverse()  # most recently returned first, as the kernel pops the head
+            allocator_free(chunk)
+            freed += k
+            excess -= k
+        self.pages_freed += freed
+        return freed
+
+    def counters(self) -> PoolCounters:
+        """A snapshot of the counters."""
+        return PoolCounters(
+            pool_pages=len(self._free),
+            in_flight_pages=self.in_flight,
+            peak_pool_pages=self.peak_pool,
+            peak_in_flight_pages=self.peak_in_flight,
+            pages_allocated=self.pages_allocated,
+            pages_freed=self.pages_freed,
+            hits=self.hits,
+            misses=self.misses,
+        )
+
+    def free_page_ids(self) -> list[int]:
+        """The pool's page ids, top of the stack first (for tests and invariants)."""
+        return self._free[::-1]

@@ -1,0 +1,80 @@
+"""Exception tree of blkback.
+
+::
+
+    BlkbackError
+    ├── ConfigError            bad command line, export spec or parameter value
+    │   └── ParamError         a runtime parameter write was refused (nothing changed)
+    ├── NbdError               anything the NBD layer raises
+    │   ├── ProtocolError      the peer broke the protocol: the connection is closed
+    │   └── RequestError       one request fails: an error reply, the connection stays
+    │       ├── InvalidRequestError   EINVAL
+    │       ├── NoSpaceError          ENOSPC
+    │       ├── ReadOnlyError         EPERM
+    │       ├── UnsupportedError      ENOTSUP
+    │       ├── StorageIOError        EIO
+    │       └── OutOfMemoryError      ENOMEM (a page could not be allocated)
+    └── EnvironmentProblem     the host lacks a facility (root, cgroup, swap, tool)
+
+Request errors carry their NBD errno as a class attribute; the server translates them to
+replies at one boundary.
+"""
+
+from __future__ import annotations
+
+import errno as _errno
+from typing import ClassVar
+
+
+class BlkbackError(Exception):
+    """Base class of every error blkback raises on purpose."""
+
+
+class ConfigError(BlkbackError):
+    """Bad configuration given by a user: the message is shown as is, without traceback."""
+
+
+class ParamError(ConfigError):
+    """A runtime parameter could not be read or written; nothing was changed."""
+
+
+class EnvironmentProblem(BlkbackError):
+    """The host lacks something an operation needs (root, cgroup, swap, a tool)."""
+
+
+class NbdError(BlkbackError):
+    """Base of the NBD layer's errors."""
+
+
+class ProtocolError(NbdError):
+    """The peer broke the protocol; the connection must be closed."""
+
+
+class RequestError(NbdError):
+    """One request failed; the server answers with ``errno`` and keeps the connection."""
+
+    errno: ClassVar[int] = _errno.EIO
+
+
+class InvalidRequestError(RequestError):
+    errno = _errno.EINVAL
+
+
+class NoSpaceError(RequestError):
+    errno = _errno.ENOSPC
+
+
+class ReadOnlyError(RequestError):
+    errno = _errno.EPERM
+
+
+class UnsupportedError(RequestError):
+    errno = _errno.ENOTSUP
+
+
+class StorageIOError(RequestError):
+    errno = _errno.EIO
+
+
+class OutOfMemoryError(RequestError):
+    errno = _errno.ENOMEM
