@@ -54,7 +54,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     level = logging.WARNING - 10 * min(args.verbose, 2)
-    logging.basicConfig(level=level, format="blkback: %(levelname)s: %(message)s", stream=sys.stderr)
+    logging.basicConfig(
+        level=level, format="blkback: %(levelname)s: %(message)s", stream=sys.stderr
+    )
     try:
         code: int = args._module.run(args)
     except BlkbackError as exc:

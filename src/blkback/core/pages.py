@@ -22,6 +22,7 @@ import ctypes
 import ctypes.util
 import mmap
 import os
+import resource
 from collections.abc import Callable, Sequence
 from typing import Protocol
 
@@ -76,6 +77,10 @@ class CountingAllocator:
     def live_pages(self) -> int:
         return self._live
 
+    def released_ids(self) -> list[int]:
+        """Ids freed and not handed out again (for invariant checks)."""
+        return list(self._free_ids)
+
 
 def _load_libc() -> ctypes.CDLL | None:
     name = ctypes.util.find_library("c")
@@ -89,9 +94,12 @@ class MmapAllocator:
 
     Args:
         chunk_pages: pages mapped per chunk of address space (one mmap call each).
-        mlock: try to pin pages in RAM (like Xen's ballooned frames, which never swap). On
-            this kind of host RLIMIT_MEMLOCK is 8 MiB: when the kernel refuses, pinning stops,
-            ``warn`` is called once with the reason, and allocation goes on unpinned.
+        mlock: try to pin pages in RAM (like Xen's ballooned frames, which never swap). The
+            soft RLIMIT_MEMLOCK is the pinning budget, even for a process whose CAP_IPC_LOCK
+            would let it pin more (root here): pinned pool pages are memory the host can never
+            reclaim, so we stay inside what the administrator granted. When the budget is used
+            up or the kernel refuses, pinning stops, ``warn`` is called once with the reason,
+            and allocation goes on unpinned.
         warn: where the single degradation message goes.
     """
 
@@ -116,6 +124,8 @@ class MmapAllocator:
         self._locked: set[int] = set()
         self.pinned_pages = 0
         self.mlock_error: str | None = None
+        soft, _ = resource.getrlimit(resource.RLIMIT_MEMLOCK)
+        self.pin_budget_pages = -1 if soft == resource.RLIM_INFINITY else soft // PAGE_SIZE
         if mlock and self._libc is None:
             self._stop_pinning("mlock unavailable: libc not found; pool pages are not pinned")
 
@@ -170,7 +180,9 @@ class MmapAllocator:
         base_id = len(self._views)
         self._chunks.append(chunk)
         whole = memoryview(chunk)
-        self._views.extend(whole[i * PAGE_SIZE : (i + 1) * PAGE_SIZE] for i in range(self.chunk_pages))
+        self._views.extend(
+            whole[i * PAGE_SIZE : (i + 1) * PAGE_SIZE] for i in range(self.chunk_pages)
+        )
         if self._mlock:
             self._addrs.append(ctypes.addressof(ctypes.c_char.from_buffer(chunk)))
         # Highest id last so that pop() hands out the chunk's pages in ascending order.
@@ -181,6 +193,13 @@ class MmapAllocator:
 
     def _pin(self, page: int) -> None:
         assert self._libc is not None
+        if 0 <= self.pin_budget_pages <= self.pinned_pages:
+            self._stop_pinning(
+                f"mlock of pool pages stopped at the RLIMIT_MEMLOCK budget of "
+                f"{self.pin_budget_pages * PAGE_SIZE // 1024} KiB ({self.pinned_pages} pages); "
+                "further pool pages are not pinned"
+            )
+            return
         if self._libc.mlock(ctypes.c_void_p(self._page_addr(page)), ctypes.c_size_t(PAGE_SIZE)):
             err = ctypes.get_errno()
             self._stop_pinning(
