@@ -72,8 +72,8 @@ def run(args: argparse.Namespace) -> int:
     }
 
     if args.json:
-        pass
+        print(json.dumps(results, indent=2))
     else:
-        for _name, _r in results.items():
-            pass
+        for name, r in results.items():
+            print(f"{name:28s} " + "  ".join(f"{k}={v:,.1f}" for k, v in r.items()))
     return 0

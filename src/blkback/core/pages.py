@@ -140,14 +140,32 @@ class MmapAllocator:
         return page
 
     def free(self, pages: Sequence[int]) -> None:
-        chunk_pages = self.chunk_pages
-        for page in pages:
-            if self._locked:
+        if self._locked:
+            for page in pages:
                 self._unpin(page)
-            chunk = self._chunks[page // chunk_pages]
-            chunk.madvise(mmap.MADV_DONTNEED, (page % chunk_pages) * PAGE_SIZE, PAGE_SIZE)
+        # One madvise per run of adjacent pages in one chunk: a batch freed LIFO is usually
+        # a descending run, so this is one syscall per batch instead of one per page.
+        chunk_pages = self.chunk_pages
+        chunks = self._chunks
+        run_start = run_end = -1
+        for page in sorted(pages):
+            if page == run_end and page % chunk_pages:
+                run_end += 1
+                continue
+            if run_start >= 0:
+                self._dontneed(chunks, run_start, run_end)
+            run_start, run_end = page, page + 1
+        if run_start >= 0:
+            self._dontneed(chunks, run_start, run_end)
         self._live -= len(pages)
         self._free_ids.extend(pages)
+
+    def _dontneed(self, chunks: list[mmap.mmap], start: int, end: int) -> None:
+        """Drop the frames of pages ``start`` to ``end - 1`` (all in one chunk)."""
+        chunk_pages = self.chunk_pages
+        chunks[start // chunk_pages].madvise(
+            mmap.MADV_DONTNEED, (start % chunk_pages) * PAGE_SIZE, (end - start) * PAGE_SIZE
+        )
 
     @property
     def live_pages(self) -> int:

@@ -94,3 +94,16 @@ def test_mlock_degrades_with_one_warning() -> None:
     pool.put(pages)
     pool.shrink(0)
     assert alloc.pinned_pages == 0
+
+
+def test_coalesced_free_drops_exactly_the_given_pages() -> None:
+    alloc = MmapAllocator(chunk_pages=4)  # small chunks: runs cross chunk boundaries
+    pages = [alloc.alloc() for _ in range(12)]
+    for p in pages:
+        alloc.view(p)[:4] = p.to_bytes(4, "little")
+    gone = [pages[i] for i in (1, 2, 3, 4, 5, 9, 11)]  # a run across chunks 0|1, and singles
+    alloc.free(gone)
+    for p in pages:
+        want = bytes(4) if p in gone else p.to_bytes(4, "little")
+        assert bytes(alloc.view(p)[:4]) == want, p
+    assert alloc.live_pages == 5
