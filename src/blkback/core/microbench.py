@@ -8,6 +8,7 @@ of ``max_buffer_pages=0``), and shrinking a full pool in batches of 10.
 from __future__ import annotations
 
 import argparse
+import json
 import time
 
 from blkback.core.pages import PAGE_SIZE, MmapAllocator
