@@ -18,6 +18,8 @@ from blkback.errors import BlkbackError
 
 # name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
+    "serve": ("blkback.server.command", "serve block devices over NBD"),
+    "ctl": ("blkback.server.ctl_command", "parameters, statistics and pressure of a server"),
     "microbench": ("blkback.core.microbench", "measure the page pool's get/put/shrink speed"),
 }
 

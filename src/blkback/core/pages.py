@@ -181,6 +181,27 @@ class MmapAllocator:
         v = self._views
         return [v[p] for p in pages]
 
+    def close(self) -> None:
+        """Unmap all address space; every page must have been freed first.
+
+        A chunk whose memory is still exported (a memoryview of one of its pages is alive
+        somewhere) cannot be unmapped now; it is left to the garbage collector, and its frames
+        were already dropped by ``free``.
+        """
+        if self._live:
+            raise RuntimeError(f"allocator closed with {self._live} pages still in use")
+        for v in self._views:
+            v.release()
+        self._views.clear()
+        self._free_ids.clear()
+        self._addrs.clear()
+        for chunk in self._chunks:
+            try:
+                chunk.close()
+            except BufferError:
+                pass
+        self._chunks.clear()
+
     @property
     def mapped_pages(self) -> int:
         """Pages of address space mapped so far (resident or not)."""
