@@ -175,7 +175,7 @@ class Connection:
         self.storage = export.storage
         self.structured = neg.structured_replies
         self.contexts = sorted(neg.meta_contexts)
-        self.max_payload = neg.export.max_block
+        self.max_payload = self.codec.max_write_payload
         self.allocator = MmapAllocator(
             chunk_pages=server.config.chunk_pages,
             mlock=server.config.mlock,
@@ -305,7 +305,7 @@ class Connection:
                             pages = ring.get_pages((length + PAGE_SIZE - 1) // PAGE_SIZE, now())
             except RequestError as exc:
                 stats.errors += 1
-                out.append(codec.error_reply(cookie, exc.errno, cmd))
+                out.append(codec.error_reply(cookie, exc.errno, str(exc)))
                 continue
             except MemoryError:
                 # The pool could not grow: fail this request as the kernel does (the ring's
@@ -314,7 +314,7 @@ class Connection:
                 if cmd == C_WRITE:
                     start = self._discard_payload(view, start, end, length)
                     end = max(end, start)
-                out.append(codec.error_reply(cookie, errno.ENOMEM, cmd))
+                out.append(codec.error_reply(cookie, errno.ENOMEM, "out of memory for buffers"))
                 continue
             if inline:
                 out.extend(self._execute(flags, cmd, cookie, offset, length, pages))
@@ -397,7 +397,7 @@ class Connection:
             return [codec.simple_reply(cookie)]
         except RequestError as exc:
             stats.errors += 1
-            return [codec.error_reply(cookie, exc.errno, cmd)]
+            return [codec.error_reply(cookie, exc.errno, str(exc))]
 
     def _block_status(self, flags: int, cookie: int, offset: int, length: int) -> bytes:
         extents = self.storage.extents(offset, length)
@@ -570,4 +570,3 @@ class Connection:
         for t in self._workers:
             t.join()
         self._workers.clear()
-

@@ -146,7 +146,7 @@ class Server:
             self.catalog.add(Export(name, storage, device, info, spec))
         self.connections: set[Connection] = set()
         self.conn_lock = threading.Lock()
-        self.stopping = False
+        self._stop_event = threading.Event()
         self.started_ns = self.clock.now_ns()
         self.listeners: list[socket.socket] = []
         self.addresses: list[str] = []
@@ -159,6 +159,11 @@ class Server:
         self.pressure_events: dict[str, int] = {}
         self.connections_total = 0
         self.connections_refused = 0
+
+    @property
+    def stopping(self) -> bool:
+        """Whether :meth:`stop` has begun."""
+        return self._stop_event.is_set()
 
     # -- start and stop -------------------------------------------------------------------
     def start(self) -> None:
@@ -234,7 +239,7 @@ class Server:
         """Stop accepting, finish in-flight requests, flush storage, close everything."""
         if self.stopping:
             return
-        self.stopping = True
+        self._stop_event.set()
         for lsock in self.listeners:
             with contextlib.suppress(OSError):
                 lsock.shutdown(socket.SHUT_RDWR)
@@ -268,14 +273,15 @@ class Server:
 
     # -- connections ----------------------------------------------------------------------
     def _accept_loop(self, lsock: socket.socket) -> None:
-        while not self.stopping:
+        stop = self._stop_event.is_set
+        while not stop():
             try:
                 sock, addr = lsock.accept()
             except OSError:
-                if self.stopping:
+                if stop():
                     return
                 continue
-            if self.stopping:
+            if stop():
                 sock.close()
                 return
             if sock.family != socket.AF_UNIX:
