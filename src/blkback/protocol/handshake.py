@@ -220,7 +220,7 @@ def final_tflags(export: ExportInfo, *, structured_replies: bool) -> int:
         flags &= ~int(TFlag.SEND_DF)
     if not flags & TFlag.SEND_WRITE_ZEROES:
         flags &= ~int(TFlag.SEND_FAST_ZERO)
-    return flags
+    return int(flags)
 
 
 class _Malformed(Exception):  # noqa: N818 - internal control flow, never escapes
