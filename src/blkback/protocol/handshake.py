@@ -367,7 +367,9 @@ class ServerHandshake:
         """Consumes bytes from the client and returns the bytes to send back.
 
         Args:
-            data: What the socket delivered; ``b""`` means the client closed its side.
+            data: What the socket delivered; ``b""`` means the client closed its side. Once
+                ``DONE``, data is appended to :attr:`leftover`; in ``CLOSED`` or ``START_TLS``
+                it is ignored (in ``START_TLS`` call :meth:`tls_started` first).
 
         Returns:
             Replies to send, in order (possibly empty). Send them even when the state becomes
