@@ -128,6 +128,7 @@ class FdStorage:
         self._can_punch = True
         self._can_zero_range = True
         self._can_allocate = True
+        self._can_seek_data = True
         self._dsync_flag = getattr(os, "RWF_DSYNC", 0) if durable else 0
         self._close_lock = threading.Lock()
         self._closed = False
@@ -386,12 +387,20 @@ class FdStorage:
         try:
             # lseek moves the shared file position, which no other call uses: safe.
             while pos < end and len(runs) < MAX_EXTENTS:
+                if not self._can_seek_data:
+                    runs.append((end - pos, 0))
+                    break
                 try:
                     data = os.lseek(self._fd, pos, os.SEEK_DATA)
                 except OSError as exc:
-                    if exc.errno != errno.ENXIO:
+                    if exc.errno == errno.ENXIO:
+                        data = end  # no data from pos to the end of the file
+                    elif exc.errno in (errno.EINVAL, *UNSUPPORTED_ERRNOS):
+                        # Block devices (and some filesystems) have no SEEK_DATA: all data.
+                        self._can_seek_data = False
+                        continue
+                    else:
                         raise
-                    data = end  # no data from pos to the end of the file
                 if data > pos:
                     stop = min(data, end)
                     runs.append((stop - pos, HOLE | ZERO))
@@ -488,6 +497,9 @@ def open_file(path: str, size: int | None, *, readonly: bool, direct: str) -> Fi
             except FileExistsError:
                 fd = os.open(path, flags)
     except FileNotFoundError as exc:
+        parent = os.path.dirname(path) or "."
+        if not os.path.isdir(parent):
+            raise ConfigError(f"file:{path}: directory {parent} does not exist") from exc
         hint = "" if readonly else "; give a size to create it (file:PATH:SIZE)"
         raise ConfigError(f"file:{path}: the file does not exist{hint}") from exc
     except OSError as exc:
