@@ -159,6 +159,7 @@ class PressureMonitor:
         self._lock = threading.Lock()
         self._manual = ManualSource(self.clock)
         self._poller: Poller | None = None
+        self._opened: list[Source] = []  # kept after stop(), for the final status
         self.failed: dict[str, str] = {}
         self.skipped: dict[str, str] = {}
         self.started_ns: int | None = None
@@ -223,6 +224,7 @@ class PressureMonitor:
         self._manual.open(self.clock.now_ns(), self._on_event)
         self.failed = failed
         self.started_ns = self.clock.now_ns()
+        self._opened = list(poller.running)
         self._poller = poller
         log.info(
             "pressure monitor: active %s; failed %s",
@@ -288,9 +290,11 @@ class PressureMonitor:
         with self._lock:
             fuser = self.fuser
             sources: dict[str, object] = {}
-            running = list(self._poller.running) if self._poller is not None else []
-            for src in running:
-                sources[src.name] = src.info()
+            running = set(self._poller.running) if self._poller is not None else set()
+            for src in self._opened:
+                info = src.info()
+                info["running"] = src in running
+                sources[src.name] = info
             fresh, sev = fuser.severity(now)
             return {
                 "mode": self.mode,
