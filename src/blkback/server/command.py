@@ -31,9 +31,14 @@ import signal
 import sys
 import threading
 from types import FrameType
+from typing import TYPE_CHECKING
 
 from blkback.core.params import Params
 from blkback.errors import ConfigError
+
+if TYPE_CHECKING:
+    from blkback.core.policy import PressureLevel
+    from blkback.server.server import Server
 
 log = logging.getLogger("blkback.serve")
 
@@ -172,6 +177,18 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _start_pressure(server: object, mode: str) -> None:
-    """Attach the kernel pressure monitor (issue 4); until then only manual reports."""
-    log.info("pressure sources: manual only ('blkback ctl pressure')")
+def _start_pressure(server: Server, mode: str) -> None:
+    """Listen to the kernel's memory pressure signals and report them to every device.
+
+    This is the xenbus backend shrinker's role: the monitor's ``deliver`` walks the bus and
+    calls each device's ``reclaim_memory``. Sources that do not work here are reported once
+    (see ``blkback pressure probe``); with ``auto`` the server serves on regardless.
+    """
+    from blkback.pressure.monitor import PressureMonitor
+
+    def deliver(level: PressureLevel, source: str) -> None:
+        server.report_pressure(level, source)
+
+    monitor = PressureMonitor(deliver, mode=mode, clock=server.clock)
+    monitor.start()  # logs which sources are active and why the others are not
+    server.monitor = monitor

@@ -455,8 +455,11 @@ class ControlServer:
             return server.stats()
         if op == "pressure":
             level = PressureLevel.parse(request.get("level", "critical"))
-            n = server.report_pressure(level, "manual")
-            return {"level": level.name.lower(), "devices": n}
+            if server.monitor is not None:
+                server.monitor.report(level, "manual")  # counted and coalesced like the rest
+            else:
+                server.report_pressure(level, "manual")
+            return {"level": level.name.lower(), "devices": len(server.bus.devices)}
         if op == "pressure-status":
             mon = server.monitor
             return {"monitor": None if mon is None else mon.status()}

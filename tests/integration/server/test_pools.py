@@ -68,6 +68,8 @@ def test_pools_grow_trim_and_fall_to_zero_on_param_change(serve) -> None:  # typ
     s = serve("disk=memory:64M", params=("lru_interval_ms=100",))
     with holding(s.uri(), 4) as h:
         assert h.do(f"write {8 * MiB}") == "ok"  # 2048 pages in flight per ring
+        # The reply goes out before the ring puts the pages back and runs its pass.
+        wait_until(lambda: pools(s.control) == [1024] * 4, 1.0, "the post-I/O pass")
         rings = s.rings()
         assert len(rings) == 4
         for r in rings:
@@ -90,7 +92,7 @@ def test_squeeze_wakes_idle_rings_and_lazy_mode_misses_them(serve) -> None:  # t
     s = serve("disk=memory:64M", params=("lru_interval_ms=5000",))
     with holding(s.uri(), 3) as h:
         assert h.do(f"write {2 * MiB}") == "ok"
-        assert pools(s.control) == [512, 512, 512]
+        wait_until(lambda: pools(s.control) == [512, 512, 512], 1.0, "the post-I/O pass")
         s.ctl("set", "squeeze_wake", "0")
         request(s.control, {"op": "pressure", "level": "critical"})
         time.sleep(0.3)
@@ -106,13 +108,14 @@ def test_squeeze_wakes_idle_rings_and_lazy_mode_misses_them(serve) -> None:  # t
         assert all(r["requests"]["pages_squeezed"] == 512 for r in dev["rings"])
         # I/O after the window refills the pool up to the cap again.
         assert h.do(f"write {1 * MiB}") == "ok"
-        assert pools(s.control) == [256, 256, 256]
+        wait_until(lambda: pools(s.control) == [256, 256, 256], 1.0, "refilled pools")
 
 
 def test_duration_zero_keeps_pools(serve) -> None:  # type: ignore[no-untyped-def]
     s = serve("disk=memory:64M", params=("buffer_squeeze_duration_ms=0",))
     with holding(s.uri(), 2) as h:
         assert h.do(f"write {1 * MiB}") == "ok"
+        wait_until(lambda: pools(s.control) == [256, 256], 1.0, "the post-I/O pass")
         request(s.control, {"op": "pressure"})
         time.sleep(0.25)
         assert pools(s.control) == [256, 256]
