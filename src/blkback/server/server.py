@@ -247,7 +247,7 @@ class Server:
         with self.conn_lock:
             conns = list(self.connections)
         for conn in conns:
-            conn.wake()
+            conn.stop_reading()
         deadline = time.monotonic() + timeout_s
         for conn in conns:
             conn.closed.wait(max(0.0, deadline - time.monotonic()))
