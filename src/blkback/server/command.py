@@ -105,6 +105,28 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="largest request payload advertised and accepted (default 32M)",
     )
     parser.add_argument(
+        "--tls",
+        choices=("off", "allow", "require"),
+        default="off",
+        help="NBD_OPT_STARTTLS: off (default), allow (client's choice) or require",
+    )
+    parser.add_argument(
+        "--tls-certificates",
+        metavar="DIR",
+        help="X.509 credentials directory: ca-cert.pem (optional), server-cert.pem, "
+        "server-key.pem (nbdkit's layout)",
+    )
+    parser.add_argument("--tls-cert", metavar="PEM", help="server certificate (chain)")
+    parser.add_argument("--tls-key", metavar="PEM", help="server private key")
+    parser.add_argument(
+        "--tls-ca", metavar="PEM", help="CA that verifies client certificates when presented"
+    )
+    parser.add_argument(
+        "--tls-verify-peer",
+        action="store_true",
+        help="require a client certificate signed by the CA",
+    )
+    parser.add_argument(
         "--mlock",
         action="store_true",
         help="pin pool pages in RAM, within RLIMIT_MEMLOCK (best effort)",
@@ -132,6 +154,21 @@ def run(args: argparse.Namespace) -> int:
     max_block = parse_size(args.max_block)
     if not 4096 <= max_block <= 1 << 30:
         raise ConfigError("--max-block must be between 4K and 1G")
+    tls_context = None
+    if args.tls != "off":
+        from blkback.server.tls import TlsConfig, make_server_context
+
+        tls_context = make_server_context(
+            TlsConfig.from_options(
+                directory=args.tls_certificates,
+                cert=args.tls_cert,
+                key=args.tls_key,
+                ca=args.tls_ca,
+                verify_peer=args.tls_verify_peer,
+            )
+        )
+    elif args.tls_certificates or args.tls_cert or args.tls_key or args.tls_ca:
+        log.warning("TLS credentials given but --tls is off: TLS is not offered")
     config = ServerConfig(
         listen=args.listen or [DEFAULT_TCP],
         control_path=args.control,
@@ -142,6 +179,8 @@ def run(args: argparse.Namespace) -> int:
         idle_timeout_ns=int(args.idle_timeout * 1e9),
         mlock=args.mlock,
         max_block=max_block,
+        tls=args.tls,
+        tls_context=tls_context,
     )
     exports = []
     try:

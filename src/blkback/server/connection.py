@@ -44,6 +44,7 @@ from blkback.errors import ProtocolError, RequestError
 from blkback.protocol.constants import REQUEST_MAGIC, Cmd, CmdFlag
 from blkback.protocol.handshake import HandshakeState, Negotiated, ServerHandshake
 from blkback.protocol.transmission import REQUEST, REQUEST_SIZE, Transmission
+from blkback.server.tls import TlsSocket, start_tls
 
 if TYPE_CHECKING:
     from blkback.server.exports import Export
@@ -69,6 +70,10 @@ F_FAST_ZERO = int(CmdFlag.FAST_ZERO)
 F_REQ_ONE = int(CmdFlag.REQ_ONE)
 
 
+def _wants_tls(hs: ServerHandshake) -> bool:
+    return hs.state is HandshakeState.START_TLS
+
+
 class Disconnect(Exception):  # noqa: N818 (control flow, not an error)
     """The client asked to disconnect, or went away."""
 
@@ -78,7 +83,8 @@ class Connection:
 
     def __init__(self, server: Server, sock: socket.socket, peer: str) -> None:
         self.server = server
-        self.sock = sock
+        # After STARTTLS this is a TlsSocket: the same calls, over TLS (see server/tls.py).
+        self.sock: socket.socket | TlsSocket = sock
         self.peer = peer
         self.ring: Ring | None = None
         self.export: Export | None = None
@@ -157,11 +163,25 @@ class Connection:
     def _handshake(self) -> tuple[Negotiated | None, bytes]:
         server = self.server
         sock = self.sock
-        sock.settimeout(server.config.handshake_timeout_s)
-        hs = ServerHandshake(server.catalog, tls="off")
+        timeout_s = server.config.handshake_timeout_s
+        sock.settimeout(timeout_s)
+        hs = ServerHandshake(
+            server.catalog,
+            tls=server.config.tls,
+            max_option_len=server.config.max_option_bytes,
+            max_options=server.config.max_options,
+        )
         sock.sendall(hs.initial_bytes())
+        # One deadline for the whole handshake (TLS included), not per recv: a client that
+        # drips a byte at a time must not hold a thread forever.
+        clock = server.clock
+        deadline_ns = clock.now_ns() + int(timeout_s * 1e9)
         while hs.state is HandshakeState.IN_PROGRESS:
             try:
+                left_s = (deadline_ns - clock.now_ns()) / 1e9
+                if left_s <= 0:
+                    raise TimeoutError
+                sock.settimeout(left_s)
                 data = sock.recv(65536)
             except TimeoutError:
                 log.info("%s: handshake not finished in time, dropped", self.peer)
@@ -169,6 +189,14 @@ class Connection:
             out = hs.feed(data)
             if out:
                 sock.sendall(out)
+            if _wants_tls(hs):  # (a call: mypy keeps hs.state narrowed otherwise)
+                ctx = server.config.tls_context
+                assert ctx is not None and isinstance(sock, socket.socket)
+                # The handshake timeout covers the TLS handshake too.
+                left_s = max(0.001, (deadline_ns - clock.now_ns()) / 1e9)
+                self.sock = sock = start_tls(ctx, sock, left_s)
+                hs.tls_started()
+                continue
             if not data:
                 break
         if hs.state is HandshakeState.DONE and hs.negotiated is not None:

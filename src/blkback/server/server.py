@@ -15,13 +15,14 @@ import json
 import logging
 import os
 import socket
+import ssl
 import stat
 import struct
 import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from blkback.core.clock import NS_PER_MS, NS_PER_S, Clock
 from blkback.core.device import Bus
@@ -56,6 +57,10 @@ class ServerConfig:
     chunk_pages: int = 256
     mlock: bool = False
     max_block: int = 32 * 1024 * 1024
+    tls: Literal["off", "allow", "require"] = "off"
+    tls_context: ssl.SSLContext | None = None
+    max_option_bytes: int = 64 * 1024  # larger option payloads get REP_ERR_TOO_BIG
+    max_options: int = 1000  # options per connection before it is dropped
 
 
 def default_control_path() -> str:
