@@ -137,7 +137,8 @@ class Bus:
         self.reports = 0
         self.stats_sink: Callable[[str], None] | None = None
         # Totals of rings that have gone, so that counters never move backwards.
-        self.retired = {"rings": 0, "pages_allocated": 0, "pages_freed": 0}
+        # pages_reclaimed: in flight when a connection died, returned at close.
+        self.retired = {"rings": 0, "pages_allocated": 0, "pages_freed": 0, "pages_reclaimed": 0}
 
     @property
     def policy(self) -> SqueezePolicy:
@@ -180,6 +181,7 @@ class Bus:
         self.retired["rings"] += 1
         self.retired["pages_allocated"] += ring.pool.pages_allocated
         self.retired["pages_freed"] += ring.pool.pages_freed
+        self.retired["pages_reclaimed"] += ring.stats.extra.get("pages_reclaimed_at_close", 0)
 
     def emit_stats(self, line: str) -> None:
         """Deliver a ``log_stats`` line (to the server's log, or nowhere)."""

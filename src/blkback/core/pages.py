@@ -202,6 +202,11 @@ class MmapAllocator:
                 pass
         self._chunks.clear()
 
+    def live_ids(self) -> list[int]:
+        """Ids handed out by :meth:`alloc` and not freed since (for cleanup at disconnect)."""
+        free = set(self._free_ids)
+        return [i for i in range(len(self._views)) if i not in free]
+
     @property
     def mapped_pages(self) -> int:
         """Pages of address space mapped so far (resident or not)."""

@@ -150,6 +150,7 @@ class Connection:
     def _close(self) -> None:
         self._stop_workers()
         if self.ring is not None:
+            self._reclaim_abandoned_pages()
             self.server.detach_ring(self)
             self.ring = None
         if self.allocator is not None:
@@ -158,6 +159,32 @@ class Connection:
             self.sock.close()
         self.server.connection_closed(self)
         self.closed.set()
+
+    def _reclaim_abandoned_pages(self) -> None:
+        """Return the pages of requests that died with the connection to the pool.
+
+        A client that vanishes mid-payload, or while its replies are sent, ends the ring's
+        batch with an exception while that request (and replies not yet sent) still hold
+        pages. The workers are stopped by now, so every page in flight belongs to the dead
+        batch: those are the allocator's live pages that are not in the pool. Finding them
+        here keeps the hot path free of bookkeeping for a rare event.
+        """
+        ring = self.ring
+        alloc = self.allocator
+        assert ring is not None and alloc is not None
+        with self.ring_lock:
+            n = ring.pool.in_flight
+            if not n:
+                return
+            pooled = set(ring.pool.free_page_ids())
+            lost = [p for p in alloc.live_ids() if p not in pooled]
+            if len(lost) != n:
+                log.error("%s: %d pages in flight but %d unaccounted", self.peer, n, len(lost))
+                lost = lost[:n]
+            ring.put_pages(lost)
+            extra = ring.stats.extra
+            extra["pages_reclaimed_at_close"] = extra.get("pages_reclaimed_at_close", 0) + n
+        log.info("%s: %d pages of unfinished requests returned at close", self.peer, n)
 
     # -- handshake ------------------------------------------------------------------------
     def _handshake(self) -> tuple[Negotiated | None, bytes]:

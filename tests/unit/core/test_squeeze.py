@@ -120,7 +120,12 @@ def test_remove_ring_frees_everything_and_keeps_totals() -> None:
     alloc = ring.pool.allocator
     assert dev.remove_ring(ring) == 30
     assert alloc.live_pages == 0
-    assert bus.retired == {"rings": 1, "pages_allocated": 30, "pages_freed": 30}
+    assert bus.retired == {
+        "rings": 1,
+        "pages_allocated": 30,
+        "pages_freed": 30,
+        "pages_reclaimed": 0,
+    }
     bus.remove_device("d")
     assert bus.devices == {}
 

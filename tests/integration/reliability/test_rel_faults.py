@@ -1,0 +1,115 @@
+"""Faults: injected EIO and a full disk give the right NBD error; the connection is kept."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import pytest
+from rsupport import libnbd
+from support import need_root, need_tool
+
+MiB = 2**20
+
+# Counts errno names of writes/reads through one libnbd connection, then checks the
+# connection still works and that data written without an error reads back.
+PROBE = r"""
+import nbd, sys, errno, json
+h = nbd.NBD(); h.connect_uri(sys.argv[1])
+n, size = int(sys.argv[2]), h.get_size()
+out = {"write": {}, "read": {}, "verified": 0, "mismatch": 0}
+good = {}
+for i in range(n):
+    off = (i * 4096) % size
+    data = bytes([i % 251 + 1]) * 4096
+    try:
+        h.pwrite(data, off)
+        good[off] = data
+        k = "ok"
+    except nbd.Error as e:
+        k = errno.errorcode.get(e.errnum, str(e.errnum))
+    out["write"][k] = out["write"].get(k, 0) + 1
+for off, data in good.items():
+    for attempt in range(20):  # reads may fail too (error filter): retry
+        try:
+            got = h.pread(4096, off)
+            k = "ok"
+        except nbd.Error as e:
+            k = errno.errorcode.get(e.errnum, str(e.errnum))
+        out["read"][k] = out["read"].get(k, 0) + 1
+        if k == "ok":
+            out["verified" if got == data else "mismatch"] += 1
+            break
+try:
+    h.flush()
+    out["flush"] = "ok"
+except nbd.Error as e:
+    out["flush"] = errno.errorcode.get(e.errnum, str(e.errnum))
+h.shutdown()
+print(json.dumps(out))
+"""
+
+
+def _probe(uri: str, n: int) -> dict:  # type: ignore[type-arg]
+    import json
+
+    res = libnbd(PROBE, uri, str(n))
+    assert res.returncode == 0, res.stderr
+    out: dict = json.loads(res.stdout)  # type: ignore[type-arg]
+    return out
+
+
+def test_error_filter_gives_eio_and_keeps_the_connection(serve) -> None:
+    need_tool("/usr/bin/python3")
+    s = serve("bad=memory:4M,error=0.5,error-seed=1", "good=memory:4M")
+    out = _probe(s.uri("bad"), 200)
+    assert set(out["write"]) == {"ok", "EIO"}, out
+    assert 50 < out["write"]["EIO"] < 150, out  # p = 0.5
+    assert out["read"].get("EIO", 0) > 0 and set(out["read"]) <= {"ok", "EIO"}, out
+    assert out["mismatch"] == 0 and out["verified"] == out["write"]["ok"], out
+    # The other export, on the same server at the same time, saw nothing of it.
+    clean = _probe(s.uri("good"), 200)
+    assert clean["write"] == {"ok": 200} and clean["verified"] == 200, clean
+    stats = s.stats()
+    by_name = {d["name"]: d for d in stats["devices"]}
+    assert stats["server"]["connections"] == 0
+    assert all(not d["rings"] for d in by_name.values())  # every ring is gone
+
+
+@pytest.fixture
+def tiny_fs(tmp_path: Path):  # type: ignore[no-untyped-def]
+    """A 4 MiB ext4 filesystem, loop-mounted; always unmounted and detached."""
+    need_root("loop-mounting a filesystem")
+    need_tool("mkfs.ext4", "losetup", "mount", "umount")
+    image = tmp_path / "tiny.ext4"
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    with open(image, "wb") as f:
+        f.truncate(4 * MiB)
+    subprocess.run(["mkfs.ext4", "-q", "-F", str(image)], check=True, capture_output=True)
+    dev = subprocess.run(
+        ["losetup", "--find", "--show", str(image)], check=True, capture_output=True, text=True
+    ).stdout.strip()
+    mounted = False
+    try:
+        subprocess.run(["mount", dev, str(mnt)], check=True, capture_output=True)
+        mounted = True
+        yield mnt
+    finally:
+        if mounted:
+            subprocess.run(["umount", "-l", str(mnt)], check=False, capture_output=True)
+        subprocess.run(["losetup", "-d", dev], check=False, capture_output=True)
+
+
+def test_full_disk_gives_enospc_and_keeps_the_connection(serve, tiny_fs: Path) -> None:
+    need_tool("/usr/bin/python3")
+    s = serve(f"full=file:{tiny_fs}/big.img:16M", "other=memory:4M")
+    # 16 MiB of distinct 4 KiB writes on a 4 MiB filesystem: the tail must be ENOSPC.
+    out = _probe(s.uri("full"), 4096)
+    assert out["write"].get("ENOSPC", 0) > 1000, out
+    assert set(out["write"]) == {"ok", "ENOSPC"}, out
+    assert out["write"]["ok"] > 100, out
+    assert out["read"] == {"ok": out["write"]["ok"]} and out["mismatch"] == 0, out
+    clean = _probe(s.uri("other"), 100)
+    assert clean["write"] == {"ok": 100}, clean
+    s.stop()  # the server closes the file before the filesystem is unmounted
