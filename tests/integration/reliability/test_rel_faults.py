@@ -101,6 +101,7 @@ def tiny_fs(tmp_path: Path):  # type: ignore[no-untyped-def]
         subprocess.run(["losetup", "-d", dev], check=False, capture_output=True)
 
 
+@pytest.mark.root
 def test_full_disk_gives_enospc_and_keeps_the_connection(serve, tiny_fs: Path) -> None:
     need_tool("/usr/bin/python3")
     s = serve(f"full=file:{tiny_fs}/big.img:16M", "other=memory:4M")
