@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import errno
 import mmap
 import os
 import resource
@@ -215,12 +216,19 @@ class MmapAllocator:
     # -- internals ------------------------------------------------------------------------
     def _map_chunk(self) -> None:
         size = self.chunk_pages * PAGE_SIZE
-        chunk = mmap.mmap(
-            -1,
-            size,
-            flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS,
-            prot=mmap.PROT_READ | mmap.PROT_WRITE,
-        )
+        try:
+            chunk = mmap.mmap(
+                -1,
+                size,
+                flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS,
+                prot=mmap.PROT_READ | mmap.PROT_WRITE,
+            )
+        except OSError as exc:
+            # mmap reports ENOMEM (RLIMIT_AS, overcommit refused) as OSError; the allocator
+            # protocol says MemoryError, which the server answers with an ENOMEM reply.
+            if exc.errno == errno.ENOMEM:
+                raise MemoryError(f"cannot map {size} bytes for pool pages") from exc
+            raise
         base_id = len(self._views)
         self._chunks.append(chunk)
         whole = memoryview(chunk)

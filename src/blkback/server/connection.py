@@ -36,6 +36,7 @@ import queue
 import socket
 import struct
 import threading
+import time
 from typing import TYPE_CHECKING
 
 from blkback.core.pages import PAGE_SIZE, MmapAllocator
@@ -106,6 +107,8 @@ class Connection:
         # so client and server overlap on two cores instead of taking turns.
         self.reply_batch = int(os.environ.get("BLKBACK_REPLY_BATCH", "1"))
         self.closed = threading.Event()
+        self._alloc_failed_ns = -(10**18)  # last page allocation failure
+        self._alloc_backoff_ns = 0
 
     # -- life cycle -----------------------------------------------------------------------
     def start(self) -> None:
@@ -371,6 +374,7 @@ class Connection:
                     start = self._discard_payload(view, start, end, length)
                     end = max(end, start)
                 out.append(codec.error_reply(cookie, errno.ENOMEM, "out of memory for buffers"))
+                self._alloc_backoff()
                 continue
             if inline:
                 out.extend(self._execute(flags, cmd, cookie, offset, length, pages))
@@ -390,6 +394,28 @@ class Connection:
         self._send(out)
         self._return(held)
         return start
+
+    def _alloc_backoff(self) -> None:
+        """After a failed page allocation, pause the ring before its next request.
+
+        The failed request is answered ENOMEM at once (never left waiting for a page); the
+        pause, 1 ms doubling up to one pass interval while failures keep coming within a
+        second, keeps a ring from spinning on an allocator that cannot give memory, and gives
+        reclaim a chance. The next success needs nothing: the pause simply stops doubling.
+        """
+        now = self.server.clock.now_ns()
+        cap_ns = self.server.params.lru_interval_ms * 1_000_000
+        if now - self._alloc_failed_ns > 1_000_000_000:
+            self._alloc_backoff_ns = 1_000_000
+        else:
+            self._alloc_backoff_ns = min(2 * self._alloc_backoff_ns, cap_ns)
+        self._alloc_failed_ns = now
+        ring = self.ring
+        if ring is not None:
+            ring.stats.extra["alloc_backoff_ms"] = (
+                ring.stats.extra.get("alloc_backoff_ms", 0) + self._alloc_backoff_ns // 1_000_000
+            )
+        time.sleep(self._alloc_backoff_ns / 1e9)
 
     def _return(self, pages: list[int]) -> None:
         if pages:

@@ -303,7 +303,14 @@ class Server:
                 conn = Connection(self, sock, peer)
                 self.connections.add(conn)
                 self.connections_total += 1
-            conn.start()
+            try:
+                conn.start()
+            except RuntimeError as exc:  # "can't start new thread": out of memory or threads
+                log.warning("refusing %s: %s", peer, exc)
+                with self.conn_lock:
+                    self.connections.discard(conn)
+                    self.connections_refused += 1
+                sock.close()
 
     def connection_closed(self, conn: Connection) -> None:
         """Called by a connection's thread when it is done."""
@@ -421,7 +428,10 @@ class ControlServer:
                 conn, _ = self.sock.accept()
             except OSError:
                 return
-            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+            try:
+                threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+            except RuntimeError:  # out of memory for a thread: drop this request, go on
+                conn.close()
 
     def _serve(self, conn: socket.socket) -> None:
         with conn:
