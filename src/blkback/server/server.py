@@ -223,7 +223,9 @@ class Server:
                     host,
                     real_port,
                 )
-        sock.listen(128)
+        # A backlog as deep as the connections allowed (the kernel caps it at somaxconn):
+        # clients that connect at once (fio, nbdcopy -C) get EAGAIN on a full Unix backlog.
+        sock.listen(max(128, self.config.max_connections))
         self.listeners.append(sock)
 
     def uris(self) -> list[str]:
