@@ -135,7 +135,11 @@ def test_tls_required_serves_nbdinfo_nbdcopy_and_qemu_img(
     serve, certs: Path, tmp_path: Path
 ) -> None:
     need_tool("nbdinfo", "nbdcopy", "qemu-img")
-    s = serve("disk=memory:8M", extra=("--tls", "require", "--tls-certificates", str(certs)))
+    s = serve(
+        "disk=memory:8M",
+        f"file=file:{tmp_path}/f.img:8M",  # worker threads reply while the ring reads: TLS
+        extra=("--tls", "require", "--tls-certificates", str(certs)),
+    )
     out = run(["nbdinfo", _tls_uri(s, certs)]).stdout
     assert "with TLS" in out
     src = tmp_path / "src.img"
@@ -143,6 +147,9 @@ def test_tls_required_serves_nbdinfo_nbdcopy_and_qemu_img(
     run(["nbdcopy", str(src), _tls_uri(s, certs)])
     back = tmp_path / "back.img"
     run(["nbdcopy", _tls_uri(s, certs), str(back)])
+    assert back.read_bytes() == src.read_bytes()
+    run(["nbdcopy", "--requests=64", str(src), _tls_uri(s, certs, "file")])
+    run(["nbdcopy", _tls_uri(s, certs, "file"), str(back)])
     assert back.read_bytes() == src.read_bytes()
     run([
         "qemu-img", "compare",
