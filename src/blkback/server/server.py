@@ -135,6 +135,8 @@ class Server:
         self.bus_lock = threading.Lock()
         self.catalog = Catalog()
         for name, spec, storage in exports:
+            if name in self.catalog.exports:
+                raise ConfigError(f"export {name!r} is defined twice")
             info = ExportInfo(
                 name=name,
                 size=storage.size,
