@@ -81,7 +81,7 @@ def test_default_serve_uses_tcp_10809_and_prints_uri(tmp_path: Path) -> None:
         assert oct(control.stat().st_mode & 0o777) == "0o600"
     finally:
         proc.send_signal(signal.SIGINT)
-        out, err = proc.communicate(timeout=30)
+        _out, err = proc.communicate(timeout=30)
     assert proc.returncode == 0, err
     assert not control.exists()
 
