@@ -16,7 +16,7 @@ import threading
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Register ``probe`` and ``watch``."""
+    """Register ``probe``, ``watch`` and ``latency``."""
     sub = parser.add_subparsers(dest="pressure_command", metavar="ACTION", required=True)
     p = sub.add_parser("probe", help="try every pressure source and explain the result")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
@@ -26,12 +26,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     w.add_argument("--coalesce-ms", type=float, default=1.0, help="coalescing window (ms)")
     w.add_argument("--all", action="store_true", help="also print PSI samples that saw no pressure")
     w.add_argument("--json", action="store_true", help="one JSON object per line")
+    lat = sub.add_parser(
+        "latency",
+        help="benchmark: how fast a report empties every idle ring (squeeze_wake on vs off)",
+    )
+    lat.add_argument("--connections", type=int, default=64, help="idle rings (default 64)")
+    lat.add_argument("--fill-mib", type=int, default=4, help="pool fill per ring (default 4)")
+    lat.add_argument("--reports", type=int, default=30, help="reports per mode (default 30)")
+    lat.add_argument("--json", action="store_true", help="print JSON")
 
 
 def run(args: argparse.Namespace) -> int:
-    """Run ``probe`` or ``watch``."""
+    """Run ``probe``, ``watch`` or ``latency``."""
     if args.pressure_command == "probe":
         return _probe(args)
+    if args.pressure_command == "latency":
+        from blkback.pressure.latency import run_cli
+
+        return run_cli(args.connections, args.fill_mib, args.reports, args.json)
     return _watch(args)
 
 

@@ -139,6 +139,14 @@ def run(args: argparse.Namespace) -> int:
     from blkback.server.server import DEFAULT_TCP, Server, ServerConfig
     from blkback.storage.spec import open_storage, parse_size
 
+    # Handlers first: a signal that arrives while we start still means "stop gracefully".
+    stop = threading.Event()
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        stop.set()
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
     params = Params()
     for item in args.param:
         name, sep, value = item.partition("=")
@@ -195,13 +203,6 @@ def run(args: argparse.Namespace) -> int:
     server.start()
     if args.pressure != "off":
         _start_pressure(server, args.pressure)
-    stop = threading.Event()
-
-    def on_signal(signum: int, frame: FrameType | None) -> None:
-        stop.set()
-
-    signal.signal(signal.SIGINT, on_signal)
-    signal.signal(signal.SIGTERM, on_signal)
     for uri in server.uris():
         print(uri)
     assert server.control is not None

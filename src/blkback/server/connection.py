@@ -123,7 +123,8 @@ class Connection:
             return
         with self.ring_lock:
             if not ring.closed:
-                ring.loop_pass(self.server.clock.now_ns(), had_io=False, woken=True)
+                at = ring.wake_ns if ring.wake_ns is not None else self.server.clock.now_ns()
+                ring.loop_pass(at, had_io=False, woken=True)
 
     def stop_reading(self) -> None:
         """Make the ring's blocking ``recv`` return end-of-file: the graceful stop.

@@ -8,6 +8,7 @@ connection's ``ring_lock``.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import errno
 import ipaddress
@@ -140,6 +141,8 @@ class Server:
         self.bus_lock = threading.Lock()
         self.catalog = Catalog()
         for name, spec, storage in exports:
+            if name in self.catalog.exports:
+                raise ConfigError(f"export {name!r} is defined twice")
             info = ExportInfo(
                 name=name,
                 size=storage.size,
@@ -162,6 +165,7 @@ class Server:
         self.metrics_server: Any = None
         self.monitor: Any = None
         self.pressure_events: dict[str, int] = {}
+        self.squeeze_latency_ns: collections.deque[int] = collections.deque(maxlen=10_000)
         self.connections_total = 0
         self.connections_refused = 0
 
@@ -341,11 +345,19 @@ class Server:
 
     # -- pressure -------------------------------------------------------------------------
     def report_pressure(self, level: PressureLevel, source: str = "manual") -> int:
-        """A pressure report (the backend shrinker's count): tell every device."""
+        """A pressure report (the backend shrinker's count): tell every device.
+
+        With ``squeeze_wake`` on, every ring's pass runs inside this call, so its duration is
+        the time from the report to every pool being at its squeezed target; it is recorded.
+        """
         key = f"{source}:{level.name.lower()}"
         with self.bus_lock:
             self.pressure_events[key] = self.pressure_events.get(key, 0) + 1
-            return self.bus.reclaim_memory(self.clock.now_ns(), level)
+            t0 = self.clock.now_ns()
+            n = self.bus.reclaim_memory(t0, level)
+            if self.params.squeeze_wake:
+                self.squeeze_latency_ns.append(self.clock.now_ns() - t0)
+        return n
 
     # -- stats ----------------------------------------------------------------------------
     def stats(self) -> dict[str, Any]:
@@ -372,10 +384,23 @@ class Server:
             "pressure": {
                 "reports": self.bus.reports,
                 "events": dict(self.pressure_events),
+                "squeeze_latency_ms": _summary_ms(list(self.squeeze_latency_ns)),
                 "monitor": None if self.monitor is None else self.monitor.status(),
             },
         }
         return out
+
+
+def _summary_ms(values_ns: list[int]) -> dict[str, float | int]:
+    """Count, median, p99 and max of durations, in milliseconds."""
+    if not values_ns:
+        return {"count": 0}
+    v = sorted(values_ns)
+
+    def q(f: float) -> float:
+        return v[min(len(v) - 1, int(f * len(v)))] / NS_PER_MS
+
+    return {"count": len(v), "p50": q(0.5), "p99": q(0.99), "max": v[-1] / NS_PER_MS}
 
 
 def _rss_bytes() -> int:

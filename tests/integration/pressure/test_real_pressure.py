@@ -16,22 +16,18 @@ swapfile). When one is missing the test skips naming it, and fails instead under
 from __future__ import annotations
 
 import json
-import os
 import queue
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from blkback.errors import EnvironmentProblem
-from blkback.hostenv.cgroup import MemoryCgroup, v1_memory_root
+from blkback.hostenv.cgroup import MemoryCgroup
 from blkback.hostenv.hog import MemoryHog
-from blkback.hostenv.swap import TemporarySwap
 
 pytestmark = pytest.mark.root
 
@@ -39,45 +35,7 @@ CHILD = Path(__file__).with_name("pressure_pool_child.py")
 MIB = 1 << 20
 RINGS = 3
 PAGES = 4096  # per ring: 16 MiB, 48 MiB in all
-LIMIT = 96 * MIB
 HOG_MIB = 160
-
-
-def missing(reason: str) -> None:
-    """Skip, or fail under CI=true, naming the missing facility."""
-    if os.environ.get("CI") == "true":
-        pytest.fail(f"real-pressure test cannot run: {reason}")
-    pytest.skip(reason)
-
-
-@pytest.fixture
-def pressure_cgroup() -> Iterator[MemoryCgroup]:
-    """A memory-limited cgroup v1 child with swap available; all removed afterwards."""
-    if os.geteuid() != 0:
-        missing("needs root (cgroup v1 memory child, swapon)")
-    try:
-        v1_memory_root()
-    except EnvironmentProblem as exc:
-        missing(str(exc))
-    try:
-        swap = TemporarySwap(512)
-        swap.__enter__()
-    except EnvironmentProblem as exc:
-        missing(f"no swap and cannot make a swapfile: {exc}")
-    try:
-        cgroup = MemoryCgroup(
-            f"blkback-test-{os.getpid()}-{time.monotonic_ns()}", limit_bytes=LIMIT, swappiness=60
-        )
-        try:
-            cgroup.create()
-        except EnvironmentProblem as exc:
-            missing(str(exc))
-        try:
-            yield cgroup
-        finally:
-            cgroup.remove()
-    finally:
-        swap.__exit__(None, None, None)
 
 
 class PoolChild:

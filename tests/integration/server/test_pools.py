@@ -6,13 +6,12 @@ import subprocess
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from pathlib import Path
 
-from support import need_tool, wait_until
+from support import wait_until
 
+from blkback.clients import HOLD_SCRIPT, libnbd_python
 from blkback.server.ctl_command import request
 
-HOLD = str(Path(__file__).resolve().parents[1] / "nbdhold.py")
 MiB = 2**20
 
 
@@ -20,9 +19,8 @@ class Holder:
     """A libnbd process holding connections open."""
 
     def __init__(self, uri: str, n: int) -> None:
-        need_tool("/usr/bin/python3")
         self.proc = subprocess.Popen(
-            ["/usr/bin/python3", HOLD, uri, str(n)],
+            [libnbd_python(), HOLD_SCRIPT, uri, str(n)],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             text=True,
