@@ -475,7 +475,8 @@ class ControlServer:
             old = server.params.get(name)
             value = server.params.set(name, request["value"])
             log.info("parameter %s: %r -> %r", name, old, value)
-            return {"name": name, "old": old, "value": value}
+            now_ms = server.clock.now_ns() / NS_PER_MS
+            return {"name": name, "old": old, "value": value, "now_ms": now_ms}
         if op == "stats":
             return server.stats()
         if op == "pressure":
