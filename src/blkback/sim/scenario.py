@@ -216,7 +216,8 @@ def seed_pressure(variant: str = "after", *, duration_ms: int = 10, seed: int = 
     ``variant``: ``"before"`` is Linux 5.4 (no shrinker); ``"after"`` is the seed patch (one
     global deadline, lazy squeeze, ``aggressive_shrinking_duration = duration_ms``);
     ``"5.6"`` is the merged version (per-device deadline, lazy); ``"wake"`` adds blkback's
-    waking squeeze to 5.6.
+    waking squeeze to 5.6; ``"graded"`` is ``"wake"`` with the graded policy (kswapd reports
+    MEDIUM, direct reclaim CRITICAL).
     """
     params: dict[str, Any] = {"buffer_squeeze_duration_ms": duration_ms, "squeeze_wake": False}
     host = HostConfig()
@@ -226,9 +227,11 @@ def seed_pressure(variant: str = "after", *, duration_ms: int = 10, seed: int = 
         params["squeeze_scope"] = "global"
     elif variant == "5.6":
         params["squeeze_scope"] = "device"
-    elif variant == "wake":
+    elif variant in ("wake", "graded"):
         params["squeeze_scope"] = "device"
         params["squeeze_wake"] = True
+        if variant == "graded":
+            params["squeeze_policy"] = "graded"
     else:
         raise ValueError(f"unknown variant {variant!r}")
     return Scenario(

@@ -8,7 +8,8 @@ Axes (each a list of values; the grid is their product, times ``replicas`` seeds
 * ``memory``: dom0 RAM in MiB (the other host sizes scale with it)
 * ``workload``: ``bursty``, ``random``, ``dd``
 * ``variant``: ``before`` (5.4, no shrinker), ``after`` (seed: global, lazy), ``5.6``
-  (per device, lazy), ``wake`` (per device, waking)
+  (per device, lazy), ``wake`` (per device, waking), ``graded`` (``wake`` with the graded
+  policy)
 """
 
 from __future__ import annotations
