@@ -67,9 +67,9 @@ class WorkloadConfig:
     burst_mean_mb: float = 48.0
     gap_mean_s: float = 4.0
     start_spread_s: float = 4.0
-    # random I/O: 4 KiB requests at a rate (IOPS), writes with probability write_fraction
+    # random I/O: requests at a mean rate (IOPS), 1..random_max_segments pages each
     iops: float = 200.0
-    random_segments: int = 1
+    random_max_segments: int = 32
 
 
 @dataclass(slots=True)
@@ -276,34 +276,45 @@ class Disk:
                     break
             return n
 
-    def _map_batch(self, now: int, sizes: list[int], ind_per_req: int) -> int:
+    def _map_batch(
+        self, now: int, sizes: list[int], ind_per_req: int, *, stream: bool = True
+    ) -> int:
         ring = self.ring
         pool = ring.pool
-        segs_of = [-(-nb // PAGE_SIZE) for nb in sizes]
-        inds = [ind_per_req if segs > SEGS_DIRECT else 0 for segs in segs_of]
-        total = sum(segs_of) + sum(inds)
+        total = 0
+        for nb in sizes:
+            segs = -(-nb // PAGE_SIZE)
+            total += segs + ind_per_req if segs > SEGS_DIRECT else segs
         misses = pool.misses
-        pages = ring.get_pages(total, now)  # may raise MemoryError: nothing taken then
+        pages = ring.get_pages(total, now)  # on MemoryError the pages taken are back in the pool
         cost = self.cost
+        map_ns = cost.map_ns
         cpu = max(self.cpu_free, now) + (pool.misses - misses) * cost.alloc_ns
         vol_free = self.vol_free
-        inflight = self.inflight
+        lat = self.vol_lat
+        ns_per_byte = self.vol_ns_per_byte
+        append = self.inflight.append
         indirect: list[int] = []
         off = 0
-        for nbytes, segs, ind in zip(sizes, segs_of, inds, strict=True):
-            req = pages[off : off + segs]
-            if ind:
-                indirect += pages[off + segs : off + segs + ind]
-            off += segs + ind
-            cpu += segs * cost.map_ns
+        for nbytes in sizes:
+            segs = -(-nbytes // PAGE_SIZE)
+            end = off + segs
+            req = pages[off:end]
+            if ind_per_req and segs > SEGS_DIRECT:
+                indirect += pages[end : end + ind_per_req]
+                off = end + ind_per_req
+            else:
+                off = end
+            cpu += segs * map_ns
             start = cpu if cpu > vol_free else vol_free
             if self.vol_burst > 0:
                 self.vol_burst -= nbytes
                 vol_free = start + int(nbytes * self.vol_burst_ns_per_byte)
             else:
-                vol_free = start + int(nbytes * self.vol_ns_per_byte)
-            inflight.append((vol_free + self.vol_lat, req, nbytes))
-            self.remaining -= nbytes
+                vol_free = start + int(nbytes * ns_per_byte)
+            append((vol_free + lat, req, nbytes))
+        if stream:
+            self.remaining -= sum(sizes)
         if indirect:
             ring.put_pages(indirect)  # parsed: the indirect descriptor pages go back at once
         self.cpu_free = cpu
@@ -313,42 +324,38 @@ class Disk:
 
     # -- random I/O -------------------------------------------------------------------------
     def random_tick(self, now: int) -> None:
-        """Random small I/O at a mean rate: arrivals are counted per quantum."""
+        """Random I/O at a mean rate, sizes uniform in 1..``random_max_segments`` pages.
+
+        Arrivals are counted per quantum (the rate jittered by +-50 %); requests that find
+        the queue full wait for the next quantum. The queue's occupancy, and so the pages in
+        flight, fluctuates: the pool holds the difference up to ``max_buffer_pages``.
+        """
         ring = self.ring
         inflight = self.inflight
-        while inflight and inflight[0][0] <= now:
-            _t, pages, nbytes = inflight.popleft()
-            ring.put_pages(pages)
-            self.stats.bytes_done += nbytes
-        self.rate_carry += self.wl.iops * self.quantum / NS_PER_S * self.rng.uniform(0.5, 1.5)
+        if inflight and inflight[0][0] <= now:
+            returned: list[int] = []
+            while inflight and inflight[0][0] <= now:
+                _t, pages, nbytes = inflight.popleft()
+                returned += pages
+                self.stats.bytes_done += nbytes
+            ring.put_pages(returned)
+        rng = self.rng
+        self.rate_carry += self.wl.iops * self.quantum / NS_PER_S * rng.uniform(0.5, 1.5)
         k = min(int(self.rate_carry), self.queue_depth - len(inflight))
         if k > 0:
             self.rate_carry -= k
-            segs = self.wl.random_segments
-            cost = self.cost
-            pool = ring.pool
-            cpu = max(self.cpu_free, now)
-            n = 0
-            for _ in range(k):
-                misses = pool.misses
-                try:
-                    pages = ring.get_pages(segs, now)
-                except MemoryError:
-                    self.stats.failed_submits += 1
-                    break
-                cpu += segs * cost.map_ns + (pool.misses - misses) * cost.alloc_ns
-                # random access: no streaming, each request pays the full service time
-                nbytes = segs * PAGE_SIZE
-                done = max(cpu, self.vol_free) + int(nbytes * self.vol_ns_per_byte)
-                self.vol_free = done
-                inflight.append((done + self.vol_lat, pages, nbytes))
-                n += 1
-            self.cpu_free = cpu
-            self.stats.requests += n
+            top = max(1, min(self.wl.random_max_segments, self.max_segs))
+            sizes = [rng.randint(1, top) * PAGE_SIZE for _ in range(k)]
+            ind = 0 if self.max_segs <= SEGS_DIRECT else -(-self.max_segs // SEGS_PER_INDIRECT_PAGE)
+            try:
+                n = self._map_batch(now, sizes, ind, stream=False)
+            except MemoryError:
+                self.stats.failed_submits += 1
+                n = 0
             if n:
                 freed = ring.loop_pass(now, had_io=True)
                 if freed:
-                    self.cpu_free += freed * cost.free_ns
+                    self.cpu_free = max(self.cpu_free, now) + freed * self.cost.free_ns
         self.loop.at(now + self.quantum, _random_tick, self)
 
     def drain(self) -> None:

@@ -16,6 +16,7 @@ Engines:
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -100,6 +101,8 @@ def _run_dask(
 ) -> list[dict[str, Any]]:
     import importlib
 
+    # Dask's loggers default to INFO: follow the CLI's level (-v) instead.
+    logging.getLogger("distributed").setLevel(max(logging.WARNING, logging.getLogger().level))
     dist: Any = importlib.import_module("distributed")  # untyped: keep it Any
     Client, LocalCluster, as_completed = dist.Client, dist.LocalCluster, dist.as_completed  # noqa: N806
     cluster = None

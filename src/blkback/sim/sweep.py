@@ -71,7 +71,8 @@ def build_grid(
     *,
     replicas: int = 1,
     seed: int = 1,
-    sim_seconds: float = 20.0,
+    sim_seconds: float = 10.0,
+    io_quantum_ms: float | None = None,
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """Return (points, scenario dicts), one per host: every combination times every replica."""
     for name in axes:
@@ -86,13 +87,14 @@ def build_grid(
             host_seed = seed * 1_000_003 + len(points)
             point["replica"] = r
             points.append(point)
-            scenarios.append(
-                make_scenario(
-                    {k: v for k, v in point.items() if k != "replica"},
-                    seed=host_seed,
-                    sim_seconds=sim_seconds,
-                ).to_dict()
+            sc = make_scenario(
+                {k: v for k, v in point.items() if k != "replica"},
+                seed=host_seed,
+                sim_seconds=sim_seconds,
             )
+            if io_quantum_ms is not None:
+                sc.io_quantum_ms = io_quantum_ms
+            scenarios.append(sc.to_dict())
     return points, scenarios
 
 
