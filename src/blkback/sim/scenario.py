@@ -244,6 +244,30 @@ def seed_pressure(variant: str = "after", *, duration_ms: int = 10, seed: int = 
     )
 
 
+def seed_pressure_busy(variant: str = "after", *, duration_ms: int = 10, seed: int = 1) -> Scenario:
+    """A smaller host whose pool memory sits on busy rings (beyond the seed).
+
+    30 disks on a 560 MiB dom0 (the seed host's proportions), each writing bursts of 0.5 MB
+    (exponential) with 10 ms mean gaps, for 20 s: every ring passes every few ms, so the lazy
+    squeeze catches it even with a short window. Shows where the duration's knee moves when
+    idle rings do not hold the pools.
+    """
+    sc = seed_pressure(variant, duration_ms=duration_ms, seed=seed)
+    ram = 560
+    f = ram / sc.host.ram_mib
+    sc.host.ram_mib = ram
+    sc.host.fixed_mib = int(sc.host.fixed_mib * f)
+    sc.host.file_mib = int(sc.host.file_mib * f)
+    sc.host.file_min_mib = int(sc.host.file_min_mib * f)
+    sc.host.proc_anon_mib = int(sc.host.proc_anon_mib * f)
+    sc.guests.vms, sc.guests.disks_per_vm = 3, 10
+    wl = sc.guests.workload
+    wl.burst_mean_mb, wl.gap_mean_s, wl.start_spread_s = 0.5, 0.01, 0.1
+    sc.duration_s = 20.0
+    sc.name = f"busy-{variant}-{duration_ms}ms"
+    return sc
+
+
 def seed_overhead(max_buffer_pages: int, *, volume: str = "slow", seed: int = 1) -> Scenario:
     """The seed's dd overhead test: one guest, one disk, 5 x (dd 512 MiB; sync), no pressure.
 
