@@ -28,6 +28,7 @@ from blkback.sim.guest import CpuCost, Disk, VolumeConfig, WorkloadConfig
 from blkback.sim.host import MIB_PAGES, Host, HostConfig
 
 WAKE_LATENCY_NS = 20_000  # a woken kthread runs ~20 us later
+MAX_INDIRECT_SEGMENTS = 256  # what blkback advertises (feature-max-indirect-segments)
 
 
 @dataclass(slots=True)
@@ -113,7 +114,7 @@ class SimHost:
                         workload=g.workload,
                         cost=sc.cost,
                         queue_depth=min(g.queue_depth, 32 * g.ring_pages),
-                        max_segs=max(1, g.max_indirect_segments),
+                        max_segs=max(1, min(MAX_INDIRECT_SEGMENTS, g.max_indirect_segments)),
                         quantum_ms=sc.io_quantum_ms,
                     )
                     self.disks.append(disk)
