@@ -19,6 +19,7 @@ from blkback.errors import BlkbackError
 # name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "microbench": ("blkback.core.microbench", "measure the page pool's get/put/shrink speed"),
+    "bench": ("blkback.bench.command", "benchmark blkback against nbdkit and qemu-nbd with fio"),
 }
 
 
