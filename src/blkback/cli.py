@@ -18,6 +18,8 @@ from blkback.errors import BlkbackError
 
 # name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
+    "serve": ("blkback.server.command", "serve block devices over NBD"),
+    "ctl": ("blkback.server.ctl_command", "parameters, statistics and pressure of a server"),
     "microbench": ("blkback.core.microbench", "measure the page pool's get/put/shrink speed"),
     "bench": ("blkback.bench.command", "benchmark blkback against nbdkit and qemu-nbd with fio"),
 }
@@ -55,7 +57,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     level = logging.WARNING - 10 * min(args.verbose, 2)
-    logging.basicConfig(level=level, format="blkback: %(levelname)s: %(message)s", stream=sys.stderr)
+    logging.basicConfig(
+        level=level, format="blkback: %(levelname)s: %(message)s", stream=sys.stderr
+    )
     try:
         code: int = args._module.run(args)
     except BlkbackError as exc:

@@ -38,7 +38,7 @@ class ParamError(ConfigError):
     """A runtime parameter could not be read or written; nothing was changed."""
 
 
-class EnvironmentProblem(BlkbackError):
+class EnvironmentProblem(BlkbackError):  # noqa: N818 (a condition of the host, not a bug)
     """The host lacks something an operation needs (root, cgroup, swap, a tool)."""
 
 

@@ -98,7 +98,8 @@ class Device:
         """
         if ring.pool.in_flight:
             raise RuntimeError(
-                f"ring {self.name}/{ring.ring_id} removed with {ring.pool.in_flight} pages in flight"
+                f"ring {self.name}/{ring.ring_id} removed with "
+                f"{ring.pool.in_flight} pages in flight"
             )
         freed = ring.pool.shrink(0, self.params.batch_free_pages)
         ring.closed = True
@@ -117,7 +118,9 @@ class Device:
             "name": self.name,
             "squeeze_end_ms": None if end == 0 else end / NS_PER_MS,
             "squeezed": self.squeezed(now_ns),
-            "squeeze_level": None if self.squeeze_level is None else self.squeeze_level.name.lower(),
+            "squeeze_level": None
+            if self.squeeze_level is None
+            else self.squeeze_level.name.lower(),
             "reclaims": self.reclaims,
             "squeezes": self.squeezes,
             "rings": [ring.snapshot() for ring in self.rings],

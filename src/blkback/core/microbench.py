@@ -39,7 +39,10 @@ def run(args: argparse.Namespace) -> int:
     for _ in range(rounds):
         pool.put(pool.get_many(n))
     dt = time.perf_counter_ns() - t0
-    results["warm_get_put"] = {"ns_per_page": dt / (rounds * n), "requests_per_s": rounds / dt * 1e9}
+    results["warm_get_put"] = {
+        "ns_per_page": dt / (rounds * n),
+        "requests_per_s": rounds / dt * 1e9,
+    }
 
     alloc = MmapAllocator()
     pool = PagePool(alloc)

@@ -22,6 +22,7 @@ import ctypes
 import ctypes.util
 import mmap
 import os
+import resource
 from collections.abc import Callable, Sequence
 from typing import Protocol
 
@@ -76,6 +77,10 @@ class CountingAllocator:
     def live_pages(self) -> int:
         return self._live
 
+    def released_ids(self) -> list[int]:
+        """Ids freed and not handed out again (for invariant checks)."""
+        return list(self._free_ids)
+
 
 def _load_libc() -> ctypes.CDLL | None:
     name = ctypes.util.find_library("c")
@@ -89,9 +94,12 @@ class MmapAllocator:
 
     Args:
         chunk_pages: pages mapped per chunk of address space (one mmap call each).
-        mlock: try to pin pages in RAM (like Xen's ballooned frames, which never swap). On
-            this kind of host RLIMIT_MEMLOCK is 8 MiB: when the kernel refuses, pinning stops,
-            ``warn`` is called once with the reason, and allocation goes on unpinned.
+        mlock: try to pin pages in RAM (like Xen's ballooned frames, which never swap). The
+            soft RLIMIT_MEMLOCK is the pinning budget, even for a process whose CAP_IPC_LOCK
+            would let it pin more (root here): pinned pool pages are memory the host can never
+            reclaim, so we stay inside what the administrator granted. When the budget is used
+            up or the kernel refuses, pinning stops, ``warn`` is called once with the reason,
+            and allocation goes on unpinned.
         warn: where the single degradation message goes.
     """
 
@@ -116,6 +124,8 @@ class MmapAllocator:
         self._locked: set[int] = set()
         self.pinned_pages = 0
         self.mlock_error: str | None = None
+        soft, _ = resource.getrlimit(resource.RLIMIT_MEMLOCK)
+        self.pin_budget_pages = -1 if soft == resource.RLIM_INFINITY else soft // PAGE_SIZE
         if mlock and self._libc is None:
             self._stop_pinning("mlock unavailable: libc not found; pool pages are not pinned")
 
@@ -130,14 +140,32 @@ class MmapAllocator:
         return page
 
     def free(self, pages: Sequence[int]) -> None:
-        chunk_pages = self.chunk_pages
-        for page in pages:
-            if self._locked:
+        if self._locked:
+            for page in pages:
                 self._unpin(page)
-            chunk = self._chunks[page // chunk_pages]
-            chunk.madvise(mmap.MADV_DONTNEED, (page % chunk_pages) * PAGE_SIZE, PAGE_SIZE)
+        # One madvise per run of adjacent pages in one chunk: a batch freed LIFO is usually
+        # a descending run, so this is one syscall per batch instead of one per page.
+        chunk_pages = self.chunk_pages
+        chunks = self._chunks
+        run_start = run_end = -1
+        for page in sorted(pages):
+            if page == run_end and page % chunk_pages:
+                run_end += 1
+                continue
+            if run_start >= 0:
+                self._dontneed(chunks, run_start, run_end)
+            run_start, run_end = page, page + 1
+        if run_start >= 0:
+            self._dontneed(chunks, run_start, run_end)
         self._live -= len(pages)
         self._free_ids.extend(pages)
+
+    def _dontneed(self, chunks: list[mmap.mmap], start: int, end: int) -> None:
+        """Drop the frames of pages ``start`` to ``end - 1`` (all in one chunk)."""
+        chunk_pages = self.chunk_pages
+        chunks[start // chunk_pages].madvise(
+            mmap.MADV_DONTNEED, (start % chunk_pages) * PAGE_SIZE, (end - start) * PAGE_SIZE
+        )
 
     @property
     def live_pages(self) -> int:
@@ -152,6 +180,27 @@ class MmapAllocator:
         """Memoryviews of several pages, for scatter/gather I/O."""
         v = self._views
         return [v[p] for p in pages]
+
+    def close(self) -> None:
+        """Unmap all address space; every page must have been freed first.
+
+        A chunk whose memory is still exported (a memoryview of one of its pages is alive
+        somewhere) cannot be unmapped now; it is left to the garbage collector, and its frames
+        were already dropped by ``free``.
+        """
+        if self._live:
+            raise RuntimeError(f"allocator closed with {self._live} pages still in use")
+        for v in self._views:
+            v.release()
+        self._views.clear()
+        self._free_ids.clear()
+        self._addrs.clear()
+        for chunk in self._chunks:
+            try:
+                chunk.close()
+            except BufferError:
+                pass
+        self._chunks.clear()
 
     @property
     def mapped_pages(self) -> int:
@@ -170,7 +219,9 @@ class MmapAllocator:
         base_id = len(self._views)
         self._chunks.append(chunk)
         whole = memoryview(chunk)
-        self._views.extend(whole[i * PAGE_SIZE : (i + 1) * PAGE_SIZE] for i in range(self.chunk_pages))
+        self._views.extend(
+            whole[i * PAGE_SIZE : (i + 1) * PAGE_SIZE] for i in range(self.chunk_pages)
+        )
         if self._mlock:
             self._addrs.append(ctypes.addressof(ctypes.c_char.from_buffer(chunk)))
         # Highest id last so that pop() hands out the chunk's pages in ascending order.
@@ -181,6 +232,13 @@ class MmapAllocator:
 
     def _pin(self, page: int) -> None:
         assert self._libc is not None
+        if 0 <= self.pin_budget_pages <= self.pinned_pages:
+            self._stop_pinning(
+                f"mlock of pool pages stopped at the RLIMIT_MEMLOCK budget of "
+                f"{self.pin_budget_pages * PAGE_SIZE // 1024} KiB ({self.pinned_pages} pages); "
+                "further pool pages are not pinned"
+            )
+            return
         if self._libc.mlock(ctypes.c_void_p(self._page_addr(page)), ctypes.c_size_t(PAGE_SIZE)):
             err = ctypes.get_errno()
             self._stop_pinning(

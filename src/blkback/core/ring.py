@@ -101,9 +101,9 @@ class Ring:
             self.stats.alloc_failures += 1
             raise
         new = pool.misses - misses_before
-        if new and self.last_squeeze_free_ns is not None:
-            if now_ns - self.last_squeeze_free_ns <= REFILL_WINDOW_NS:
-                self.stats.refill_after_squeeze_pages += new
+        last = self.last_squeeze_free_ns
+        if new and last is not None and now_ns - last <= REFILL_WINDOW_NS:
+            self.stats.refill_after_squeeze_pages += new
         return pages
 
     def put_pages(self, pages: Sequence[int]) -> None:

@@ -1,0 +1,573 @@
+"""One NBD connection = one ring: handshake, then the ring's loop, on one OS thread.
+
+The loop is ``xen_blkif_schedule`` in userspace:
+
+1. wait for requests, at most until the ring's next pass is due (``lru_interval_ms``), or
+   until a squeeze wakes the ring (an eventfd written by ``Ring.request_wake``);
+2. take every complete request already received (batched parsing), give each the pages of
+   its payload from the ring's pool, do its I/O straight into or out of those pages, and send
+   all replies of the batch with one ``sendmsg``;
+3. put the pages back into the pool, and run the loop pass, which trims the pool to
+   ``max_buffer_pages`` or squeezes it to 0.
+
+Write payloads are received straight into the request's pages with ``recvmsg_into``, except
+for the bytes that arrived together with the headers in the staging buffer (small writes in
+a pipelined batch), which are copied once into the pages: for 4 KiB writes one memcpy is
+cheaper than one more syscall per request.
+
+Backends that may block (``Storage.inline`` is false: files, delay and rate filters) run on
+a per-ring pool of worker threads so that many requests are in flight at once, like the
+kernel's pending requests; workers reply under the connection's send lock and give the pages
+back under the ring lock. ``oo`` counts the times the ring ran out of request slots.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import os
+import queue
+import select
+import socket
+import threading
+from typing import TYPE_CHECKING
+
+from blkback.core.pages import PAGE_SIZE, MmapAllocator
+from blkback.core.ring import Ring
+from blkback.errors import ProtocolError, RequestError
+from blkback.protocol.constants import REQUEST_MAGIC, Cmd, CmdFlag
+from blkback.protocol.handshake import HandshakeState, Negotiated, ServerHandshake
+from blkback.protocol.transmission import REQUEST, REQUEST_SIZE, Transmission
+
+if TYPE_CHECKING:
+    from blkback.server.exports import Export
+    from blkback.server.server import Server
+
+log = logging.getLogger("blkback.connection")
+
+STAGING_BYTES = 256 * 1024
+IOV_MAX = 1024
+MAX_SEND_BYTES = 1 << 30
+
+C_READ = int(Cmd.READ)
+C_WRITE = int(Cmd.WRITE)
+C_DISC = int(Cmd.DISC)
+C_FLUSH = int(Cmd.FLUSH)
+C_TRIM = int(Cmd.TRIM)
+C_CACHE = int(Cmd.CACHE)
+C_ZEROES = int(Cmd.WRITE_ZEROES)
+C_BLOCK_STATUS = int(Cmd.BLOCK_STATUS)
+F_FUA = int(CmdFlag.FUA)
+F_NO_HOLE = int(CmdFlag.NO_HOLE)
+F_FAST_ZERO = int(CmdFlag.FAST_ZERO)
+F_REQ_ONE = int(CmdFlag.REQ_ONE)
+POLLIN = select.POLLIN
+POLL_ERR = select.POLLERR | select.POLLHUP | select.POLLNVAL
+
+
+class Disconnect(Exception):  # noqa: N818 (control flow, not an error)
+    """The client asked to disconnect, or went away."""
+
+
+class Connection:
+    """Serves one client socket until it disconnects or the server stops."""
+
+    def __init__(self, server: Server, sock: socket.socket, peer: str) -> None:
+        self.server = server
+        self.sock = sock
+        self.peer = peer
+        self.ring: Ring | None = None
+        self.export: Export | None = None
+        self.allocator: MmapAllocator | None = None
+        self.wake_fd = -1
+        self.send_lock = threading.Lock()
+        self.ring_lock = threading.Lock()
+        self.thread: threading.Thread | None = None
+        self._workers: list[threading.Thread] = []
+        self._work: queue.SimpleQueue[tuple[int, int, int, int, int, list[int]] | None] = (
+            queue.SimpleQueue()
+        )
+        self._slots: threading.Semaphore | None = None
+        self._fatal: BaseException | None = None
+        self._inflight = 0  # requests handed to workers and not finished
+        self._idle = threading.Condition()
+        self.max_payload = 0
+        self.closed = threading.Event()
+
+    # -- life cycle -----------------------------------------------------------------------
+    def start(self) -> None:
+        """Run the connection on its own thread."""
+        self.thread = threading.Thread(target=self.run, name=f"ring-{self.peer}", daemon=True)
+        self.thread.start()
+
+    def wake(self) -> None:
+        """Wake the ring's thread (squeeze or shutdown); safe from any thread."""
+        fd = self.wake_fd
+        if fd >= 0:
+            with contextlib.suppress(OSError):
+                os.eventfd_write(fd, 1)
+
+    def run(self) -> None:
+        """The thread body: handshake, transmission, and cleanup whatever happens."""
+        try:
+            negotiated, leftover = self._handshake()
+            if negotiated is not None:
+                self._transmission(negotiated, leftover)
+        except (ConnectionError, TimeoutError, Disconnect):
+            pass
+        except ProtocolError as exc:
+            log.info("%s: protocol error, closing: %s", self.peer, exc)
+        except OSError as exc:
+            log.info("%s: connection error: %s", self.peer, exc)
+        except Exception:
+            log.exception("%s: internal error, closing the connection", self.peer)
+        finally:
+            self._close()
+
+    def _close(self) -> None:
+        self._stop_workers()
+        if self.ring is not None:
+            self.server.detach_ring(self)
+            self.ring = None
+        if self.wake_fd >= 0:
+            os.close(self.wake_fd)
+            self.wake_fd = -1
+        if self.allocator is not None:
+            self.allocator.close()
+        with contextlib.suppress(OSError):
+            self.sock.close()
+        self.server.connection_closed(self)
+        self.closed.set()
+
+    # -- handshake ------------------------------------------------------------------------
+    def _handshake(self) -> tuple[Negotiated | None, bytes]:
+        server = self.server
+        sock = self.sock
+        sock.settimeout(server.config.handshake_timeout_s)
+        hs = ServerHandshake(server.catalog, tls="off")
+        sock.sendall(hs.initial_bytes())
+        while hs.state is HandshakeState.IN_PROGRESS:
+            try:
+                data = sock.recv(65536)
+            except TimeoutError:
+                log.info("%s: handshake not finished in time, dropped", self.peer)
+                return None, b""
+            out = hs.feed(data)
+            if out:
+                sock.sendall(out)
+            if not data:
+                break
+        if hs.state is HandshakeState.DONE and hs.negotiated is not None:
+            return hs.negotiated, hs.leftover
+        if hs.error is not None:
+            log.info("%s: handshake failed: %s", self.peer, hs.error)
+        return None, b""
+
+    # -- transmission ---------------------------------------------------------------------
+    def _transmission(self, neg: Negotiated, leftover: bytes) -> None:
+        server = self.server
+        export = server.catalog.get(neg.export.name)
+        if export is None:  # removed meanwhile
+            return
+        self.export = export
+        self.codec = Transmission(neg)
+        self.storage = export.storage
+        self.structured = neg.structured_replies
+        self.contexts = sorted(neg.meta_contexts)
+        self.max_payload = neg.export.max_block
+        self.allocator = MmapAllocator(
+            chunk_pages=server.config.chunk_pages,
+            mlock=server.config.mlock,
+            warn=server.warn_once,
+        )
+        self.wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self.ring = server.attach_ring(self, export)
+        self.ring.waker = self.wake
+        if not self.storage.inline:
+            self._start_workers(server.config.workers)
+        self.sock.settimeout(None)
+        self.sock.setblocking(False)
+        self._loop(leftover)
+
+    def _loop(self, leftover: bytes) -> None:
+        ring = self.ring
+        assert ring is not None
+        server = self.server
+        clock = server.clock
+        sock = self.sock
+        sockfd = sock.fileno()
+        wake_fd = self.wake_fd
+        poller = select.poll()
+        poller.register(sockfd, POLLIN)
+        poller.register(wake_fd, POLLIN)
+        staging = bytearray(STAGING_BYTES)
+        view = memoryview(staging)
+        start = 0
+        end = len(leftover)
+        staging[:end] = leftover
+        idle_timeout_ns = server.config.idle_timeout_ns
+        last_request_ns = clock.now_ns()
+        while True:
+            if self._fatal is not None:
+                raise self._fatal
+            if end - start < REQUEST_SIZE:
+                if start:
+                    # Keep the partial header at the front of the staging buffer.
+                    staging[: end - start] = view[start:end]
+                    end -= start
+                    start = 0
+                try:
+                    n = sock.recv_into(view[end:])
+                except BlockingIOError:
+                    n = -1
+                if n == 0:
+                    raise Disconnect
+                if n > 0:
+                    end += n
+                    continue
+                if server.stopping:
+                    raise Disconnect
+                now = clock.now_ns()
+                wait_ns = ring.next_pass_ns() - now
+                events = poller.poll(max(0, (wait_ns + 999_999) // 1_000_000))
+                woken = False
+                readable = False
+                for fd, ev in events:
+                    if fd == wake_fd:
+                        with contextlib.suppress(BlockingIOError):
+                            os.eventfd_read(wake_fd)
+                        woken = True
+                    elif ev & (POLLIN | POLL_ERR):
+                        readable = True
+                now = clock.now_ns()
+                if woken or not readable:
+                    if server.stopping:
+                        raise Disconnect
+                    if idle_timeout_ns and now - last_request_ns > idle_timeout_ns:
+                        log.info("%s: idle timeout", self.peer)
+                        raise Disconnect
+                    self._pass(now, had_io=False, woken=woken)
+                continue
+            start = self._batch(view, start, end)
+            last_request_ns = clock.now_ns()
+            self._pass(last_request_ns, had_io=True, woken=False)
+
+    def _pass(self, now_ns: int, *, had_io: bool, woken: bool) -> None:
+        ring = self.ring
+        assert ring is not None
+        with self.ring_lock:
+            ring.loop_pass(now_ns, had_io=had_io, woken=woken or ring.wake_pending)
+
+    # -- one batch of requests ------------------------------------------------------------
+    def _batch(self, view: memoryview, start: int, end: int) -> int:
+        """Handle every complete request in ``view[start:end]``; return the new start.
+
+        Replies of inline requests are gathered and sent together; their pages go back to
+        the pool after the send.
+        """
+        ring = self.ring
+        alloc = self.allocator
+        assert ring is not None and alloc is not None
+        codec = self.codec
+        stats = ring.stats
+        inline = self.storage.inline
+        out: list[bytes | memoryview] = []
+        held: list[int] = []
+        now = self.server.clock.now_ns
+        while end - start >= REQUEST_SIZE:
+            magic, flags, cmd, cookie, offset, length = REQUEST.unpack_from(view, start)
+            if magic != REQUEST_MAGIC:
+                raise ProtocolError(f"bad request magic 0x{magic:08x}")
+            start += REQUEST_SIZE
+            pages: list[int] = []
+            try:
+                if cmd == C_WRITE:
+                    try:
+                        codec.check(flags, cmd, offset, length)
+                    except RequestError:
+                        start = self._discard_payload(view, start, end, length)
+                        end = max(end, start)
+                        raise
+                    with self.ring_lock:
+                        pages = ring.get_pages((length + PAGE_SIZE - 1) // PAGE_SIZE, now())
+                    start = self._receive_payload(view, start, end, length, pages)
+                    end = max(end, start)
+                else:
+                    codec.check(flags, cmd, offset, length)
+                    if cmd == C_DISC:
+                        self._send(out)
+                        self._return(held)
+                        self._drain_workers()
+                        raise Disconnect
+                    if cmd == C_READ:
+                        with self.ring_lock:
+                            pages = ring.get_pages((length + PAGE_SIZE - 1) // PAGE_SIZE, now())
+            except RequestError as exc:
+                stats.errors += 1
+                out.append(codec.error_reply(cookie, exc.errno, cmd))
+                continue
+            except MemoryError:
+                # The pool could not grow: fail this request as the kernel does (the ring's
+                # batch was already returned to the pool by get_many).
+                stats.errors += 1
+                if cmd == C_WRITE:
+                    start = self._discard_payload(view, start, end, length)
+                    end = max(end, start)
+                out.append(codec.error_reply(cookie, errno.ENOMEM, cmd))
+                continue
+            if inline:
+                out.extend(self._execute(flags, cmd, cookie, offset, length, pages))
+                held.extend(pages)
+                if len(out) >= IOV_MAX // 2:
+                    self._send(out)
+                    out = []
+                    self._return(held)
+                    held = []
+            else:
+                if out:
+                    self._send(out)
+                    out = []
+                    self._return(held)
+                    held = []
+                self._submit((flags, cmd, cookie, offset, length, pages))
+        self._send(out)
+        self._return(held)
+        return start
+
+    def _return(self, pages: list[int]) -> None:
+        if pages:
+            ring = self.ring
+            assert ring is not None
+            with self.ring_lock:
+                ring.put_pages(pages)
+
+    def _views(self, pages: list[int], length: int) -> list[memoryview]:
+        alloc = self.allocator
+        assert alloc is not None
+        views = alloc.views(pages)
+        tail = length - (len(pages) - 1) * PAGE_SIZE
+        if tail != PAGE_SIZE and views:
+            views[-1] = views[-1][:tail]
+        return views
+
+    def _execute(
+        self, flags: int, cmd: int, cookie: int, offset: int, length: int, pages: list[int]
+    ) -> list[bytes | memoryview]:
+        """Do one request's I/O; return its reply buffers (header + data for reads)."""
+        ring = self.ring
+        assert ring is not None
+        stats = ring.stats
+        storage = self.storage
+        codec = self.codec
+        try:
+            if cmd == C_READ:
+                views = self._views(pages, length)
+                storage.preadv(views, offset)
+                stats.rd_req += 1
+                stats.rd_bytes += length
+                if self.structured:
+                    return [codec.chunk_offset_data_header(cookie, offset, length, True), *views]
+                return [codec.simple_reply(cookie), *views]
+            if cmd == C_WRITE:
+                storage.pwritev(self._views(pages, length), offset, bool(flags & F_FUA))
+                stats.wr_req += 1
+                stats.wr_bytes += length
+            elif cmd == C_FLUSH:
+                storage.flush()
+                stats.f_req += 1
+            elif cmd == C_TRIM:
+                storage.trim(offset, length, bool(flags & F_FUA))
+                stats.ds_req += 1
+            elif cmd == C_ZEROES:
+                storage.zero(
+                    offset,
+                    length,
+                    may_trim=not flags & F_NO_HOLE,
+                    fast_only=bool(flags & F_FAST_ZERO),
+                    fua=bool(flags & F_FUA),
+                )
+                stats.wr_req += 1
+            elif cmd == C_CACHE:
+                storage.cache(offset, length)
+                stats.other_req += 1
+            elif cmd == C_BLOCK_STATUS:
+                stats.other_req += 1
+                return [self._block_status(flags, cookie, offset, length)]
+            return [codec.simple_reply(cookie)]
+        except RequestError as exc:
+            stats.errors += 1
+            return [codec.error_reply(cookie, exc.errno, cmd)]
+
+    def _block_status(self, flags: int, cookie: int, offset: int, length: int) -> bytes:
+        extents = self.storage.extents(offset, length)
+        clipped: list[tuple[int, int]] = []
+        left = length
+        for ext_len, ext_flags in extents:
+            if left <= 0:
+                break
+            n = min(ext_len, left)
+            if n <= 0:
+                continue
+            clipped.append((n, ext_flags))
+            left -= n
+        if not clipped:
+            clipped = [(length, 0)]
+        if flags & F_REQ_ONE:
+            clipped = clipped[:1]
+        parts = []
+        for i, ctx in enumerate(self.contexts):
+            done = i == len(self.contexts) - 1
+            parts.append(self.codec.chunk_block_status(cookie, ctx, clipped, done))
+        return b"".join(parts)
+
+    # -- payloads -------------------------------------------------------------------------
+    def _receive_payload(
+        self, view: memoryview, start: int, end: int, length: int, pages: list[int]
+    ) -> int:
+        """Fill ``pages`` with the write payload; return the new staging start.
+
+        The staged part is copied; the rest is received straight into the pages.
+        """
+        views = self._views(pages, length)
+        staged = min(end - start, length)
+        pos = 0  # bytes of payload in place
+        i = 0
+        while pos < staged:
+            v = views[i]
+            n = min(len(v), staged - pos)
+            v[:n] = view[start + pos : start + pos + n]
+            pos += n
+            if n == len(v):
+                i += 1
+            else:
+                views[i] = v[n:]
+        if pos < length:
+            self._recv_into_views(views[i:], length - pos)
+        return start + staged
+
+    def _recv_into_views(self, views: list[memoryview], total: int) -> None:
+        sock = self.sock
+        got = 0
+        while got < total:
+            try:
+                n = sock.recvmsg_into(views[:IOV_MAX])[0]
+            except BlockingIOError:
+                self._wait_fd(POLLIN)
+                continue
+            if n == 0:
+                raise Disconnect
+            got += n
+            while n:
+                v = views[0]
+                if n >= len(v):
+                    n -= len(v)
+                    views.pop(0)
+                else:
+                    views[0] = v[n:]
+                    n = 0
+
+    def _discard_payload(self, view: memoryview, start: int, end: int, length: int) -> int:
+        """Skip a refused write's payload so that the stream stays in sync."""
+        if length > self.max_payload:
+            raise ProtocolError(f"write payload of {length} bytes exceeds the maximum")
+        staged = min(end - start, length)
+        rest = length - staged
+        scratch = bytearray(min(rest, 1 << 20)) if rest else bytearray()
+        while rest:
+            n = min(rest, len(scratch))
+            self._recv_into_views([memoryview(scratch)[:n]], n)
+            rest -= n
+        return start + staged
+
+    def _wait_fd(self, events: int) -> None:
+        p = select.poll()
+        p.register(self.sock.fileno(), events)
+        if not p.poll(self.server.config.io_timeout_ms):
+            raise TimeoutError("client stalled mid-request")
+
+    # -- sending --------------------------------------------------------------------------
+    def _send(self, bufs: list[bytes | memoryview]) -> None:
+        if not bufs:
+            return
+        sock = self.sock
+        with self.send_lock:
+            while bufs:
+                chunk = bufs[:IOV_MAX]
+                try:
+                    sent = sock.sendmsg(chunk)
+                except BlockingIOError:
+                    self._wait_fd(select.POLLOUT)
+                    continue
+                # Drop what went out, keep the unsent tail.
+                k = 0
+                while k < len(chunk) and sent >= len(chunk[k]):
+                    sent -= len(chunk[k])
+                    k += 1
+                if k < len(chunk) and sent:
+                    bufs = [memoryview(chunk[k])[sent:], *bufs[k + 1 :]]
+                else:
+                    bufs = bufs[k:]
+
+    # -- workers (blocking backends) ------------------------------------------------------
+    def _start_workers(self, n: int) -> None:
+        self._slots = threading.Semaphore(self.server.config.max_requests_per_ring)
+        for i in range(n):
+            t = threading.Thread(target=self._worker, name=f"ring-{self.peer}-w{i}", daemon=True)
+            t.start()
+            self._workers.append(t)
+
+    def _submit(self, req: tuple[int, int, int, int, int, list[int]]) -> None:
+        slots = self._slots
+        assert slots is not None
+        if not slots.acquire(blocking=False):
+            ring = self.ring
+            assert ring is not None
+            ring.stats.oo_req += 1
+            slots.acquire()
+        self._inflight_add(1)
+        self._work.put(req)
+
+    def _inflight_add(self, n: int) -> None:
+        with self._idle:
+            self._inflight += n
+            if self._inflight == 0:
+                self._idle.notify_all()
+
+    def _worker(self) -> None:
+        while True:
+            req = self._work.get()
+            if req is None:
+                return
+            flags, cmd, cookie, offset, length, pages = req
+            try:
+                reply = self._execute(flags, cmd, cookie, offset, length, pages)
+                self._send(reply)
+            except BaseException as exc:  # a dead socket, or a bug: end the connection
+                if self._fatal is None:
+                    self._fatal = exc if isinstance(exc, OSError) else Disconnect()
+                    if not isinstance(exc, OSError | Disconnect):
+                        log.exception("%s: worker failed", self.peer)
+                    self.wake()
+            finally:
+                self._return(pages)
+                assert self._slots is not None
+                self._slots.release()
+                self._inflight_add(-1)
+
+    def _drain_workers(self) -> None:
+        if not self._workers:
+            return
+        with self._idle:
+            self._idle.wait_for(lambda: self._inflight == 0)
+
+    def _stop_workers(self) -> None:
+        if not self._workers:
+            return
+        self._drain_workers()
+        for _ in self._workers:
+            self._work.put(None)
+        for t in self._workers:
+            t.join()
+        self._workers.clear()
+

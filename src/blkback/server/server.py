@@ -1,0 +1,457 @@
+"""The server: listeners, one thread per connection, the bus of devices, the control socket.
+
+Locking: ``bus_lock`` serialises everything that changes which rings exist (attach, detach)
+with pressure reports walking the bus, as the 5.6 kernel's ``reclaim_sem`` serialises the
+backend shrinker with probe and remove. Each ring's pool is touched only under its
+connection's ``ring_lock``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import ipaddress
+import json
+import logging
+import os
+import socket
+import stat
+import struct
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from blkback.core.clock import NS_PER_MS, NS_PER_S, Clock
+from blkback.core.device import Bus
+from blkback.core.params import Params
+from blkback.core.policy import PressureLevel
+from blkback.core.ring import Ring
+from blkback.errors import ConfigError
+from blkback.protocol.handshake import ExportInfo
+from blkback.server.connection import Connection
+from blkback.server.exports import Catalog, Export, tflags_for
+from blkback.storage.base import Storage
+from blkback.sysclock import MonotonicClock
+
+log = logging.getLogger("blkback.server")
+
+DEFAULT_TCP = "tcp:127.0.0.1:10809"
+
+
+@dataclass
+class ServerConfig:
+    """Settings fixed at start-up (runtime parameters live in :class:`Params`)."""
+
+    listen: list[str] = field(default_factory=lambda: [DEFAULT_TCP])
+    control_path: str | None = None
+    metrics: str | None = None
+    workers: int = 16
+    max_requests_per_ring: int = 512
+    max_connections: int = 1024
+    handshake_timeout_s: float = 10.0
+    idle_timeout_ns: int = 0
+    io_timeout_ms: int = 60_000
+    chunk_pages: int = 256
+    mlock: bool = False
+    max_block: int = 32 * 1024 * 1024
+
+
+def default_control_path() -> str:
+    """Where ``serve`` and ``ctl`` meet when no ``--control`` is given."""
+    env = os.environ.get("BLKBACK_CONTROL")
+    if env:
+        return env
+    if os.geteuid() == 0:
+        return "/run/blkback/control.sock"
+    runtime = os.environ.get("XDG_RUNTIME_DIR")
+    base = Path(runtime) / "blkback" if runtime else Path(f"/tmp/blkback-{os.geteuid()}")
+    return str(base / "control.sock")
+
+
+def parse_listen(text: str) -> tuple[str, Any]:
+    """``unix:PATH`` or ``tcp:HOST:PORT`` (``[v6]:port`` too) to (family, address)."""
+    kind, sep, rest = text.partition(":")
+    if sep and kind == "unix":
+        if not rest:
+            raise ConfigError(f"--listen {text!r}: the Unix socket path is empty")
+        return "unix", rest
+    if sep and kind == "tcp":
+        host, sep2, port_text = rest.rpartition(":")
+        if not sep2 or not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
+            raise ConfigError(f"--listen {text!r}: expected tcp:HOST:PORT with a port 0-65535")
+        host = host.strip("[]") or "127.0.0.1"
+        return "tcp", (host, int(port_text))
+    raise ConfigError(f"--listen {text!r}: expected unix:PATH or tcp:HOST:PORT")
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _unlink_stale_socket(path: str, what: str) -> None:
+    """Remove a Unix socket left by a dead server; refuse to steal a live one or a file."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(st.st_mode):
+        raise ConfigError(f"{what} {path!r} exists and is not a socket")
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(path)
+    except (ConnectionRefusedError, FileNotFoundError):
+        os.unlink(path)
+        return
+    finally:
+        probe.close()
+    raise ConfigError(f"{what} {path!r} is in use by a running server")
+
+
+class Server:
+    """A running blkback server."""
+
+    def __init__(
+        self,
+        exports: list[tuple[str, str, Storage]],
+        *,
+        params: Params | None = None,
+        config: ServerConfig | None = None,
+        clock: Clock | None = None,
+    ) -> None:
+        if not exports:
+            raise ConfigError("no export to serve")
+        self.config = config or ServerConfig()
+        self.params = params or Params()
+        self.clock: Clock = clock or MonotonicClock()
+        self.bus = Bus(self.params)
+        self.bus.stats_sink = lambda line: log.warning("stats %s", line)
+        self.bus_lock = threading.Lock()
+        self.catalog = Catalog()
+        for name, spec, storage in exports:
+            info = ExportInfo(
+                name=name,
+                size=storage.size,
+                tflags=tflags_for(storage),
+                max_block=self.config.max_block,
+                description=spec,
+            )
+            device = self.bus.add_device(name)
+            self.catalog.add(Export(name, storage, device, info, spec))
+        self.connections: set[Connection] = set()
+        self.conn_lock = threading.Lock()
+        self.stopping = False
+        self.started_ns = self.clock.now_ns()
+        self.listeners: list[socket.socket] = []
+        self.addresses: list[str] = []
+        self._unix_paths: list[str] = []
+        self._threads: list[threading.Thread] = []
+        self._warned: set[str] = set()
+        self.control: ControlServer | None = None
+        self.metrics_server: Any = None
+        self.monitor: Any = None
+        self.pressure_events: dict[str, int] = {}
+        self.connections_total = 0
+        self.connections_refused = 0
+
+    # -- start and stop -------------------------------------------------------------------
+    def start(self) -> None:
+        """Bind every listener and the control socket, and start accepting."""
+        try:
+            for text in self.config.listen:
+                self._listen(text)
+            path = self.config.control_path or default_control_path()
+            self.control = ControlServer(self, path)
+            if self.config.metrics:
+                from blkback.server.metrics import start_metrics
+
+                self.metrics_server = start_metrics(self, self.config.metrics)
+        except BaseException:
+            self.stop()
+            raise
+        for lsock in self.listeners:
+            t = threading.Thread(target=self._accept_loop, args=(lsock,), daemon=True)
+            t.start()
+            self._threads.append(t)
+
+    def _listen(self, text: str) -> None:
+        kind, addr = parse_listen(text)
+        if kind == "unix":
+            _unlink_stale_socket(addr, "listen socket")
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                sock.bind(addr)
+            except OSError as exc:
+                sock.close()
+                raise ConfigError(f"cannot listen on {addr}: {exc.strerror}") from exc
+            self._unix_paths.append(addr)
+            self.addresses.append(f"unix:{addr}")
+        else:
+            host, port = addr
+            family = socket.AF_INET6 if ":" in host else socket.AF_INET
+            sock = socket.socket(family, socket.SOCK_STREAM)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                sock.bind((host, port))
+            except OSError as exc:
+                sock.close()
+                why = "address in use" if exc.errno == errno.EADDRINUSE else exc.strerror
+                raise ConfigError(f"cannot listen on {host}:{port}: {why}") from exc
+            real_port = sock.getsockname()[1]
+            shown = f"[{host}]" if family == socket.AF_INET6 else host
+            self.addresses.append(f"tcp:{shown}:{real_port}")
+            if not _is_loopback(host):
+                log.warning(
+                    "listening on non-loopback address %s:%d as asked: anyone who can reach "
+                    "it can read and write the exports",
+                    host,
+                    real_port,
+                )
+        sock.listen(128)
+        self.listeners.append(sock)
+
+    def uris(self) -> list[str]:
+        """NBD URIs of every export on every listener."""
+        out = []
+        for addr in self.addresses:
+            kind, _, rest = addr.partition(":")
+            for name in self.catalog.names():
+                if kind == "unix":
+                    out.append(f"nbd+unix:///{name}?socket={rest}")
+                else:
+                    host, _, port = rest.rpartition(":")
+                    port_part = "" if port == "10809" else f":{port}"
+                    out.append(f"nbd://{host}{port_part}/{name}")
+        return out
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        """Stop accepting, finish in-flight requests, flush storage, close everything."""
+        if self.stopping:
+            return
+        self.stopping = True
+        for lsock in self.listeners:
+            with contextlib.suppress(OSError):
+                lsock.shutdown(socket.SHUT_RDWR)
+            lsock.close()
+        with self.conn_lock:
+            conns = list(self.connections)
+        for conn in conns:
+            conn.wake()
+        deadline = time.monotonic() + timeout_s
+        for conn in conns:
+            conn.closed.wait(max(0.0, deadline - time.monotonic()))
+            if not conn.closed.is_set():
+                with contextlib.suppress(OSError):
+                    conn.sock.shutdown(socket.SHUT_RDWR)
+                conn.closed.wait(1.0)
+        if self.monitor is not None:
+            self.monitor.stop()
+        if self.control is not None:
+            self.control.close()
+        if self.metrics_server is not None:
+            self.metrics_server.shutdown()
+            self.metrics_server.server_close()
+        for export in self.catalog.exports.values():
+            with contextlib.suppress(Exception):
+                if export.storage.can_flush:
+                    export.storage.flush()
+            export.storage.close()
+        for path in self._unix_paths:
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+
+    # -- connections ----------------------------------------------------------------------
+    def _accept_loop(self, lsock: socket.socket) -> None:
+        while not self.stopping:
+            try:
+                sock, addr = lsock.accept()
+            except OSError:
+                if self.stopping:
+                    return
+                continue
+            if self.stopping:
+                sock.close()
+                return
+            if sock.family != socket.AF_UNIX:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                peer = f"{addr[0]}:{addr[1]}"
+            else:
+                peer = f"unix#{self.connections_total}"
+            with self.conn_lock:
+                if len(self.connections) >= self.config.max_connections:
+                    self.connections_refused += 1
+                    log.warning("refusing %s: %d connections already", peer, len(self.connections))
+                    sock.close()
+                    continue
+                conn = Connection(self, sock, peer)
+                self.connections.add(conn)
+                self.connections_total += 1
+            conn.start()
+
+    def connection_closed(self, conn: Connection) -> None:
+        """Called by a connection's thread when it is done."""
+        with self.conn_lock:
+            self.connections.discard(conn)
+
+    def attach_ring(self, conn: Connection, export: Export) -> Ring:
+        """Create the connection's ring on the export's device."""
+        assert conn.allocator is not None
+        with self.bus_lock:
+            return export.device.add_ring(conn.allocator, self.clock.now_ns())
+
+    def detach_ring(self, conn: Connection) -> None:
+        """Free the ring's pool and remove it (``xen_blkbk_free_caches`` on disconnect)."""
+        ring = conn.ring
+        assert ring is not None
+        with self.bus_lock, conn.ring_lock:
+            ring.waker = None
+            ring.device.remove_ring(ring)
+
+    def warn_once(self, message: str) -> None:
+        """Log a warning the first time it is seen."""
+        if message.split(":")[0] not in self._warned:
+            self._warned.add(message.split(":")[0])
+            log.warning("%s", message)
+
+    # -- pressure -------------------------------------------------------------------------
+    def report_pressure(self, level: PressureLevel, source: str = "manual") -> int:
+        """A pressure report (the backend shrinker's count): tell every device."""
+        key = f"{source}:{level.name.lower()}"
+        with self.bus_lock:
+            self.pressure_events[key] = self.pressure_events.get(key, 0) + 1
+            return self.bus.reclaim_memory(self.clock.now_ns(), level)
+
+    # -- stats ----------------------------------------------------------------------------
+    def stats(self) -> dict[str, Any]:
+        """Everything ``ctl stats --json`` shows."""
+        now = self.clock.now_ns()
+        with self.bus_lock:
+            devices = [d.snapshot(now) for d in self.bus.devices.values()]
+            retired = dict(self.bus.retired)
+        rss = _rss_bytes()
+        out: dict[str, Any] = {
+            "params": self.params.as_dict(),
+            "now_ms": now / NS_PER_MS,
+            "devices": devices,
+            "server": {
+                "pid": os.getpid(),
+                "uptime_s": (now - self.started_ns) / NS_PER_S,
+                "connections": len(self.connections),
+                "connections_total": self.connections_total,
+                "connections_refused": self.connections_refused,
+                "rss_bytes": rss,
+                "retired_rings": retired,
+                "listen": self.addresses,
+            },
+            "pressure": {
+                "reports": self.bus.reports,
+                "events": dict(self.pressure_events),
+                "monitor": None if self.monitor is None else self.monitor.status(),
+            },
+        }
+        return out
+
+
+def _rss_bytes() -> int:
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except OSError:
+        return 0
+
+
+class ControlServer:
+    """The control socket: one JSON request per line, one JSON answer per line.
+
+    The socket is created mode 0600 and each peer's credentials are checked
+    (``SO_PEERCRED``): only root and the server's own user may read statistics, change
+    parameters or trigger squeezes.
+    """
+
+    def __init__(self, server: Server, path: str) -> None:
+        self.server = server
+        self.path = path
+        parent = Path(path).parent
+        parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        _unlink_stale_socket(path, "control socket")
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        old = os.umask(0o177)
+        try:
+            self.sock.bind(path)
+        except OSError as exc:
+            self.sock.close()
+            raise ConfigError(f"cannot create control socket {path}: {exc.strerror}") from exc
+        finally:
+            os.umask(old)
+        os.chmod(path, 0o600)
+        self.sock.listen(16)
+        self.closed = False
+        self.thread = threading.Thread(target=self._loop, name="control", daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        """Stop answering and remove the socket."""
+        self.closed = True
+        with contextlib.suppress(OSError):
+            self.sock.shutdown(socket.SHUT_RDWR)
+        self.sock.close()
+        with contextlib.suppress(OSError):
+            os.unlink(self.path)
+
+    def _loop(self) -> None:
+        while not self.closed:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        with conn:
+            creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+            _, uid, _ = struct.unpack("3i", creds)
+            if uid not in (0, os.geteuid()):
+                conn.sendall(b'{"ok": false, "error": "permission denied"}\n')
+                return
+            conn.settimeout(30)
+            f = conn.makefile("rwb")
+            for line in f:
+                try:
+                    request = json.loads(line)
+                    answer = {"ok": True, **self.handle(request)}
+                except (ConfigError, ValueError, KeyError, TypeError) as exc:
+                    answer = {"ok": False, "error": str(exc)}
+                f.write(json.dumps(answer).encode() + b"\n")
+                f.flush()
+
+    def handle(self, request: dict[str, Any]) -> dict[str, Any]:
+        """Answer one control request."""
+        server = self.server
+        op = request.get("op")
+        if op == "params":
+            return {"params": server.params.as_dict()}
+        if op == "get":
+            name = request["name"]
+            return {"name": name, "value": server.params.get(name)}
+        if op == "set":
+            name = request["name"]
+            old = server.params.get(name)
+            value = server.params.set(name, request["value"])
+            log.info("parameter %s: %r -> %r", name, old, value)
+            return {"name": name, "old": old, "value": value}
+        if op == "stats":
+            return server.stats()
+        if op == "pressure":
+            level = PressureLevel.parse(request.get("level", "critical"))
+            n = server.report_pressure(level, "manual")
+            return {"level": level.name.lower(), "devices": n}
+        if op == "pressure-status":
+            mon = server.monitor
+            return {"monitor": None if mon is None else mon.status()}
+        raise ValueError(f"unknown control operation {op!r}")

@@ -1,0 +1,131 @@
+"""Pool behaviour of the running server, seen from outside through ``ctl stats --json``."""
+
+from __future__ import annotations
+
+import subprocess
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from support import need_tool, wait_until
+
+from blkback.server.ctl_command import request
+
+HOLD = str(Path(__file__).resolve().parents[1] / "nbdhold.py")
+MiB = 2**20
+
+
+class Holder:
+    """A libnbd process holding connections open."""
+
+    def __init__(self, uri: str, n: int) -> None:
+        need_tool("/usr/bin/python3")
+        self.proc = subprocess.Popen(
+            ["/usr/bin/python3", HOLD, uri, str(n)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        assert self.proc.stdout is not None
+        assert self.proc.stdout.readline().strip() == "ready"
+
+    def do(self, command: str) -> str:
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        self.proc.stdin.write(command + "\n")
+        self.proc.stdin.flush()
+        return self.proc.stdout.readline().strip()
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            assert self.proc.stdin is not None
+            self.proc.stdin.write("quit\n")
+            self.proc.stdin.close()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+@contextmanager
+def holding(uri: str, n: int) -> Iterator[Holder]:
+    h = Holder(uri, n)
+    try:
+        yield h
+    finally:
+        h.close()
+
+
+def pools(control: str) -> list[int]:
+    stats = request(control, {"op": "stats"})
+    return [r["pool_pages"] for d in stats["devices"] for r in d["rings"]]
+
+
+def test_pools_grow_trim_and_fall_to_zero_on_param_change(serve) -> None:  # type: ignore[no-untyped-def]
+    s = serve("disk=memory:64M", params=("lru_interval_ms=100",))
+    with holding(s.uri(), 4) as h:
+        assert h.do(f"write {8 * MiB}") == "ok"  # 2048 pages in flight per ring
+        rings = s.rings()
+        assert len(rings) == 4
+        for r in rings:
+            assert r["pages_allocated"] >= 2048
+            assert r["peak_pool_pages"] >= 2048  # returned pages exceed the cap until the pass
+            assert r["pool_pages"] == 1024  # ...and the pass trimmed to max_buffer_pages
+            assert r["in_flight_pages"] == 0
+        assert h.do(f"read {2 * MiB}") == "ok"
+        assert all(r["pages_allocated"] == rings[0]["pages_allocated"] for r in s.rings())
+        s.ctl("set", "max_buffer_pages", "0")
+        t0 = time.monotonic()
+        wait_until(lambda: pools(s.control) == [0, 0, 0, 0], 2.0, "pools to empty")
+        assert time.monotonic() - t0 <= 2 * 0.100 + 0.05  # two idle passes, plus polling
+        freed = sum(r["pages_freed"] for r in s.rings())
+        assert freed >= 4 * 2048
+
+
+def test_squeeze_wakes_idle_rings_and_lazy_mode_misses_them(serve) -> None:  # type: ignore[no-untyped-def]
+    # A long idle interval makes the lazy miss certain: no pass falls in the 10 ms window.
+    s = serve("disk=memory:64M", params=("lru_interval_ms=5000",))
+    with holding(s.uri(), 3) as h:
+        assert h.do(f"write {2 * MiB}") == "ok"
+        assert pools(s.control) == [512, 512, 512]
+        s.ctl("set", "squeeze_wake", "0")
+        request(s.control, {"op": "pressure", "level": "critical"})
+        time.sleep(0.3)
+        assert pools(s.control) == [512, 512, 512]  # the kernel's lazy squeeze missed them
+        s.ctl("set", "squeeze_wake", "1")
+        t0 = time.monotonic()
+        request(s.control, {"op": "pressure", "level": "critical"})
+        wait_until(lambda: pools(s.control) == [0, 0, 0], 1.0, "squeezed pools")
+        assert time.monotonic() - t0 < 0.5
+        dev = s.stats()["devices"][0]
+        assert dev["squeezes"] == 2
+        assert all(r["requests"]["woken_passes"] >= 1 for r in dev["rings"])
+        assert all(r["requests"]["pages_squeezed"] == 512 for r in dev["rings"])
+        # I/O after the window refills the pool up to the cap again.
+        assert h.do(f"write {1 * MiB}") == "ok"
+        assert pools(s.control) == [256, 256, 256]
+
+
+def test_duration_zero_keeps_pools(serve) -> None:  # type: ignore[no-untyped-def]
+    s = serve("disk=memory:64M", params=("buffer_squeeze_duration_ms=0",))
+    with holding(s.uri(), 2) as h:
+        assert h.do(f"write {1 * MiB}") == "ok"
+        request(s.control, {"op": "pressure"})
+        time.sleep(0.25)
+        assert pools(s.control) == [256, 256]
+        assert s.stats()["devices"][0]["squeezes"] == 0
+
+
+def test_ctl_refuses_bad_parameters_with_one_line(serve) -> None:  # type: ignore[no-untyped-def]
+    s = serve()
+    res = s.ctl("set", "max_buffer_pages", "-5", check=False)
+    assert res.returncode == 2
+    assert "max_buffer_pages" in res.stderr and "out of range" in res.stderr
+    assert "Traceback" not in res.stderr
+    assert s.ctl("get", "max_buffer_pages").stdout.strip() == "1024"
+    res = s.ctl("set", "nope", "1", check=False)
+    assert res.returncode == 2 and "unknown parameter" in res.stderr
+    assert s.ctl("get", "aggressive_shrinking_duration").stdout.strip() == "10"
+    params = s.ctl("params").stdout
+    assert "squeeze_wake=1" in params and "max_buffer_pages=1024" in params

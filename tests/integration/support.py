@@ -1,0 +1,131 @@
+"""Helpers for integration tests: run blkback and real clients, wait, require tools."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def need_tool(*names: str) -> None:
+    """Fail under CI (where scripts/setup installs them), skip elsewhere, naming the tool."""
+    for name in names:
+        if shutil.which(name) is None:
+            msg = f"{name} is not installed (scripts/setup installs it)"
+            if os.environ.get("CI"):
+                pytest.fail(msg)
+            pytest.skip(msg)
+
+
+def need_root(what: str) -> None:
+    """Fail under CI, skip elsewhere, when not root."""
+    if os.geteuid() != 0:
+        msg = f"{what} needs root"
+        if os.environ.get("CI"):
+            pytest.fail(msg)
+        pytest.skip(msg)
+
+
+def blkback_cmd(*args: str) -> list[str]:
+    """The command line that runs this checkout's blkback with this interpreter."""
+    return [sys.executable, "-m", "blkback", *args]
+
+
+def child_env() -> dict[str, str]:
+    """Environment for blkback child processes: this checkout's sources first."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(REPO / "src") + os.pathsep + env.get("PYTHONPATH", "")
+    return env
+
+
+@dataclass
+class Served:
+    """A running ``blkback serve`` process."""
+
+    proc: subprocess.Popen[str]
+    sock: str
+    control: str
+    exports: list[str]
+    stdout_lines: list[str] = field(default_factory=list)
+
+    def uri(self, export: str | None = None) -> str:
+        return f"nbd+unix:///{export or self.exports[0]}?socket={self.sock}"
+
+    def ctl(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            blkback_cmd("ctl", "--control", self.control, *args),
+            capture_output=True,
+            text=True,
+            env=child_env(),
+            timeout=60,
+            check=check,
+        )
+
+    def stats(self) -> dict[str, Any]:
+        out: dict[str, Any] = json.loads(self.ctl("stats", "--json").stdout)
+        return out
+
+    def rings(self, export: str | None = None) -> list[dict[str, Any]]:
+        stats = self.stats()
+        return [
+            r for d in stats["devices"] if export is None or d["name"] == export for r in d["rings"]
+        ]
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return self.proc.returncode
+
+
+def wait_for_socket(path: str, proc: subprocess.Popen[str], timeout_s: float = 30) -> None:
+    """Wait until a Unix socket accepts connections (or the process died)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            err = proc.stderr.read() if proc.stderr else ""
+            raise AssertionError(f"server exited with {proc.returncode}: {err}")
+        with contextlib.suppress(OSError), socket.socket(socket.AF_UNIX) as s:
+            s.connect(path)
+            return
+        time.sleep(0.02)
+    raise AssertionError(f"{path} did not accept connections in {timeout_s} s")
+
+
+def wait_until(pred: Callable[[], bool], timeout_s: float, what: str) -> None:
+    """Poll ``pred`` until true; fail with ``what`` after ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if pred():
+            return
+        time.sleep(0.02)
+    raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
+
+
+def run(cmd: list[str], timeout: float = 120, **kw: Any) -> subprocess.CompletedProcess[str]:
+    """Run a client tool; show its output if it fails."""
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, **kw)
+    if res.returncode != 0:
+        raise AssertionError(
+            f"{cmd[0]} exited {res.returncode}\nstdout: {res.stdout[-3000:]}\n"
+            f"stderr: {res.stderr[-3000:]}"
+        )
+    return res

@@ -1,0 +1,109 @@
+"""Real pages: freeing returns memory to the OS (RSS falls), and pages are usable I/O buffers."""
+
+from __future__ import annotations
+
+import os
+import socket
+import tempfile
+
+from blkback.core.pages import PAGE_SIZE, MmapAllocator
+from blkback.core.pool import PagePool
+
+
+def _rss_anon_kib() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("RssAnon:"):
+                return int(line.split()[1])
+    raise AssertionError("no RssAnon in /proc/self/status")
+
+
+def test_shrinking_200_mib_returns_at_least_90_percent_to_the_os() -> None:
+    alloc = MmapAllocator()
+    pool = PagePool(alloc)
+    n = 200 * 2**20 // PAGE_SIZE
+    base = _rss_anon_kib()
+    pages = pool.get_many(n)
+    for p in pages:
+        alloc.view(p)[0:8] = b"blkback!"  # fault every page in
+    pool.put(pages)
+    grown = _rss_anon_kib()
+    assert grown - base >= 0.95 * 200 * 1024, f"pool did not become resident: {grown - base} KiB"
+    assert pool.shrink(0, 10) == n
+    after = _rss_anon_kib()
+    released_kib = grown - after
+    assert released_kib >= 0.9 * 200 * 1024, f"only {released_kib} KiB left the process"
+    assert alloc.live_pages == 0
+
+
+def test_freed_page_comes_back_zeroed() -> None:
+    alloc = MmapAllocator(chunk_pages=4)
+    pool = PagePool(alloc)
+    (page,) = pool.get_many(1)
+    alloc.view(page)[:] = b"\xa5" * PAGE_SIZE
+    pool.put([page])
+    pool.shrink(0)
+    (again,) = pool.get_many(1)
+    assert again == page  # the slot is reused...
+    assert bytes(alloc.view(again)) == bytes(PAGE_SIZE)  # ...but its old frame was dropped
+
+
+def test_pages_are_scatter_gather_buffers() -> None:
+    alloc = MmapAllocator(chunk_pages=8)
+    pool = PagePool(alloc)
+    pages = pool.get_many(3)
+    payload = os.urandom(3 * PAGE_SIZE)
+    with tempfile.TemporaryFile() as f:
+        f.write(payload)
+        f.flush()
+        assert os.preadv(f.fileno(), alloc.views(pages), 0) == len(payload)
+        assert b"".join(bytes(v) for v in alloc.views(pages)) == payload
+        assert os.pwritev(f.fileno(), alloc.views(pages), len(payload)) == len(payload)
+    a, b = socket.socketpair()
+    with a, b:
+        a.sendmsg(alloc.views(pages))
+        out = pool.get_many(3)
+        got = 0
+        while got < len(payload):
+            got += (
+                b.recvmsg_into(alloc.views(out)[got // PAGE_SIZE :])[0]
+                if got % PAGE_SIZE == 0
+                else 0
+            )
+            if got % PAGE_SIZE:
+                break
+        assert got == len(payload)
+        assert b"".join(bytes(v) for v in alloc.views(out)) == payload
+    pool.put(pages + out)
+
+
+def test_mlock_degrades_with_one_warning() -> None:
+    messages: list[str] = []
+    alloc = MmapAllocator(chunk_pages=256, mlock=True, warn=messages.append)
+    pool = PagePool(alloc)
+    budget = alloc.pin_budget_pages
+    assert budget >= 0, "RLIMIT_MEMLOCK is unlimited here: nothing to degrade"
+    pages = pool.get_many(budget + 100)  # past the budget (8 MiB on this kind of host)
+    assert len(messages) == 1
+    assert "mlock" in messages[0]
+    assert "not pinned" in messages[0]
+    assert 0 < alloc.pinned_pages <= budget
+    more = pool.get_many(10)
+    assert len(messages) == 1  # one warning, not one per page
+    pages += more
+    pool.put(pages)
+    pool.shrink(0)
+    assert alloc.pinned_pages == 0
+
+
+def test_coalesced_free_drops_exactly_the_given_pages() -> None:
+    alloc = MmapAllocator(chunk_pages=4)  # small chunks: runs cross chunk boundaries
+    pages = [alloc.alloc() for _ in range(12)]
+    for p in pages:
+        alloc.view(p)[:4] = p.to_bytes(4, "little")
+    gone = [pages[i] for i in (1, 2, 3, 4, 5, 9, 11)]  # a run across chunks 0|1, and singles
+    alloc.free(gone)
+    for p in pages:
+        want = bytes(4) if p in gone else p.to_bytes(4, "little")
+        assert bytes(alloc.view(p)[:4]) == want, p
+    assert alloc.live_pages == 5
