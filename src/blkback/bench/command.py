@@ -107,7 +107,15 @@ def _environment() -> dict[str, Any]:
         "kernel": platform.release(),
         "python": platform.python_version(),
         "tools": tool_versions(),
+        "loadavg_before": _loadavg(),
     }
+
+
+def _loadavg() -> str:
+    try:
+        return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+    except OSError:
+        return "?"
 
 
 def run(args: argparse.Namespace) -> int:
@@ -154,6 +162,7 @@ def run(args: argparse.Namespace) -> int:
         return 0
 
     results = run_bench(config, _environment(), progress=lambda m: print(m, file=sys.stderr))
+    results.environment["loadavg_after"] = _loadavg()
     report = build_report(results)
     markdown = render_markdown(report)
     if args.out is not None:

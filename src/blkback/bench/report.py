@@ -43,6 +43,7 @@ def _summary(server: str, workload: str, cells: list[CellResult]) -> dict[str, A
         "clat_mean_us": _median(f["clat_mean_ns"] / 1e3 for f in fio),
         "clat_p99_us": _median(f["clat_p99_ns"] / 1e3 for f in fio),
         "client_cpu_pct": _median(f["client_cpu_pct"] for f in fio),
+        "host_busy_pct": _median(c.host_busy_pct for c in ok),
         "server_cpu_pct": _median(c.server_cpu_pct for c in ok),
         "server_us_per_op": _median(c.server_us_per_op for c in ok),
         "allocs_per_request": _median(c.allocs_per_request for c in ok),
@@ -183,7 +184,9 @@ def render_markdown(report: dict[str, Any]) -> str:
         f"{cfg['ramp_s']:g} s ramp, fio region {cfg['size_bytes'] / MIB:.0f} MiB of a "
         f"{cfg['export_size_bytes'] / MIB:.0f} MiB export, Unix sockets"
         + (", **--quick** (smoke run, not a measurement)" if cfg["quick"] else ""),
-        f"- wall time {report['wall_s']:.0f} s; complete: {'yes' if report['complete'] else 'NO'}",
+        f"- wall time {report['wall_s']:.0f} s; complete: {'yes' if report['complete'] else 'NO'}"
+        f"; load average before {env.get('loadavg_before', '?')}, "
+        f"after {env.get('loadavg_after', '?')}",
         "",
         "Every figure is the median over repeats. fio and the server share the machine's cores,",
         "so the 4k QD16 cells are bounded by total CPU: compare servers on server µs/op there.",
@@ -212,17 +215,20 @@ def render_markdown(report: dict[str, Any]) -> str:
         "",
         "Latency is fio's `lat_ns` (submission to completion). Server CPU is utime+stime of the",
         "server process over the sampled window inside fio's measured window; 100% = one core.",
+        "Host busy % is the whole machine (/proc/stat) in the same window, also in units of one",
+        "core: host busy - server - fio = load from other processes.",
         "",
         "| workload | server | MB/s | IOPS | lat mean µs | lat p99 µs | server CPU % | "
-        "server µs/op | fio CPU % | runs ok |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "server µs/op | fio CPU % | host busy % | runs ok |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in report["summary"]:
         lines.append(
             f"| {row['workload']} | {row['server']} | {_f(row['mb_s'])} | {_f(row['iops'])} | "
             f"{_f(row['lat_mean_us'], '{:.1f}')} | {_f(row['lat_p99_us'], '{:.1f}')} | "
             f"{_f(row['server_cpu_pct'])} | {_f(row['server_us_per_op'], '{:.1f}')} | "
-            f"{_f(row['client_cpu_pct'])} | {row['n_ok']}/{row['n_ok'] + row['n_failed']} |"
+            f"{_f(row['client_cpu_pct'])} | {_f(row['host_busy_pct'])} | "
+            f"{row['n_ok']}/{row['n_ok'] + row['n_failed']} |"
         )
     lines += ["", "## Price of the pool and of squeezing", ""]
     if report["price"]:
@@ -266,10 +272,11 @@ def render_markdown(report: dict[str, Any]) -> str:
         "- Each repeat starts every server afresh, writes the fio region once (1 MiB QD16), then",
         "  runs each workload on every server in turn (interleaved); the server order rotates by",
         "  one per repeat. The price variants run only the QD16 cells listed in the price table.",
-        "- Server CPU and blkback's `ctl stats` are sampled "
-        "0.25 s after the ramp and just before fio",
-        "  ends; for blkback each sample runs `python -m blkback ctl`, "
-        "which itself costs client CPU.",
+        "- Server CPU (`/proc/PID/stat`) and blkback's `ctl stats` (read in-process from the",
+        "  control socket) are sampled 0.25 s after the ramp and 0.15 s before fio ends.",
+        "  Requests per window = rd+wr+f+ds+other of every ring.",
+        "- blkback runs with `--pressure off`: host signals never squeeze it; only the",
+        "  `blkback-squeeze` variant is squeezed, by one manual `blkback ctl pressure`.",
         "- The qemu-nbd image is a `posix_fallocate`d file in "
         f"{cfg['tmpfs_dir']}, removed afterwards.",
     ]

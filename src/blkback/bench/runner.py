@@ -16,6 +16,7 @@ and allocation figures; fio and the server share the machine's cores.
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import tempfile
@@ -26,10 +27,20 @@ from pathlib import Path
 from typing import Any
 
 from blkback.bench.fio import FioOutputError, FioResult, fio_argv, parse_fio_json, prefill_argv
-from blkback.bench.servers import SERVERS, BenchError, RunningServer, ServerSpec, start_server
+from blkback.bench.servers import (
+    SERVERS,
+    BenchError,
+    RunningServer,
+    ServerSpec,
+    host_cpu_jiffies,
+    start_server,
+)
 from blkback.bench.workloads import GIB, PRICE_WORKLOADS, WORKLOADS, Workload
 
 Progress = Callable[[str], None]
+
+#: The request counters of a ring's ``requests`` dict (the rest are bytes and loop passes).
+REQUEST_KEYS: tuple[str, ...] = ("rd", "wr", "f", "ds", "other")
 
 #: Seconds after fio's ramp ends before the first sample, and before fio's end for the last.
 START_MARGIN_S = 0.25
@@ -79,6 +90,7 @@ class Sample:
 
     t_s: float
     cpu_s: float
+    host: tuple[int, int]
     stats: dict[str, Any] | None = None
 
 
@@ -95,6 +107,7 @@ class CellResult:
     server_cpu_s: float | None = None
     server_cpu_pct: float | None = None
     server_us_per_op: float | None = None
+    host_busy_pct: float | None = None
     pages_allocated: int | None = None
     pages_freed: int | None = None
     requests: int | None = None
@@ -139,7 +152,7 @@ def _ring_counters(stats: dict[str, Any]) -> dict[tuple[str, str], dict[str, int
             out[(str(dev.get("name")), str(ring.get("id")))] = {
                 "pages_allocated": int(ring.get("pages_allocated", 0)),
                 "pages_freed": int(ring.get("pages_freed", 0)),
-                "requests": sum(int(v) for v in reqs.values()),
+                "requests": sum(int(reqs.get(k, 0)) for k in REQUEST_KEYS),
                 "pool_pages": int(ring.get("pool_pages", 0)),
                 "peak_pool_pages": int(ring.get("peak_pool_pages", 0)),
             }
@@ -165,7 +178,9 @@ def stats_delta(before: dict[str, Any], after: dict[str, Any]) -> dict[str, int]
 
 def _squeezed(stats: dict[str, Any]) -> bool:
     devices = stats.get("devices", [])
-    return bool(devices) and all(d.get("squeeze_end_ms") is not None for d in devices)
+    return bool(devices) and all(
+        d.get("squeezed", d.get("squeeze_end_ms") is not None) for d in devices
+    )
 
 
 def _sleep_until(t: float) -> None:
@@ -176,7 +191,7 @@ def _sleep_until(t: float) -> None:
 
 def _sample(server: RunningServer, with_stats: bool) -> Sample:
     stats = server.stats() if with_stats else None
-    return Sample(time.monotonic(), server.cpu_seconds(), stats)
+    return Sample(time.monotonic(), server.cpu_seconds(), host_cpu_jiffies(), stats)
 
 
 def run_cell(
@@ -263,6 +278,11 @@ def _account(cell: CellResult, first: Sample, last: Sample) -> None:
         ops = cell.fio["iops"] * window
         if ops > 0:
             cell.server_us_per_op = cpu / ops * 1e6
+    busy, total = (last.host[0] - first.host[0]), (last.host[1] - first.host[1])
+    if total > 0:
+        # Percent of one CPU, like server and fio CPU: the machine's cores are shared with
+        # anything else that runs, and this shows it (host busy - server - fio = others).
+        cell.host_busy_pct = 100.0 * (os.cpu_count() or 1) * busy / total
     if first.stats is not None and last.stats is not None:
         d = stats_delta(first.stats, last.stats)
         cell.pages_allocated = d["pages_allocated"]

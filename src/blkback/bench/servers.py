@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import json
 import os
 import signal
 import socket
@@ -114,6 +113,14 @@ def cpu_seconds(pid: int) -> float:
     return (utime + stime) / _CLK_TCK
 
 
+def host_cpu_jiffies() -> tuple[int, int]:
+    """(busy, total) jiffies of all CPUs from ``/proc/stat``; busy excludes idle and iowait."""
+    with open("/proc/stat", "rb") as f:
+        fields = [int(x) for x in f.readline().split()[1:]]
+    total = sum(fields[:8])  # user nice system idle iowait irq softirq steal (guest is in user)
+    return total - fields[3] - fields[4], total
+
+
 def ctl_argv(control: Path, *command: str) -> list[str]:
     """``python -m blkback ctl --control CTL COMMAND...`` with this interpreter."""
     return [sys.executable, "-m", "blkback", "ctl", "--control", str(control), *command]
@@ -173,13 +180,20 @@ class RunningServer:
         return res.stdout.decode()
 
     def stats(self) -> dict[str, Any]:
-        """``blkback ctl stats --json`` as a dict."""
-        out = self.ctl("stats", "--json")
+        """What ``ctl stats --json`` prints, fetched in-process from the control socket.
+
+        Samples are taken inside fio's measured window, so they must be cheap: the bench uses
+        ``blkback.server.ctl_command.request`` (one JSON line on the Unix socket) rather than
+        starting a ``python -m blkback ctl`` process, which would cost ~0.1 s of CPU each time.
+        """
+        if self.control_path is None:
+            raise BenchError(f"{self.spec.name}: has no control socket")
+        from blkback.server.ctl_command import request
+
         try:
-            doc: dict[str, Any] = json.loads(out)
-        except ValueError as exc:
-            raise BenchError(f"{self.spec.name}: ctl stats printed no JSON: {out[:200]!r}") from exc
-        return doc
+            return request(str(self.control_path), {"op": "stats"}, timeout_s=20.0)
+        except (BlkbackError, OSError, ValueError) as exc:
+            raise BenchError(f"{self.spec.name}: ctl stats failed: {exc}") from exc
 
     def stop(self, grace_s: float = 10.0) -> int | None:
         """SIGTERM, wait up to ``grace_s``, then SIGKILL. Returns the exit status."""
@@ -255,6 +269,9 @@ def server_argv(
         argv += ["--export", f"{BLKBACK_EXPORT}=memory:{export_size_bytes}"]
         for name, value in spec.params:
             argv += ["--param", f"{name}={value}"]
+        # Host pressure signals must not squeeze the default server in the middle of a cell;
+        # manual reports through the control socket (blkback-squeeze) still work.
+        argv += ["--pressure", "off"]
         return [*argv, "--control", str(control)]
     if spec.kind == "nbdkit":
         argv = ["nbdkit", "-f", "-U", str(sock)]
@@ -325,7 +342,7 @@ def start_server(
         if spec.pressure:
             server.ctl("pressure")
             devices = server.stats().get("devices", [])
-            if not devices or any(d.get("squeeze_end_ms") is None for d in devices):
+            if not devices or not all(d.get("squeezed", True) for d in devices):
                 server.notes.append("pressure sent but squeeze_end_ms is not set on every device")
     except BaseException:
         server.stop()

@@ -88,7 +88,16 @@ def _stats(alloc: int, reqs: int, ring: str = "0") -> dict[str, object]:
                         "peak_pool_pages": 9,
                         "pages_allocated": alloc,
                         "pages_freed": 0,
-                        "requests": {"rd": reqs, "wr": 1, "f": 0, "ds": 0, "other": 0},
+                        "requests": {
+                            "rd": reqs,
+                            "wr": 1,
+                            "oo": 3,
+                            "f": 0,
+                            "ds": 0,
+                            "other": 0,
+                            "rd_bytes": 4096 * reqs,
+                            "passes": 7,
+                        },
                     }
                 ],
             }

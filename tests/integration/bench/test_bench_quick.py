@@ -38,7 +38,8 @@ def test_quick_run_is_complete(tmp_path: Path, capsys: pytest.CaptureFixture[str
     elapsed = time.monotonic() - t0
     captured = capsys.readouterr()
     assert rc == 0, captured.err[-3000:]
-    assert elapsed < 120, f"--quick took {elapsed:.0f} s"
+    # Designed for ~80 s on an idle 2-core box; the margin is for a machine shared with others.
+    assert elapsed < 240, f"--quick took {elapsed:.0f} s"
 
     report = json.loads(captured.out)
     assert report["complete"], (report["missing_cells"], report["unsampled_cells"])
@@ -54,6 +55,7 @@ def test_quick_run_is_complete(tmp_path: Path, capsys: pytest.CaptureFixture[str
             assert row["lat_p99_us"] > 0
             assert row["server_cpu_pct"] is not None
             assert row["server_us_per_op"] is not None
+            assert row["host_busy_pct"] is not None
     ratios = {r["workload"]: r for r in report["ratios"]}
     assert set(ratios) == set(report["config"]["workloads"])
     assert all(r["best_nbdkit"] in ("nbdkit", "nbdkit-t1") for r in ratios.values())
