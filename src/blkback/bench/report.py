@@ -44,6 +44,7 @@ def _summary(server: str, workload: str, cells: list[CellResult]) -> dict[str, A
         "clat_p99_us": _median(f["clat_p99_ns"] / 1e3 for f in fio),
         "client_cpu_pct": _median(f["client_cpu_pct"] for f in fio),
         "host_busy_pct": _median(c.host_busy_pct for c in ok),
+        "other_load_pct": _median(_other_load(c) for c in ok),
         "server_cpu_pct": _median(c.server_cpu_pct for c in ok),
         "server_us_per_op": _median(c.server_us_per_op for c in ok),
         "allocs_per_request": _median(c.allocs_per_request for c in ok),
@@ -52,6 +53,13 @@ def _summary(server: str, workload: str, cells: list[CellResult]) -> dict[str, A
         "squeezed": [c.squeezed for c in ok] if SERVERS[server].kind == "blkback" else None,
         "mb_s_all": [f["bw_bytes_per_s"] / 1e6 for f in fio],
     }
+
+
+def _other_load(c: CellResult) -> float | None:
+    """CPU used by neither the server nor fio during the window, in percent of one core."""
+    if c.host_busy_pct is None or c.server_cpu_pct is None or c.fio is None:
+        return None
+    return max(0.0, c.host_busy_pct - c.server_cpu_pct - float(c.fio["client_cpu_pct"]))
 
 
 def _pct(new: float | None, base: float | None) -> float | None:
@@ -129,6 +137,9 @@ def build_report(results: BenchResults) -> dict[str, Any]:
             a > 0 for v in steady["per_workload"].values() for a in v
         )
 
+    others = [x["other_load_pct"] for x in summary.values() if x["other_load_pct"] is not None]
+    other_load = statistics.median(others) if others else None
+
     got = {(c.repeat, c.workload, c.server) for c in results.cells if c.ok}
     missing = [f"r{r} {w} {s}" for r, w, s in expected_cells(results) if (r, w, s) not in got]
     unsampled = [
@@ -141,6 +152,7 @@ def build_report(results: BenchResults) -> dict[str, Any]:
         "environment": results.environment,
         "wall_s": results.wall_s,
         "complete": not missing and not unsampled,
+        "other_load_pct": other_load,
         "missing_cells": missing,
         "unsampled_cells": unsampled,
         "summary": list(summary.values()),
@@ -169,6 +181,21 @@ def _tput(w: str, row: dict[str, Any] | None) -> str:
     return f"{row['iops'] / 1e3:.1f}k IOPS"
 
 
+#: Median CPU of other processes (percent of one core) above which the report warns.
+OTHER_LOAD_WARN_PCT = 20.0
+
+
+def _load_warning(other: float | None) -> list[str]:
+    if other is None or other < OTHER_LOAD_WARN_PCT:
+        return []
+    return [
+        f"**Warning: other processes used a median {other:.0f}% of a core during the cells**",
+        "(host busy - server - fio). Absolute numbers are depressed and noisy; the interleaving",
+        "spreads that load over all servers, so ratios and µs/op are the figures to read.",
+        "",
+    ]
+
+
 def render_markdown(report: dict[str, Any]) -> str:
     """The human report (report.md)."""
     cfg, env = report["config"], report["environment"]
@@ -191,6 +218,7 @@ def render_markdown(report: dict[str, Any]) -> str:
         "Every figure is the median over repeats. fio and the server share the machine's cores,",
         "so the 4k QD16 cells are bounded by total CPU: compare servers on server µs/op there.",
         "",
+        *_load_warning(report.get("other_load_pct")),
         "## Throughput (median)",
         "",
     ]
@@ -215,11 +243,11 @@ def render_markdown(report: dict[str, Any]) -> str:
         "",
         "Latency is fio's `lat_ns` (submission to completion). Server CPU is utime+stime of the",
         "server process over the sampled window inside fio's measured window; 100% = one core.",
-        "Host busy % is the whole machine (/proc/stat) in the same window, also in units of one",
-        "core: host busy - server - fio = load from other processes.",
+        "Others CPU % = whole machine busy (/proc/stat) in the same window - server - fio, in",
+        "units of one core: load from processes outside the bench.",
         "",
         "| workload | server | MB/s | IOPS | lat mean µs | lat p99 µs | server CPU % | "
-        "server µs/op | fio CPU % | host busy % | runs ok |",
+        "server µs/op | fio CPU % | others CPU % | runs ok |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in report["summary"]:
@@ -227,7 +255,7 @@ def render_markdown(report: dict[str, Any]) -> str:
             f"| {row['workload']} | {row['server']} | {_f(row['mb_s'])} | {_f(row['iops'])} | "
             f"{_f(row['lat_mean_us'], '{:.1f}')} | {_f(row['lat_p99_us'], '{:.1f}')} | "
             f"{_f(row['server_cpu_pct'])} | {_f(row['server_us_per_op'], '{:.1f}')} | "
-            f"{_f(row['client_cpu_pct'])} | {_f(row['host_busy_pct'])} | "
+            f"{_f(row['client_cpu_pct'])} | {_f(row['other_load_pct'])} | "
             f"{row['n_ok']}/{row['n_ok'] + row['n_failed']} |"
         )
     lines += ["", "## Price of the pool and of squeezing", ""]
@@ -259,7 +287,13 @@ def render_markdown(report: dict[str, Any]) -> str:
     if st["warm_pool_allocates"] is None:
         lines.append("Not measured (blkback not among the servers).")
     else:
-        verdict = "yes" if st["warm_pool_allocates"] else "no: 0 pages in every cell"
+        counts = [a for v in st["per_workload"].values() for a in v]
+        hit = [a for a in counts if a > 0]
+        verdict = (
+            f"yes: {sum(hit)} page(s) in {len(hit)} of {len(counts)} cells"
+            if hit
+            else f"no: 0 pages in all {len(counts)} cells"
+        )
         lines.append(f"Pages allocated inside the measured window (after the ramp): {verdict}.")
         lines.append("")
         lines.append("| workload | pages allocated per repeat |")
