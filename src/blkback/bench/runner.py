@@ -238,6 +238,10 @@ def run_cell(
                 last = _sample(server, is_blkback)
     except BenchError as exc:
         cell.error = str(exc)
+    except BaseException:  # interrupted: leave no fio behind (it is our child)
+        fio.kill()
+        fio.wait()
+        raise
     try:
         _, stderr = fio.communicate(timeout=config.ramp_s + config.runtime_s + 60)
     except subprocess.TimeoutExpired:
