@@ -21,6 +21,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "serve": ("blkback.server.command", "serve block devices over NBD"),
     "ctl": ("blkback.server.ctl_command", "parameters, statistics and pressure of a server"),
     "microbench": ("blkback.core.microbench", "measure the page pool's get/put/shrink speed"),
+    "pressure": ("blkback.pressure.command", "probe and watch the memory-pressure signals"),
     "bench": ("blkback.bench.command", "benchmark blkback against nbdkit and qemu-nbd with fio"),
 }
 

@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 from support import Served, blkback_cmd, child_env, wait_for_socket
+
+from blkback.errors import EnvironmentProblem
+from blkback.hostenv.cgroup import MemoryCgroup, v1_memory_root
+from blkback.hostenv.swap import TemporarySwap
+
+PRESSURE_LIMIT = 96 << 20  # the memory limit of the pressure tests' cgroup
 
 
 @pytest.fixture
@@ -40,3 +48,42 @@ def serve(tmp_path: Path) -> Iterator[Callable[..., Served]]:
     finally:
         for s in started:
             s.stop()
+
+
+def missing(reason: str) -> None:
+    """Skip, or fail under CI=true, naming the missing facility."""
+    if os.environ.get("CI") == "true":
+        pytest.fail(f"real-pressure test cannot run: {reason}")
+    pytest.skip(reason)
+
+
+@pytest.fixture
+def pressure_cgroup() -> Iterator[MemoryCgroup]:
+    """A memory-limited cgroup v1 child with swap available; all removed afterwards."""
+    if os.geteuid() != 0:
+        missing("needs root (cgroup v1 memory child, swapon)")
+    try:
+        v1_memory_root()
+    except EnvironmentProblem as exc:
+        missing(str(exc))
+    try:
+        swap = TemporarySwap(512)
+        swap.__enter__()
+    except EnvironmentProblem as exc:
+        missing(f"no swap and cannot make a swapfile: {exc}")
+    try:
+        cgroup = MemoryCgroup(
+            f"blkback-test-{os.getpid()}-{time.monotonic_ns()}",
+            limit_bytes=PRESSURE_LIMIT,
+            swappiness=60,
+        )
+        try:
+            cgroup.create()
+        except EnvironmentProblem as exc:
+            missing(str(exc))
+        try:
+            yield cgroup
+        finally:
+            cgroup.remove()
+    finally:
+        swap.__exit__(None, None, None)

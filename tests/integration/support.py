@@ -12,7 +12,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -60,7 +60,8 @@ class Served:
     sock: str
     control: str
     exports: list[str]
-    stdout_lines: list[str] = field(default_factory=list)
+    stdout_text: str = ""
+    stderr_text: str = ""
 
     def uri(self, export: str | None = None) -> str:
         return f"nbd+unix:///{export or self.exports[0]}?socket={self.sock}"
@@ -86,13 +87,16 @@ class Served:
         ]
 
     def stop(self) -> int:
+        """SIGTERM (graceful), then SIGKILL after 30 s; keeps the output for inspection."""
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        try:
+            out, err = self.proc.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            out, err = self.proc.communicate()
+        self.stdout_text = (self.stdout_text or "") + (out or "")
+        self.stderr_text = (self.stderr_text or "") + (err or "")
         return self.proc.returncode
 
 

@@ -80,7 +80,7 @@ class Device:
             self.squeeze_started_ns = now_ns
         if self.params.squeeze_wake:
             for ring in self.rings:
-                ring.request_wake()
+                ring.request_wake(now_ns)
 
     # -- rings ----------------------------------------------------------------------------
     def add_ring(self, allocator: PageAllocator, now_ns: int) -> Ring:

@@ -37,7 +37,11 @@ class PageAllocator(Protocol):
         ...
 
     def free(self, pages: Sequence[int]) -> None:
-        """Give pages back to the system."""
+        """Give pages back to the system (possibly deferred until :meth:`flush`)."""
+        ...
+
+    def flush(self) -> None:
+        """Finish giving back what :meth:`free` received (one call per shrink)."""
         ...
 
     @property
@@ -72,6 +76,9 @@ class CountingAllocator:
         self._live -= len(pages)
         self.frees += len(pages)
         self._free_ids.extend(pages)
+
+    def flush(self) -> None:
+        return
 
     @property
     def live_pages(self) -> int:
@@ -116,6 +123,7 @@ class MmapAllocator:
         self._chunks: list[mmap.mmap] = []
         self._views: list[memoryview] = []
         self._free_ids: list[int] = []
+        self._pending: list[int] = []  # freed, frames not yet dropped
         self._live = 0
         self._mlock = mlock
         self._warn = warn
@@ -132,7 +140,10 @@ class MmapAllocator:
     # -- allocator protocol ---------------------------------------------------------------
     def alloc(self) -> int:
         if not self._free_ids:
-            self._map_chunk()
+            if self._pending:
+                self.flush()
+            else:
+                self._map_chunk()
         page = self._free_ids.pop()
         self._live += 1
         if self._mlock:
@@ -140,25 +151,34 @@ class MmapAllocator:
         return page
 
     def free(self, pages: Sequence[int]) -> None:
+        # The frames are dropped in :meth:`flush`, at the end of the shrink: one madvise per
+        # run of adjacent pages instead of one per batch. Each madvise of a multithreaded
+        # process costs a TLB shootdown on every other CPU, which made a squeeze of 64 rings
+        # of 1024 pages take ~80 ms with per-batch calls. Until then the slots are not
+        # reusable, so a page can never be handed out and then zeroed under its new owner.
         if self._locked:
             for page in pages:
                 self._unpin(page)
-        # One madvise per run of adjacent pages in one chunk: a batch freed LIFO is usually
-        # a descending run, so this is one syscall per batch instead of one per page.
+        self._live -= len(pages)
+        self._pending.extend(pages)
+
+    def flush(self) -> None:
+        pending = self._pending
+        if not pending:
+            return
         chunk_pages = self.chunk_pages
         chunks = self._chunks
         run_start = run_end = -1
-        for page in sorted(pages):
+        for page in sorted(pending):
             if page == run_end and page % chunk_pages:
                 run_end += 1
                 continue
             if run_start >= 0:
                 self._dontneed(chunks, run_start, run_end)
             run_start, run_end = page, page + 1
-        if run_start >= 0:
-            self._dontneed(chunks, run_start, run_end)
-        self._live -= len(pages)
-        self._free_ids.extend(pages)
+        self._dontneed(chunks, run_start, run_end)
+        self._free_ids.extend(pending)
+        pending.clear()
 
     def _dontneed(self, chunks: list[mmap.mmap], start: int, end: int) -> None:
         """Drop the frames of pages ``start`` to ``end - 1`` (all in one chunk)."""
@@ -190,6 +210,7 @@ class MmapAllocator:
         """
         if self._live:
             raise RuntimeError(f"allocator closed with {self._live} pages still in use")
+        self.flush()
         for v in self._views:
             v.release()
         self._views.clear()

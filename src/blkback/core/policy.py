@@ -12,9 +12,10 @@ only the device's squeeze state.
 from __future__ import annotations
 
 import enum
+import weakref
 from typing import TYPE_CHECKING, Protocol
 
-from blkback.core.clock import NS_PER_MS
+from blkback.core.clock import NS_PER_MS, NS_PER_S
 
 if TYPE_CHECKING:
     from blkback.core.device import Device
@@ -66,7 +67,84 @@ class KernelPolicy:
         return ring.device.params.max_buffer_pages
 
 
-POLICIES: dict[str, SqueezePolicy] = {"kernel": KernelPolicy()}
+class GradedPolicy:
+    """The response grows with the pressure level and spares rings that are busy.
+
+    Definition (pressure-signals.md A1). Each report at level L stores a deadline
+    ``end[L] = now + buffer_squeeze_duration_ms`` (a plain store per level, like the kernel's
+    single deadline). At a loop pass the ring's level is the highest L with ``now < end[L]``
+    (strict, so a duration of 0 disables squeezing exactly as in the kernel), and with
+    ``M = max_buffer_pages`` and a ring *idle* when it saw no I/O for ``idle_ns`` (1 s):
+
+    ==========  ==============  ==============
+    level       idle ring       active ring
+    ==========  ==============  ==============
+    none        M               M
+    low         M // 2          M
+    medium      0               M // 2
+    critical    0               0
+    ==========  ==============  ==============
+
+    Why. Critical is the kernel's squeeze: give back everything. Below that, the pages of a
+    ring that is serving I/O are its working set: freeing them only to fault them back in a
+    few ms later is wasted reclaim (the ``refill_after_squeeze_pages`` counter), so an active
+    ring keeps half at medium and all at low, while an idle ring, whose pages nobody will
+    miss, gives back half at low and all at medium. Separate deadlines per level mean that a
+    low report arriving during a critical window does not shorten the critical response,
+    and the response falls back level by level as reports stop (the hysteresis of M4).
+
+    State. The per-level deadlines live in this policy, keyed weakly by the device (or by
+    the bus when ``squeeze_scope`` is ``global``, so that every device shares one set, as
+    the seed's single global deadline). The device still gets ``set_squeeze_end`` (the
+    latest deadline of any level) and ``squeeze_level`` (the level in force), so its
+    counters and snapshot read the same as with the kernel policy.
+    """
+
+    name = "graded"
+
+    def __init__(self, idle_ns: int = NS_PER_S) -> None:
+        self.idle_ns = idle_ns
+        self._ends: weakref.WeakKeyDictionary[object, dict[PressureLevel, int]] = (
+            weakref.WeakKeyDictionary()
+        )
+
+    @staticmethod
+    def _key(device: Device) -> object:
+        return device.bus if device.params.squeeze_scope == "global" else device
+
+    def level_at(self, device: Device, now_ns: int) -> PressureLevel | None:
+        """The highest level whose deadline is still ahead of ``now_ns`` for ``device``."""
+        ends = self._ends.get(self._key(device))
+        if not ends:
+            return None
+        active = [level for level, end in ends.items() if now_ns < end]
+        return max(active) if active else None
+
+    def on_reclaim(self, device: Device, level: PressureLevel, now_ns: int) -> None:
+        key = self._key(device)
+        ends = self._ends.get(key)
+        if ends is None:
+            ends = {}
+            self._ends[key] = ends
+        ends[level] = now_ns + device.params.buffer_squeeze_duration_ms * NS_PER_MS
+        device.set_squeeze_end(max(ends.values()))
+        device.squeeze_level = self.level_at(device, now_ns)
+
+    def target(self, ring: Ring, now_ns: int) -> int:
+        device = ring.device
+        full = device.params.max_buffer_pages
+        level = self.level_at(device, now_ns)
+        if level is None:
+            return full
+        if level >= PressureLevel.CRITICAL:
+            return 0
+        idle = now_ns - ring.last_io_ns >= self.idle_ns
+        if level == PressureLevel.MEDIUM:
+            return 0 if idle else full // 2
+        return full // 2 if idle else full
+
+
+POLICIES: dict[str, SqueezePolicy] = {"kernel": KernelPolicy(), "graded": GradedPolicy()}
 
 
 def policy_named(name: str) -> SqueezePolicy:

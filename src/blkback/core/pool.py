@@ -11,7 +11,9 @@ Rule 2: the semantics are the kernel's, exactly (blkback-spec §1):
 * ``put`` pushes with **no cap check**: the pool may exceed ``max_buffer_pages`` until the
   ring's next loop pass trims it.
 * ``shrink(target, batch)`` frees down to exactly ``min(size, target)`` pages, the most
-  recently returned first, handing them to the allocator ``batch`` at a time.
+  recently returned first, handing them to the allocator ``batch`` at a time; the allocator
+  may drop the frames of the whole shrink at once when it ends (``flush``), which is when
+  the memory has left the process.
 
 The pool is owned by one ring and used from that ring's thread only, like the kernel's
 pool is used under its spinlock; it has no lock of its own.
@@ -151,6 +153,7 @@ class PagePool:
             allocator_free(chunk)
             freed += k
             excess -= k
+        self.allocator.flush()
         self.pages_freed += freed
         return freed
 

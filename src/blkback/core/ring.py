@@ -87,6 +87,7 @@ class Ring:
         self._printed = (0, 0, 0, 0)
         self.last_squeeze_free_ns: int | None = None
         self.wake_pending = False
+        self.wake_ns: int | None = None
         self.waker: Callable[[], None] | None = None  # set by whoever runs the loop
         self.closed = False
 
@@ -137,11 +138,14 @@ class Ring:
         if woken:
             stats.woken_passes += 1
             self.wake_pending = False
+            self.wake_ns = None
         if had_io:
             self.last_io_ns = now_ns
         else:
             stats.idle_passes += 1
-        self.last_pass_ns = now_ns
+        # A woken pass may be evaluated at an earlier instant than a pass the ring ran since.
+        if now_ns > self.last_pass_ns:
+            self.last_pass_ns = now_ns
         target = self.device.policy.target(self, now_ns)
         freed = self.pool.shrink(target, params.batch_free_pages)
         if freed:
@@ -163,9 +167,16 @@ class Ring:
             self.reset_print_stats(now_ns)
         return freed
 
-    def request_wake(self) -> None:
-        """Ask the ring's runner to run a pass now (a squeeze began)."""
+    def request_wake(self, now_ns: int | None = None) -> None:
+        """Ask the ring's runner to run a pass now (a squeeze began at ``now_ns``).
+
+        The runner should evaluate that pass at ``wake_ns``, the instant of the wake: a runner
+        that serves many rings one after another (a reporter waking 64 idle rings) must not
+        let the later rings see a window that closed while it was busy with the earlier ones.
+        """
         self.wake_pending = True
+        if now_ns is not None:
+            self.wake_ns = now_ns
         if self.waker is not None:
             self.waker()
 

@@ -67,7 +67,8 @@ _INFO_EXPORT: Final = struct.Struct(">HQH")
 _INFO_BLOCK_SIZE: Final = struct.Struct(">HIII")
 
 _SERVER_HANDSHAKE_FLAGS: Final = HandshakeFlag.FIXED_NEWSTYLE | HandshakeFlag.NO_ZEROES
-_KNOWN_CLIENT_FLAGS: Final = ClientFlag.C_FIXED_NEWSTYLE | ClientFlag.C_NO_ZEROES
+# Plain ints: in Python 3.11 ``~`` on an IntFlag only inverts within the defined members.
+_KNOWN_CLIENT_FLAGS: Final = int(ClientFlag.C_FIXED_NEWSTYLE | ClientFlag.C_NO_ZEROES)
 # BLOCK_STAT_PAYLOAD only means something with extended headers, which we do not offer.
 _ALL_TFLAGS: Final = sum(int(f) for f in TFlag if f is not TFlag.BLOCK_STAT_PAYLOAD)
 
@@ -214,11 +215,11 @@ def final_tflags(export: ExportInfo, *, structured_replies: bool) -> int:
         1"), ``SEND_DF`` cleared without structured replies (MUST, "Transmission flags"), and
         ``SEND_FAST_ZERO`` cleared without ``SEND_WRITE_ZEROES`` (MUST, same section).
     """
-    flags = (export.tflags & _ALL_TFLAGS) | TFlag.HAS_FLAGS
+    flags = (export.tflags & _ALL_TFLAGS) | int(TFlag.HAS_FLAGS)
     if not structured_replies:
-        flags &= ~TFlag.SEND_DF
+        flags &= ~int(TFlag.SEND_DF)
     if not flags & TFlag.SEND_WRITE_ZEROES:
-        flags &= ~TFlag.SEND_FAST_ZERO
+        flags &= ~int(TFlag.SEND_FAST_ZERO)
     return int(flags)
 
 
@@ -366,7 +367,9 @@ class ServerHandshake:
         """Consumes bytes from the client and returns the bytes to send back.
 
         Args:
-            data: What the socket delivered; ``b""`` means the client closed its side.
+            data: What the socket delivered; ``b""`` means the client closed its side. Once
+                ``DONE``, data is appended to :attr:`leftover`; in ``CLOSED`` or ``START_TLS``
+                it is ignored (in ``START_TLS`` call :meth:`tls_started` first).
 
         Returns:
             Replies to send, in order (possibly empty). Send them even when the state becomes

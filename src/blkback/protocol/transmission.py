@@ -115,7 +115,9 @@ def wire_errno(err: int) -> int:
     return _WIRE_ERRNO.get(err, NbdErrno.EIO)
 
 
-def unpack_request(buf: bytes | bytearray | memoryview, offset: int = 0) -> tuple[int, ...]:
+def unpack_request(
+    buf: bytes | bytearray | memoryview, offset: int = 0
+) -> tuple[int, int, int, int, int]:
     """Decodes one 28-byte request header.
 
     Args:

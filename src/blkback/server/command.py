@@ -31,9 +31,14 @@ import signal
 import sys
 import threading
 from types import FrameType
+from typing import TYPE_CHECKING
 
 from blkback.core.params import Params
 from blkback.errors import ConfigError
+
+if TYPE_CHECKING:
+    from blkback.core.policy import PressureLevel
+    from blkback.server.server import Server
 
 log = logging.getLogger("blkback.serve")
 
@@ -112,6 +117,14 @@ def run(args: argparse.Namespace) -> int:
     from blkback.server.server import DEFAULT_TCP, Server, ServerConfig
     from blkback.storage.spec import open_storage, parse_size
 
+    # Handlers first: a signal that arrives while we start still means "stop gracefully".
+    stop = threading.Event()
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        stop.set()
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
     params = Params()
     for item in args.param:
         name, sep, value = item.partition("=")
@@ -151,13 +164,6 @@ def run(args: argparse.Namespace) -> int:
     server.start()
     if args.pressure != "off":
         _start_pressure(server, args.pressure)
-    stop = threading.Event()
-
-    def on_signal(signum: int, frame: FrameType | None) -> None:
-        stop.set()
-
-    signal.signal(signal.SIGINT, on_signal)
-    signal.signal(signal.SIGTERM, on_signal)
     for uri in server.uris():
         print(uri)
     assert server.control is not None
@@ -172,9 +178,18 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _start_pressure(server: object, mode: str) -> None:
-    """Attach the kernel pressure monitor (issue 4) when the pressure package is present."""
-    try:
-        from blkback.pressure.monitor import PressureMonitor  # noqa: F401
-    except ImportError:
-        log.info("pressure monitor not available; only manual reports ('blkback ctl pressure')")
+def _start_pressure(server: Server, mode: str) -> None:
+    """Listen to the kernel's memory pressure signals and report them to every device.
+
+    This is the xenbus backend shrinker's role: the monitor's ``deliver`` walks the bus and
+    calls each device's ``reclaim_memory``. Sources that do not work here are reported once
+    (see ``blkback pressure probe``); with ``auto`` the server serves on regardless.
+    """
+    from blkback.pressure.monitor import PressureMonitor
+
+    def deliver(level: PressureLevel, source: str) -> None:
+        server.report_pressure(level, source)
+
+    monitor = PressureMonitor(deliver, mode=mode, clock=server.clock)
+    monitor.start()  # logs which sources are active and why the others are not
+    server.monitor = monitor

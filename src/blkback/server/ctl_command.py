@@ -1,11 +1,11 @@
 """Read and change a running server's parameters, statistics and squeeze state.
 
-  blkback ctl params                      all runtime parameters
-  blkback ctl get NAME                    one parameter
-  blkback ctl set NAME VALUE              change one (like writing /sys/module/.../parameters)
-  blkback ctl stats [--json]              pools, rings, requests, squeezes per device
-  blkback ctl pressure [--level L]        report memory pressure by hand (as reclaim would)
-  blkback ctl pressure --status           which pressure sources the server listens to
+blkback ctl params                      all runtime parameters
+blkback ctl get NAME                    one parameter
+blkback ctl set NAME VALUE              change one (like writing /sys/module/.../parameters)
+blkback ctl stats [--json]              pools, rings, requests, squeezes per device
+blkback ctl pressure [--level L]        report memory pressure by hand (as reclaim would)
+blkback ctl pressure --status           which pressure sources the server listens to
 """
 
 from __future__ import annotations

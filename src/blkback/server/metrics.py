@@ -35,7 +35,7 @@ def _esc(value: str) -> str:
 def render(stats: dict[str, Any]) -> str:
     """The Prometheus text exposition of a ``Server.stats()`` dict."""
     lines: list[str] = []
-    for _key, (metric, kind, text) in RING_GAUGES.items():
+    for metric, kind, text in RING_GAUGES.values():
         lines += [f"# HELP {metric} {text}", f"# TYPE {metric} {kind}"]
     lines += [
         "# HELP blkback_requests_total Requests handled, by kind",

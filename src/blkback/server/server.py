@@ -8,6 +8,7 @@ connection's ``ring_lock``.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import errno
 import ipaddress
@@ -135,6 +136,8 @@ class Server:
         self.bus_lock = threading.Lock()
         self.catalog = Catalog()
         for name, spec, storage in exports:
+            if name in self.catalog.exports:
+                raise ConfigError(f"export {name!r} is defined twice")
             info = ExportInfo(
                 name=name,
                 size=storage.size,
@@ -146,7 +149,7 @@ class Server:
             self.catalog.add(Export(name, storage, device, info, spec))
         self.connections: set[Connection] = set()
         self.conn_lock = threading.Lock()
-        self.stopping = False
+        self._stop_event = threading.Event()
         self.started_ns = self.clock.now_ns()
         self.listeners: list[socket.socket] = []
         self.addresses: list[str] = []
@@ -157,8 +160,14 @@ class Server:
         self.metrics_server: Any = None
         self.monitor: Any = None
         self.pressure_events: dict[str, int] = {}
+        self.squeeze_latency_ns: collections.deque[int] = collections.deque(maxlen=10_000)
         self.connections_total = 0
         self.connections_refused = 0
+
+    @property
+    def stopping(self) -> bool:
+        """Whether :meth:`stop` has begun."""
+        return self._stop_event.is_set()
 
     # -- start and stop -------------------------------------------------------------------
     def start(self) -> None:
@@ -234,7 +243,7 @@ class Server:
         """Stop accepting, finish in-flight requests, flush storage, close everything."""
         if self.stopping:
             return
-        self.stopping = True
+        self._stop_event.set()
         for lsock in self.listeners:
             with contextlib.suppress(OSError):
                 lsock.shutdown(socket.SHUT_RDWR)
@@ -242,7 +251,7 @@ class Server:
         with self.conn_lock:
             conns = list(self.connections)
         for conn in conns:
-            conn.wake()
+            conn.stop_reading()
         deadline = time.monotonic() + timeout_s
         for conn in conns:
             conn.closed.wait(max(0.0, deadline - time.monotonic()))
@@ -268,14 +277,15 @@ class Server:
 
     # -- connections ----------------------------------------------------------------------
     def _accept_loop(self, lsock: socket.socket) -> None:
-        while not self.stopping:
+        stop = self._stop_event.is_set
+        while not stop():
             try:
                 sock, addr = lsock.accept()
             except OSError:
-                if self.stopping:
+                if stop():
                     return
                 continue
-            if self.stopping:
+            if stop():
                 sock.close()
                 return
             if sock.family != socket.AF_UNIX:
@@ -321,11 +331,19 @@ class Server:
 
     # -- pressure -------------------------------------------------------------------------
     def report_pressure(self, level: PressureLevel, source: str = "manual") -> int:
-        """A pressure report (the backend shrinker's count): tell every device."""
+        """A pressure report (the backend shrinker's count): tell every device.
+
+        With ``squeeze_wake`` on, every ring's pass runs inside this call, so its duration is
+        the time from the report to every pool being at its squeezed target; it is recorded.
+        """
         key = f"{source}:{level.name.lower()}"
         with self.bus_lock:
             self.pressure_events[key] = self.pressure_events.get(key, 0) + 1
-            return self.bus.reclaim_memory(self.clock.now_ns(), level)
+            t0 = self.clock.now_ns()
+            n = self.bus.reclaim_memory(t0, level)
+            if self.params.squeeze_wake:
+                self.squeeze_latency_ns.append(self.clock.now_ns() - t0)
+        return n
 
     # -- stats ----------------------------------------------------------------------------
     def stats(self) -> dict[str, Any]:
@@ -352,10 +370,23 @@ class Server:
             "pressure": {
                 "reports": self.bus.reports,
                 "events": dict(self.pressure_events),
+                "squeeze_latency_ms": _summary_ms(list(self.squeeze_latency_ns)),
                 "monitor": None if self.monitor is None else self.monitor.status(),
             },
         }
         return out
+
+
+def _summary_ms(values_ns: list[int]) -> dict[str, float | int]:
+    """Count, median, p99 and max of durations, in milliseconds."""
+    if not values_ns:
+        return {"count": 0}
+    v = sorted(values_ns)
+
+    def q(f: float) -> float:
+        return v[min(len(v) - 1, int(f * len(v)))] / NS_PER_MS
+
+    return {"count": len(v), "p50": q(0.5), "p99": q(0.99), "max": v[-1] / NS_PER_MS}
 
 
 def _rss_bytes() -> int:
@@ -449,8 +480,11 @@ class ControlServer:
             return server.stats()
         if op == "pressure":
             level = PressureLevel.parse(request.get("level", "critical"))
-            n = server.report_pressure(level, "manual")
-            return {"level": level.name.lower(), "devices": n}
+            if server.monitor is not None:
+                server.monitor.report(level, "manual")  # counted and coalesced like the rest
+            else:
+                server.report_pressure(level, "manual")
+            return {"level": level.name.lower(), "devices": len(server.bus.devices)}
         if op == "pressure-status":
             mon = server.monitor
             return {"monitor": None if mon is None else mon.status()}

@@ -12,13 +12,15 @@ offset and buffer lengths are multiples of 4 KiB tries it first. Checking the bu
 optimistically instead: the kernel rejects a misaligned direct request with EINVAL *before*
 any I/O, and we then redo it through the page cache. The server's buffers are page-aligned
 pool pages, so in practice direct requests succeed. If a filesystem accepts the O_DIRECT
-``open`` but refuses every direct request, direct I/O is switched off after a few refusals.
+``open`` but refuses direct requests whose buffers are aligned (checked, on that rare path
+only), direct I/O is switched off after a few refusals.
 The kernel keeps the two descriptors coherent: a direct read first writes back dirty cached
 pages of its range, a direct write invalidates them.
 """
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import logging
 import os
@@ -86,6 +88,18 @@ def _aligned(offset: int, bufs: list[memoryview]) -> bool:
     return all(len(b) % DIRECT_ALIGN == 0 for b in bufs)
 
 
+def _addresses_aligned(bufs: list[memoryview]) -> bool:
+    """True if every buffer starts on a DIRECT_ALIGN boundary (False if unknowable)."""
+    try:
+        return all(
+            ctypes.addressof(ctypes.c_char.from_buffer(b)) % DIRECT_ALIGN == 0
+            for b in bufs
+            if len(b)
+        )
+    except (TypeError, ValueError):  # read-only buffer: its address is not available
+        return False
+
+
 class FdStorage:
     """Storage over one file descriptor (and optionally a second, O_DIRECT one).
 
@@ -128,6 +142,7 @@ class FdStorage:
         self._can_punch = True
         self._can_zero_range = True
         self._can_allocate = True
+        self._can_seek_data = True
         self._dsync_flag = getattr(os, "RWF_DSYNC", 0) if durable else 0
         self._close_lock = threading.Lock()
         self._closed = False
@@ -149,12 +164,20 @@ class FdStorage:
 
     # -- data path -------------------------------------------------------------------------
 
-    def _run(self, call: IoCall, bufs: list[memoryview], offset: int, what: str) -> None:
+    def _run(
+        self,
+        call: IoCall,
+        bufs: list[memoryview],
+        offset: int,
+        what: str,
+        *,
+        allow_direct: bool = True,
+    ) -> None:
         """Transfer all of ``bufs`` at ``offset`` with ``call`` (``os.preadv``-like).
 
         Loops over short transfers and IOV_MAX-sized slices; goes direct when aligned.
         """
-        direct = self._direct and _aligned(offset, bufs)
+        direct = allow_direct and self._direct and _aligned(offset, bufs)
         while bufs:
             batch = bufs[:IOV_MAX] if len(bufs) > IOV_MAX else bufs
             if direct:
@@ -165,7 +188,7 @@ class FdStorage:
                         raise
                     # Misaligned buffer address, or a filesystem that only pretends to do
                     # O_DIRECT: nothing was transferred, redo it through the page cache.
-                    self._direct_refused()
+                    self._direct_refused(batch)
                     direct = False
                     continue
                 self._direct_ok = True
@@ -178,8 +201,10 @@ class FdStorage:
             if n % DIRECT_ALIGN:
                 direct = False  # the rest starts mid-block
 
-    def _direct_refused(self) -> None:
-        if self._direct_ok:
+    def _direct_refused(self, bufs: list[memoryview]) -> None:
+        # Only a refusal of well-aligned buffers says something about the filesystem; the
+        # (slow) address check runs on this rare path only.
+        if self._direct_ok or not _addresses_aligned(bufs):
             return
         self._direct_refusals += 1
         if self._direct_refusals >= _DIRECT_REFUSALS_BEFORE_GIVING_UP:
@@ -349,7 +374,9 @@ class FdStorage:
         end = offset + length
         while offset < end:
             n = min(_ZERO_CHUNK, end - offset)
-            self._run(os.pwritev, [_ZEROES[:n]], offset, "zero")
+            # Never direct: the shared zero buffer (a bytes object) is not page-aligned, and
+            # its refusals would count against O_DIRECT on a fresh file.
+            self._run(os.pwritev, [_ZEROES[:n]], offset, "zero", allow_direct=False)
             offset += n
 
     # -- hints and metadata ------------------------------------------------------------------
@@ -386,12 +413,20 @@ class FdStorage:
         try:
             # lseek moves the shared file position, which no other call uses: safe.
             while pos < end and len(runs) < MAX_EXTENTS:
+                if not self._can_seek_data:
+                    runs.append((end - pos, 0))
+                    break
                 try:
                     data = os.lseek(self._fd, pos, os.SEEK_DATA)
                 except OSError as exc:
-                    if exc.errno != errno.ENXIO:
+                    if exc.errno == errno.ENXIO:
+                        data = end  # no data from pos to the end of the file
+                    elif exc.errno in (errno.EINVAL, *UNSUPPORTED_ERRNOS):
+                        # Block devices (and some filesystems) have no SEEK_DATA: all data.
+                        self._can_seek_data = False
+                        continue
+                    else:
                         raise
-                    data = end  # no data from pos to the end of the file
                 if data > pos:
                     stop = min(data, end)
                     runs.append((stop - pos, HOLE | ZERO))
@@ -488,6 +523,9 @@ def open_file(path: str, size: int | None, *, readonly: bool, direct: str) -> Fi
             except FileExistsError:
                 fd = os.open(path, flags)
     except FileNotFoundError as exc:
+        parent = os.path.dirname(path) or "."
+        if not os.path.isdir(parent):
+            raise ConfigError(f"file:{path}: directory {parent} does not exist") from exc
         hint = "" if readonly else "; give a size to create it (file:PATH:SIZE)"
         raise ConfigError(f"file:{path}: the file does not exist{hint}") from exc
     except OSError as exc:

@@ -6,13 +6,12 @@ import subprocess
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from pathlib import Path
 
-from support import need_tool, wait_until
+from support import wait_until
 
+from blkback.clients import HOLD_SCRIPT, libnbd_python
 from blkback.server.ctl_command import request
 
-HOLD = str(Path(__file__).resolve().parents[1] / "nbdhold.py")
 MiB = 2**20
 
 
@@ -20,9 +19,8 @@ class Holder:
     """A libnbd process holding connections open."""
 
     def __init__(self, uri: str, n: int) -> None:
-        need_tool("/usr/bin/python3")
         self.proc = subprocess.Popen(
-            ["/usr/bin/python3", HOLD, uri, str(n)],
+            [libnbd_python(), HOLD_SCRIPT, uri, str(n)],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             text=True,
@@ -46,6 +44,8 @@ class Holder:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+        if self.proc.stdout is not None:
+            self.proc.stdout.close()
 
 
 @contextmanager
@@ -66,6 +66,8 @@ def test_pools_grow_trim_and_fall_to_zero_on_param_change(serve) -> None:  # typ
     s = serve("disk=memory:64M", params=("lru_interval_ms=100",))
     with holding(s.uri(), 4) as h:
         assert h.do(f"write {8 * MiB}") == "ok"  # 2048 pages in flight per ring
+        # The reply goes out before the ring puts the pages back and runs its pass.
+        wait_until(lambda: pools(s.control) == [1024] * 4, 1.0, "the post-I/O pass")
         rings = s.rings()
         assert len(rings) == 4
         for r in rings:
@@ -88,7 +90,7 @@ def test_squeeze_wakes_idle_rings_and_lazy_mode_misses_them(serve) -> None:  # t
     s = serve("disk=memory:64M", params=("lru_interval_ms=5000",))
     with holding(s.uri(), 3) as h:
         assert h.do(f"write {2 * MiB}") == "ok"
-        assert pools(s.control) == [512, 512, 512]
+        wait_until(lambda: pools(s.control) == [512, 512, 512], 1.0, "the post-I/O pass")
         s.ctl("set", "squeeze_wake", "0")
         request(s.control, {"op": "pressure", "level": "critical"})
         time.sleep(0.3)
@@ -104,13 +106,14 @@ def test_squeeze_wakes_idle_rings_and_lazy_mode_misses_them(serve) -> None:  # t
         assert all(r["requests"]["pages_squeezed"] == 512 for r in dev["rings"])
         # I/O after the window refills the pool up to the cap again.
         assert h.do(f"write {1 * MiB}") == "ok"
-        assert pools(s.control) == [256, 256, 256]
+        wait_until(lambda: pools(s.control) == [256, 256, 256], 1.0, "refilled pools")
 
 
 def test_duration_zero_keeps_pools(serve) -> None:  # type: ignore[no-untyped-def]
     s = serve("disk=memory:64M", params=("buffer_squeeze_duration_ms=0",))
     with holding(s.uri(), 2) as h:
         assert h.do(f"write {1 * MiB}") == "ok"
+        wait_until(lambda: pools(s.control) == [256, 256], 1.0, "the post-I/O pass")
         request(s.control, {"op": "pressure"})
         time.sleep(0.25)
         assert pools(s.control) == [256, 256]

@@ -159,3 +159,28 @@ def test_snapshot_shape() -> None:
     assert r["pool_pages"] == 2
     assert r["in_flight_pages"] == 0
     assert r["pages_allocated"] == 2
+
+
+def test_woken_passes_are_evaluated_at_the_wake_instant() -> None:
+    """A runner waking 64 rings one by one must not let the window close on the later ones."""
+    clock = ManualClock(0)
+    bus = Bus(Params(squeeze_wake=True))
+    rings = [_ring_with_pool(bus, f"d{i}", 100, clock)[1] for i in range(64)]
+    for r in rings:
+        r.loop_pass(clock.now_ns())
+
+    def slow_runner(ring):  # type: ignore[no-untyped-def]
+        def wake() -> None:
+            clock.advance_ms(1)  # each pass takes 1 ms of real time...
+            assert ring.wake_ns is not None
+            ring.loop_pass(ring.wake_ns, had_io=False, woken=True)  # ...but runs "at" the wake
+
+        return wake
+
+    for r in rings:
+        r.waker = slow_runner(r)
+    report_at = clock.now_ns()
+    bus.reclaim_memory(report_at)
+    assert clock.now_ns() - report_at == 64 * NS_PER_MS  # far past the 10 ms window
+    assert [len(r.pool) for r in rings] == [0] * 64
+    assert all(r.wake_ns is None and r.last_pass_ns == report_at for r in rings)

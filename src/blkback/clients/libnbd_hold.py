@@ -11,13 +11,14 @@ import sys
 
 import nbd
 
-uri, n = sys.argv[1], int(sys.argv[2])
+uris, n = sys.argv[1].split(","), int(sys.argv[2])
 handles = []
-for _ in range(n):
-    h = nbd.NBD()
-    h.set_strict_mode(0)
-    h.connect_uri(uri)
-    handles.append(h)
+for uri in uris:
+    for _ in range(n):
+        h = nbd.NBD()
+        h.set_strict_mode(0)
+        h.connect_uri(uri)
+        handles.append(h)
 print("ready", flush=True)
 for line in sys.stdin:
     words = line.split()

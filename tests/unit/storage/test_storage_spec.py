@@ -1,0 +1,166 @@
+from __future__ import annotations
+
+import pytest
+
+from blkback.errors import ConfigError
+from blkback.storage import (
+    DelayFilter,
+    ErrorFilter,
+    MemoryStorage,
+    NullStorage,
+    RateFilter,
+    describe,
+    open_storage,
+    parse_duration,
+    parse_size,
+    parse_spec,
+)
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("4096", 4096),
+        ("1K", 1024),
+        ("1k", 1024),
+        ("1KB", 1024),
+        ("1KiB", 1024),
+        ("64M", 64 << 20),
+        ("64MiB", 64 << 20),
+        ("1G", 1 << 30),
+        ("2T", 2 << 40),
+        ("1.5G", 3 << 29),
+        ("512B", 512),
+        (" 8 M ", 8 << 20),
+    ],
+)
+def test_parse_size(text, expected):
+    assert parse_size(text) == expected
+
+
+@pytest.mark.parametrize(
+    ("text", "fragment"),
+    [
+        ("", "expected bytes"),
+        ("abc", "expected bytes"),
+        ("-1", "expected bytes"),
+        ("1X", "expected bytes"),
+        ("1.3K", "not a whole number"),
+        ("0.5", "not a whole number"),
+        ("9E", "larger than"),
+    ],
+)
+def test_parse_size_errors(text, fragment):
+    with pytest.raises(ConfigError, match=fragment):
+        parse_size(text)
+
+
+@pytest.mark.parametrize(
+    ("text", "seconds"),
+    [("10ms", 0.01), ("2", 2.0), ("0.5s", 0.5), ("200us", 0.0002), ("5ns", 5e-9)],
+)
+def test_parse_duration(text, seconds):
+    assert parse_duration(text) == pytest.approx(seconds)
+
+
+def test_parse_duration_error():
+    with pytest.raises(ConfigError, match=r"expected e\.g\. 10ms"):
+        parse_duration("10 minutes")
+
+
+def test_backends_and_sizes():
+    assert parse_spec("memory:1G").size == 1 << 30
+    assert parse_spec("null:64M").kind == "null"
+    s = parse_spec("file:/var/tmp/x.img:10G,readonly,direct=off")
+    assert (s.path, s.size, s.readonly, s.direct) == ("/var/tmp/x.img", 10 << 30, True, "off")
+    s = parse_spec("file:/var/tmp/x.img")
+    assert (s.path, s.size) == ("/var/tmp/x.img", None)
+    # a colon that is not followed by a size belongs to the path
+    s = parse_spec("file:/var/tmp/a:b.img")
+    assert (s.path, s.size) == ("/var/tmp/a:b.img", None)
+
+
+def test_filter_stacking_order():
+    st = open_storage("memory:1M,delay=1ms,rate=40M,error=0.5")
+    try:
+        # each filter wraps everything to its left: the last written is outermost
+        assert isinstance(st, ErrorFilter)
+        assert isinstance(st.inner, RateFilter)
+        assert isinstance(st.inner.inner, DelayFilter)
+        assert isinstance(st.inner.inner.inner, MemoryStorage)
+        text = describe(st)
+        assert (
+            text.index("error(")
+            < text.index("rate(")
+            < text.index("delay(")
+            < text.index("memory(")
+        )
+        assert "40 MiB/s" in text
+        assert st.inline is False
+        assert st.inner.inner.inner.inline is True
+    finally:
+        st.close()
+
+
+def test_one_layer_per_family_run_and_repeats_stack():
+    spec = parse_spec("null:1M,delay-read=1ms,delay-write=2ms,rate=1M,delay=3ms,delay=4ms")
+    assert [f.family for f in spec.filters] == ["delay", "rate", "delay", "delay"]
+    st = open_storage("null:1M,delay-read=1ms,delay-write=2ms")
+    assert isinstance(st, DelayFilter)
+    assert (st.read_s, st.write_s) == (0.001, 0.002)
+    assert isinstance(st.inner, NullStorage)
+
+
+def test_error_ops_list_after_commas_and_plus():
+    for spec in (
+        "null:1M,error=0.1,error-ops=read,write,readonly",
+        "null:1M,error=0.1,error-ops=read+write,ro",
+    ):
+        st = open_storage(spec)
+        assert isinstance(st, ErrorFilter)
+        assert st.ops == {"read", "write"}
+        assert st.readonly is True
+    st = open_storage("null:1M,error-range=1M-2M,error-seed=7")
+    assert isinstance(st, ErrorFilter)
+    assert (st.error_range, st.probability, st.seed) == ((1 << 20, 2 << 20), 1.0, 7)
+
+
+def test_rate_with_per_second_suffix():
+    st = open_storage("null:1M,rate=40M/s,rate-burst=1M")
+    assert isinstance(st, RateFilter)
+    assert (st.rate, st.burst) == (40 << 20, 1 << 20)
+
+
+@pytest.mark.parametrize(
+    ("spec", "fragment"),
+    [
+        ("", "expected file:PATH"),
+        ("disk:1G", "expected file:PATH"),
+        ("memory", "expected file:PATH"),
+        ("memory:", "memory: needs a size"),
+        ("null:lots", "bad null size"),
+        ("memory:0", "must be above 0"),
+        ("file:", "file: needs a path"),
+        ("memory:1G,,readonly", "empty option"),
+        ("memory:1G,fast", "unknown option 'fast'"),
+        ("memory:1G,speed=3", "unknown option 'speed'"),
+        ("memory:1G,direct=on", "file: only"),
+        ("file:/x:1G,direct=maybe", "auto, on or off"),
+        ("memory:1G,delay=soon", "bad delay"),
+        ("memory:1G,delay-read=1parsec", "bad delay-read"),
+        ("memory:1G,rate=fast", "bad rate"),
+        ("memory:1G,rate=0", "must be above 0"),
+        ("memory:1G,rate-burst=1M", "needs rate="),
+        ("memory:1G,error=2", "between 0 and 1"),
+        ("memory:1G,error=often", "expected a number"),
+        ("memory:1G,error-range=5", "expected OFFSET-END"),
+        ("memory:1G,error-range=2M-1M", "END must be above"),
+        ("memory:1G,error=0.1,error-ops=read,scribble", "bad error-ops entry 'scribble'"),
+        ("memory:1G,error-ops=read", "need error=P or error-range"),
+        ("memory:1G,error=0.1,error-seed=x", "bad error-seed"),
+    ],
+)
+def test_spec_errors_are_one_clear_config_error(spec, fragment):
+    with pytest.raises(ConfigError, match=fragment) as info:
+        open_storage(spec)
+    assert "\n" not in str(info.value)
