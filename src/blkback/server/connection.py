@@ -209,6 +209,8 @@ class Connection:
         self.max_block = neg.export.max_block
         self.writable = not neg.tflags & TFlag.READ_ONLY
         self.plain_fd = getattr(self.storage, "plain_fd", -1)
+        mem = getattr(self.storage, "mem", None)
+        self.mem: memoryview | None = mem if isinstance(mem, memoryview) else None
         self.allocator = MmapAllocator(
             chunk_pages=server.config.chunk_pages,
             mlock=server.config.mlock,
@@ -301,6 +303,8 @@ class Connection:
         views_of = alloc.views
         reply_batch = self.reply_batch
         plain_fd = self.plain_fd
+        mem = self.mem
+        mark = getattr(self.storage, "mark", None)
         size = self.export_size
         max_block = self.max_block
         writable = self.writable
@@ -318,7 +322,7 @@ class Connection:
             start += REQUEST_SIZE
             fast = (
                 inline
-                and plain_fd >= 0
+                and (plain_fd >= 0 or mem is not None)
                 and not flags
                 and 0 < length <= max_block
                 and offset + length <= size
@@ -335,7 +339,13 @@ class Connection:
                 views = views_of(pages)
                 if length & PAGE_SIZE_MASK:
                     views[-1] = views[-1][: length & PAGE_SIZE_MASK]
-                if os.preadv(plain_fd, views, offset) != length:
+                if mem is not None:
+                    pos = offset
+                    for v in views:
+                        n = len(v)
+                        v[:] = mem[pos : pos + n]
+                        pos += n
+                elif os.preadv(plain_fd, views, offset) != length:
                     self._fill_short_read(views, offset, length)
                 stats.rd_req += 1
                 stats.rd_bytes += length
@@ -370,7 +380,15 @@ class Connection:
                 views = views_of(pages)
                 if length & PAGE_SIZE_MASK:
                     views[-1] = views[-1][: length & PAGE_SIZE_MASK]
-                if os.pwritev(plain_fd, views, offset) != length:
+                if mem is not None:
+                    assert mark is not None
+                    mark(offset, length)
+                    pos = offset
+                    for v in views:
+                        n = len(v)
+                        mem[pos : pos + n] = v
+                        pos += n
+                elif os.pwritev(plain_fd, views, offset) != length:
                     self.storage.pwritev(views, offset, False)  # finish a short write
                 stats.wr_req += 1
                 stats.wr_bytes += length

@@ -473,9 +473,10 @@ class ControlServer:
         if op == "set":
             name = request["name"]
             old = server.params.get(name)
+            # The time just before the value takes effect: no pass can see it earlier.
+            now_ms = server.clock.now_ns() / NS_PER_MS
             value = server.params.set(name, request["value"])
             log.info("parameter %s: %r -> %r", name, old, value)
-            now_ms = server.clock.now_ns() / NS_PER_MS
             return {"name": name, "old": old, "value": value, "now_ms": now_ms}
         if op == "stats":
             return server.stats()
