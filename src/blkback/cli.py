@@ -22,6 +22,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "ctl": ("blkback.server.ctl_command", "parameters, statistics and pressure of a server"),
     "microbench": ("blkback.core.microbench", "measure the page pool's get/put/shrink speed"),
     "pressure": ("blkback.pressure.command", "probe and watch the memory-pressure signals"),
+    "sim": ("blkback.sim.command", "simulate Xen hosts: the seed's experiments, sweeps, fleets"),
+    "bench": ("blkback.bench.command", "benchmark blkback against nbdkit and qemu-nbd with fio"),
 }
 
 

@@ -23,7 +23,14 @@ def serve(tmp_path: Path) -> Iterator[Callable[..., Served]]:
     """Start ``blkback serve`` processes on Unix sockets; all are stopped at the end."""
     started: list[Served] = []
 
-    def start(*exports: str, params: tuple[str, ...] = (), extra: tuple[str, ...] = ()) -> Served:
+    def start(
+        *exports: str,
+        params: tuple[str, ...] = (),
+        extra: tuple[str, ...] = (),
+        pressure: str = "off",
+    ) -> Served:
+        """Serve ``exports``; the kernel pressure monitor is off unless asked for, so that
+        pressure elsewhere on the host cannot squeeze pools under a test's feet."""
         n = len(started)
         sock = str(tmp_path / f"nbd{n}.sock")
         control = str(tmp_path / f"ctl{n}.sock")
@@ -33,7 +40,7 @@ def serve(tmp_path: Path) -> Iterator[Callable[..., Served]]:
             cmd += ["--export", e]
         for p in params:
             cmd += ["--param", p]
-        cmd += list(extra)
+        cmd += ["--pressure", pressure, *extra]
         proc = subprocess.Popen(
             cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=child_env()
         )

@@ -86,6 +86,7 @@ class Ring:
         self.next_stats_ns = now_ns + STATS_INTERVAL_NS
         self._printed = (0, 0, 0, 0)
         self.last_squeeze_free_ns: int | None = None
+        self.last_free_ns: int | None = None  # time of the last pass that freed pages
         self.wake_pending = False
         self.wake_ns: int | None = None
         self.waker: Callable[[], None] | None = None  # set by whoever runs the loop
@@ -149,6 +150,7 @@ class Ring:
         target = self.device.policy.target(self, now_ns)
         freed = self.pool.shrink(target, params.batch_free_pages)
         if freed:
+            self.last_free_ns = now_ns
             # Pages above max_buffer_pages would have gone anyway: only the rest is squeeze.
             trim_floor = params.max_buffer_pages
             if target < trim_floor:
@@ -217,5 +219,7 @@ class Ring:
             "pages_freed": c.pages_freed,
             "hits": c.hits,
             "misses": c.misses,
+            "last_pass_ms": self.last_pass_ns / NS_PER_MS,
+            "last_free_ms": None if self.last_free_ns is None else self.last_free_ns / NS_PER_MS,
             "requests": self.stats.as_dict(),
         }

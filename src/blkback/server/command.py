@@ -5,7 +5,8 @@ With no arguments: one 1 GiB in-memory export named ``disk`` on 127.0.0.1:10809
 ``blkback ctl``.
 
 Export specs (``--export NAME=SPEC``):
-  memory:SIZE              sparse RAM disk (pages allocated on first write)
+  memory:SIZE              sparse RAM disk in the server's memory (pages on first write)
+  memfd:SIZE               the same in a memfd (shmem; every access is a syscall)
   file:PATH[:SIZE]         a file (created sparse at SIZE if missing) or block device
   null:SIZE                writes discarded, reads zero: an emulated remote volume
 followed by options: ``,readonly``, and filters stacked in order, like nbdkit's:

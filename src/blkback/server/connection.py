@@ -42,7 +42,16 @@ from typing import TYPE_CHECKING
 from blkback.core.pages import PAGE_SIZE, MmapAllocator
 from blkback.core.ring import Ring
 from blkback.errors import ProtocolError, RequestError
-from blkback.protocol.constants import REQUEST_MAGIC, Cmd, CmdFlag
+from blkback.protocol.constants import (
+    REQUEST_MAGIC,
+    SIMPLE_REPLY_MAGIC,
+    STRUCTURED_REPLY_MAGIC,
+    Cmd,
+    CmdFlag,
+    ReplyFlag,
+    ReplyType,
+    TFlag,
+)
 from blkback.protocol.handshake import HandshakeState, Negotiated, ServerHandshake
 from blkback.protocol.transmission import REQUEST, REQUEST_SIZE, Transmission
 from blkback.server.tls import TlsSocket, start_tls
@@ -54,6 +63,10 @@ if TYPE_CHECKING:
 log = logging.getLogger("blkback.connection")
 
 STAGING_BYTES = 256 * 1024
+PAGE_SHIFT = 12
+PAGE_SIZE_MASK = PAGE_SIZE - 1
+_SIMPLE = struct.Struct(">IIQ")
+_OFFSET_DATA = struct.Struct(">IHHQIQ")  # structured chunk header (DONE, OFFSET_DATA) + offset
 IOV_MAX = 1024
 MAX_SEND_BYTES = 1 << 30
 
@@ -65,6 +78,8 @@ C_TRIM = int(Cmd.TRIM)
 C_CACHE = int(Cmd.CACHE)
 C_ZEROES = int(Cmd.WRITE_ZEROES)
 C_BLOCK_STATUS = int(Cmd.BLOCK_STATUS)
+R_DONE = int(ReplyFlag.DONE)
+R_OFFSET_DATA = int(ReplyType.OFFSET_DATA)
 F_FUA = int(CmdFlag.FUA)
 F_NO_HOLE = int(CmdFlag.NO_HOLE)
 F_FAST_ZERO = int(CmdFlag.FAST_ZERO)
@@ -248,6 +263,12 @@ class Connection:
         self.structured = neg.structured_replies
         self.contexts = sorted(neg.meta_contexts)
         self.max_payload = self.codec.max_write_payload
+        self.export_size = neg.export.size
+        self.max_block = neg.export.max_block
+        self.writable = not neg.tflags & TFlag.READ_ONLY
+        self.plain_fd = getattr(self.storage, "plain_fd", -1)
+        mem = getattr(self.storage, "mem", None)
+        self.mem: memoryview | None = mem if isinstance(mem, memoryview) else None
         self.allocator = MmapAllocator(
             chunk_pages=server.config.chunk_pages,
             mlock=server.config.mlock,
@@ -323,8 +344,11 @@ class Connection:
     def _batch(self, view: memoryview, start: int, end: int) -> int:
         """Handle every complete request in ``view[start:end]``; return the new start.
 
-        Replies of inline requests are gathered and sent together; their pages go back to
-        the pool after the send.
+        The common requests (READ and WRITE without flags, inside the export, on storage
+        that is a plain descriptor) take a fast path that skips the second validation and
+        the storage layer's own checks; everything else goes through ``Transmission.check``
+        and ``_execute``. Replies go out every ``reply_batch`` buffers; pages go back to the
+        pool right after their reply is sent.
         """
         ring = self.ring
         alloc = self.allocator
@@ -332,66 +356,115 @@ class Connection:
         codec = self.codec
         stats = ring.stats
         inline = self.storage.inline
+        lock = self.ring_lock
+        get_pages = ring.get_pages
+        views_of = alloc.views
+        reply_batch = self.reply_batch
+        plain_fd = self.plain_fd
+        mem = self.mem
+        mark = getattr(self.storage, "mark", None)
+        size = self.export_size
+        max_block = self.max_block
+        writable = self.writable
+        structured = self.structured
+        unpack = REQUEST.unpack_from
+        simple = _SIMPLE.pack
+        offset_data = _OFFSET_DATA.pack
+        now = self.server.clock.now_ns()
         out: list[bytes | memoryview] = []
         held: list[int] = []
-        now = self.server.clock.now_ns
         while end - start >= REQUEST_SIZE:
-            magic, flags, cmd, cookie, offset, length = REQUEST.unpack_from(view, start)
+            magic, flags, cmd, cookie, offset, length = unpack(view, start)
             if magic != REQUEST_MAGIC:
                 raise ProtocolError(f"bad request magic 0x{magic:08x}")
             start += REQUEST_SIZE
-            pages: list[int] = []
-            try:
-                if cmd == C_WRITE:
-                    try:
-                        codec.check(flags, cmd, offset, length)
-                    except RequestError:
-                        start = self._discard_payload(view, start, end, length)
-                        end = max(end, start)
-                        raise
-                    with self.ring_lock:
-                        pages = ring.get_pages((length + PAGE_SIZE - 1) // PAGE_SIZE, now())
-                    start = self._receive_payload(view, start, end, length, pages)
-                    end = max(end, start)
+            fast = (
+                inline
+                and (plain_fd >= 0 or mem is not None)
+                and not flags
+                and 0 < length <= max_block
+                and offset + length <= size
+            )
+            if fast and cmd == C_READ:
+                npages = (length + PAGE_SIZE_MASK) >> PAGE_SHIFT
+                try:
+                    with lock:
+                        pages = get_pages(npages, now)
+                except MemoryError:
+                    stats.errors += 1
+                    out.append(codec.error_reply(cookie, errno.ENOMEM, "out of memory"))
+                    self._alloc_backoff()
+                    continue
+                views = views_of(pages)
+                if length & PAGE_SIZE_MASK:
+                    views[-1] = views[-1][: length & PAGE_SIZE_MASK]
+                if mem is not None:
+                    pos = offset
+                    for v in views:
+                        n = len(v)
+                        v[:] = mem[pos : pos + n]
+                        pos += n
+                elif os.preadv(plain_fd, views, offset) != length:
+                    self._fill_short_read(views, offset, length)
+                stats.rd_req += 1
+                stats.rd_bytes += length
+                if structured:
+                    out.append(
+                        offset_data(
+                            STRUCTURED_REPLY_MAGIC,
+                            R_DONE,
+                            R_OFFSET_DATA,
+                            cookie,
+                            length + 8,
+                            offset,
+                        )
+                    )
                 else:
-                    codec.check(flags, cmd, offset, length)
-                    if cmd == C_DISC:
-                        self._send(out)
-                        self._return(held)
-                        self._drain_workers()
-                        raise Disconnect
-                    if cmd == C_READ:
-                        with self.ring_lock:
-                            pages = ring.get_pages((length + PAGE_SIZE - 1) // PAGE_SIZE, now())
-            except RequestError as exc:
-                stats.errors += 1
-                out.append(codec.error_reply(cookie, exc.errno, str(exc)))
-                continue
-            except MemoryError:
-                # The pool could not grow: fail this request as the kernel does (the ring's
-                # batch was already returned to the pool by get_many).
-                stats.errors += 1
-                if cmd == C_WRITE:
+                    out.append(simple(SIMPLE_REPLY_MAGIC, 0, cookie))
+                out.extend(views)
+                held.extend(pages)
+            elif fast and cmd == C_WRITE and writable:
+                npages = (length + PAGE_SIZE_MASK) >> PAGE_SHIFT
+                try:
+                    with lock:
+                        pages = get_pages(npages, now)
+                except MemoryError:
+                    stats.errors += 1
                     start = self._discard_payload(view, start, end, length)
                     end = max(end, start)
-                out.append(codec.error_reply(cookie, errno.ENOMEM, "out of memory for buffers"))
-                self._alloc_backoff()
-                continue
-            if inline:
-                out.extend(self._execute(flags, cmd, cookie, offset, length, pages))
+                    out.append(codec.error_reply(cookie, errno.ENOMEM, "out of memory"))
+                    self._alloc_backoff()
+                    continue
+                start = self._receive_payload(view, start, end, length, pages)
+                end = max(end, start)
+                views = views_of(pages)
+                if length & PAGE_SIZE_MASK:
+                    views[-1] = views[-1][: length & PAGE_SIZE_MASK]
+                if mem is not None:
+                    assert mark is not None
+                    mark(offset, length)
+                    pos = offset
+                    for v in views:
+                        n = len(v)
+                        mem[pos : pos + n] = v
+                        pos += n
+                elif os.pwritev(plain_fd, views, offset) != length:
+                    self.storage.pwritev(views, offset, False)  # finish a short write
+                stats.wr_req += 1
+                stats.wr_bytes += length
+                out.append(simple(SIMPLE_REPLY_MAGIC, 0, cookie))
                 held.extend(pages)
-                if len(out) >= self.reply_batch:
-                    self._send(out)
-                    out = []
-                    self._return(held)
-                    held = []
             else:
-                if out:
-                    self._send(out)
-                    out = []
-                    self._return(held)
+                start, end = self._slow_request(
+                    view, start, end, flags, cmd, cookie, offset, length, out, held
+                )
+            if len(out) >= reply_batch:
+                self._send(out)
+                out = []
+                if held:
+                    with lock:
+                        ring.put_pages(held)
                     held = []
-                self._submit((flags, cmd, cookie, offset, length, pages))
         self._send(out)
         self._return(held)
         return start
@@ -417,6 +490,79 @@ class Connection:
                 ring.stats.extra.get("alloc_backoff_ms", 0) + self._alloc_backoff_ns // 1_000_000
             )
         time.sleep(self._alloc_backoff_ns / 1e9)
+
+    def _fill_short_read(self, views: list[memoryview], offset: int, length: int) -> None:
+        """A plain read came back short: redo it through the storage layer (which loops)."""
+        self.storage.preadv(views, offset)
+
+    def _slow_request(
+        self,
+        view: memoryview,
+        start: int,
+        end: int,
+        flags: int,
+        cmd: int,
+        cookie: int,
+        offset: int,
+        length: int,
+        out: list[bytes | memoryview],
+        held: list[int],
+    ) -> tuple[int, int]:
+        """Any request the fast path does not take: validated by the codec, run by
+        ``_execute`` inline or by a worker. Returns the new staging ``(start, end)``."""
+        ring = self.ring
+        assert ring is not None
+        codec = self.codec
+        stats = ring.stats
+        pages: list[int] = []
+        now = self.server.clock.now_ns()
+        try:
+            if cmd == C_WRITE:
+                try:
+                    codec.check(flags, cmd, offset, length)
+                except RequestError:
+                    start = self._discard_payload(view, start, end, length)
+                    raise
+                with self.ring_lock:
+                    pages = ring.get_pages((length + PAGE_SIZE_MASK) >> PAGE_SHIFT, now)
+                start = self._receive_payload(view, start, end, length, pages)
+            else:
+                codec.check(flags, cmd, offset, length)
+                if cmd == C_DISC:
+                    self._send(out)
+                    out.clear()
+                    self._return(held)
+                    held.clear()
+                    self._drain_workers()
+                    raise Disconnect
+                if cmd == C_READ:
+                    with self.ring_lock:
+                        pages = ring.get_pages((length + PAGE_SIZE_MASK) >> PAGE_SHIFT, now)
+        except RequestError as exc:
+            stats.errors += 1
+            out.append(codec.error_reply(cookie, exc.errno, str(exc)))
+            return start, max(end, start)
+        except MemoryError:
+            # The pool could not grow: fail this request as the kernel does (the pages
+            # gathered so far already went back to the pool in get_many).
+            stats.errors += 1
+            if cmd == C_WRITE:
+                start = self._discard_payload(view, start, end, length)
+            out.append(codec.error_reply(cookie, errno.ENOMEM, "out of memory for buffers"))
+            self._alloc_backoff()
+            return start, max(end, start)
+        end = max(end, start)
+        if self.storage.inline:
+            out.extend(self._execute(flags, cmd, cookie, offset, length, pages))
+            held.extend(pages)
+        else:
+            if out:
+                self._send(out)
+                out.clear()
+                self._return(held)
+                held.clear()
+            self._submit((flags, cmd, cookie, offset, length, pages))
+        return start, end
 
     def _return(self, pages: list[int]) -> None:
         if pages:

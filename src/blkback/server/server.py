@@ -490,9 +490,11 @@ class ControlServer:
         if op == "set":
             name = request["name"]
             old = server.params.get(name)
+            # The time just before the value takes effect: no pass can see it earlier.
+            now_ms = server.clock.now_ns() / NS_PER_MS
             value = server.params.set(name, request["value"])
             log.info("parameter %s: %r -> %r", name, old, value)
-            return {"name": name, "old": old, "value": value}
+            return {"name": name, "old": old, "value": value, "now_ms": now_ms}
         if op == "stats":
             return server.stats()
         if op == "pressure":

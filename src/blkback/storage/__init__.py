@@ -10,6 +10,7 @@ network-backed volumes. :func:`open_storage` builds a stack from a spec string s
 
 from __future__ import annotations
 
+from .anon import AnonMemoryStorage
 from .base import HOLE, ZERO, Storage
 from .fd import FileStorage, MemoryStorage, open_file
 from .filters import DelayFilter, ErrorFilter, RateFilter, StorageFilter
@@ -19,6 +20,7 @@ from .spec import StorageSpec, describe, open_storage, parse_duration, parse_siz
 __all__ = [
     "HOLE",
     "ZERO",
+    "AnonMemoryStorage",
     "DelayFilter",
     "ErrorFilter",
     "FileStorage",

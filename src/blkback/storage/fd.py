@@ -594,6 +594,12 @@ class MemoryStorage(FdStorage):
 
     kind = "memory"
 
+    @property
+    def plain_fd(self) -> int:
+        """A descriptor on which plain ``preadv``/``pwritev`` within the size are the whole
+        read and write (no O_DIRECT, no sync): the server's fast path uses it directly."""
+        return self._fd
+
     def __init__(self, size: int, *, readonly: bool = False) -> None:
         """Create the memfd.
 

@@ -32,6 +32,7 @@ from typing import Final
 
 from blkback.errors import ConfigError
 
+from .anon import AnonMemoryStorage
 from .base import MAX_SIZE, Storage
 from .fd import MemoryStorage, open_file
 from .filters import OPS, DelayFilter, ErrorFilter, RateFilter
@@ -57,7 +58,7 @@ _FILTER_KEYS: Final = {
     "error-seed": "error",
 }
 _LIST_KEYS: Final = {"error-ops"}
-_KINDS: Final = ("file", "memory", "null")
+_KINDS: Final = ("file", "memory", "memfd", "null")
 
 
 def parse_size(text: str, what: str = "size") -> int:
@@ -179,7 +180,8 @@ def parse_spec(spec: str) -> StorageSpec:
     kind = kind.strip().lower()
     if not sep or kind not in _KINDS:
         raise ConfigError(
-            f"bad storage spec {spec!r}: expected file:PATH[:SIZE], memory:SIZE or null:SIZE"
+            f"bad storage spec {spec!r}: expected file:PATH[:SIZE], memory:SIZE, "
+            "memfd:SIZE or null:SIZE"
         )
     path: str | None = None
     size: int | None
@@ -301,6 +303,9 @@ def build_storage(parsed: StorageSpec) -> Storage:
             parsed.path, parsed.size, readonly=parsed.readonly, direct=parsed.direct
         )
     elif parsed.kind == "memory":
+        assert parsed.size is not None
+        backend = AnonMemoryStorage(parsed.size, readonly=parsed.readonly)
+    elif parsed.kind == "memfd":
         assert parsed.size is not None
         backend = MemoryStorage(parsed.size, readonly=parsed.readonly)
     else:

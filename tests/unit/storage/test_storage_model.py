@@ -10,7 +10,15 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from storage_helpers import PAGE, page_buffers
 
-from blkback.storage import HOLE, ZERO, MemoryStorage, NullStorage, Storage, open_file
+from blkback.storage import (
+    HOLE,
+    ZERO,
+    AnonMemoryStorage,
+    MemoryStorage,
+    NullStorage,
+    Storage,
+    open_file,
+)
 
 SIZE = 64 * 1024 + 1000  # not a multiple of the page size on purpose
 
@@ -133,7 +141,8 @@ def _file_factory(directory: str) -> Callable[[], Storage]:
     return make
 
 
-test_model_memory = model_test(lambda: MemoryStorage(SIZE))
+test_model_memfd = model_test(lambda: MemoryStorage(SIZE))
+test_model_memory = model_test(lambda: AnonMemoryStorage(SIZE))
 test_model_null = model_test(lambda: NullStorage(SIZE), null=True)
 test_model_file_ext4 = model_test(_file_factory(tempfile.gettempdir()))
 test_model_file_tmpfs = model_test(_file_factory("/dev/shm"))

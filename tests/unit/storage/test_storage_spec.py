@@ -4,9 +4,9 @@ import pytest
 
 from blkback.errors import ConfigError
 from blkback.storage import (
+    AnonMemoryStorage,
     DelayFilter,
     ErrorFilter,
-    MemoryStorage,
     NullStorage,
     RateFilter,
     describe,
@@ -87,7 +87,7 @@ def test_filter_stacking_order():
         assert isinstance(st, ErrorFilter)
         assert isinstance(st.inner, RateFilter)
         assert isinstance(st.inner.inner, DelayFilter)
-        assert isinstance(st.inner.inner.inner, MemoryStorage)
+        assert isinstance(st.inner.inner.inner, AnonMemoryStorage)
         text = describe(st)
         assert (
             text.index("error(")

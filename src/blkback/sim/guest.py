@@ -1,0 +1,380 @@
+"""Guests: blkfront rings, their workloads and the backing network volumes.
+
+One :class:`Disk` is one ring of one virtual disk: the blkfront side (a queue of at most
+``queue_depth`` requests, ``32 x ring_pages`` slots), the backend side (the core
+:class:`~blkback.core.ring.Ring`: pages per request from its pool, the loop pass), and the
+volume behind it.
+
+**Requests.** A request carries up to 11 segments directly, or up to
+``max_indirect_segments`` (Linux blkfront: 32; blkback accepts 256) through indirect
+descriptor pages (one page per 512 segments). The backend takes one pool page per segment
+plus the indirect pages, and puts the indirect pages back as soon as it has parsed them.
+
+**Batching.** Guest I/O is handled in ticks of at most ``io_quantum_ms``: a tick completes every
+request whose completion time has come (its pages go back to the pool), then the frontend
+fills its free slots and the backend maps them (``get_pages``) and runs its loop pass
+(``loop_pass(had_io=True)``), as ``xen_blkif_schedule`` does after ``do_block_io_op``. A tick
+that only completes requests runs no pass: in the kernel completions do not wake the ring
+thread. The quantum trades event count against timing detail; it stays below the squeeze
+window it is compared with.
+
+**Backend CPU.** Per ring, a serial CPU: mapping costs ``map_ns`` per segment, a fresh page
+(pool miss) ``alloc_ns`` more, and each page the pass frees ``free_ns``. A request reaches the
+volume when its mapping is done.
+
+**Volume.** A FIFO server per disk: ``bytes / bandwidth`` of transfer after the previous
+request, plus a fixed latency (a network volume). An optional burst credit lets the first
+``burst_mb`` go at ``burst_mbps``.
+"""
+
+from __future__ import annotations
+
+import random
+from collections import deque
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from blkback.core.clock import NS_PER_MS, NS_PER_S
+from blkback.core.pages import PAGE_SIZE
+from blkback.core.ring import Ring
+
+if TYPE_CHECKING:
+    from blkback.sim.engine import EventLoop
+
+SEGS_DIRECT = 11
+SEGS_PER_INDIRECT_PAGE = 512
+
+
+@dataclass(slots=True)
+class VolumeConfig:
+    """A backing volume: sustained bandwidth, latency and an optional initial burst."""
+
+    mbps: float = 38.7  # MB/s (10^6 B/s), the seed's dd rate
+    latency_ms: float = 1.0
+    burst_mb: float = 0.0
+    burst_mbps: float = 400.0
+
+
+@dataclass(slots=True)
+class WorkloadConfig:
+    """What the guest does with one disk."""
+
+    kind: str = "bursty"  # "dd", "bursty", "random", "idle"
+    # dd: the seed's loop of dd if=/dev/zero bs=4k count=131072; sync
+    dd_bytes: int = 512 * 2**20
+    dd_runs: int = 5
+    # bursty writers: bursts of sequential writes at full speed, exponential sizes and gaps
+    burst_mean_mb: float = 48.0
+    gap_mean_s: float = 4.0
+    start_spread_s: float = 4.0
+    # random I/O: requests at a mean rate (IOPS), 1..random_max_segments pages each
+    iops: float = 200.0
+    random_max_segments: int = 32
+
+
+@dataclass(slots=True)
+class CpuCost:
+    """Backend CPU per page: grant map, fresh page allocation, page free."""
+
+    map_ns: int = 400
+    alloc_ns: int = 2500
+    free_ns: int = 1500
+
+
+@dataclass(slots=True)
+class DiskStats:
+    bytes_done: int = 0
+    requests: int = 0
+    failed_submits: int = 0
+    dd_runs: list[tuple[int, int]] = field(default_factory=list)  # (start_ns, end_ns)
+
+
+class Disk:
+    """One ring of one virtual disk: frontend queue, backend ring, volume, workload."""
+
+    __slots__ = (
+        "busy",
+        "cost",
+        "cpu_free",
+        "dd_done_runs",
+        "dd_left",
+        "dd_start",
+        "inflight",
+        "label",
+        "loop",
+        "max_segs",
+        "next_arrival",
+        "quantum",
+        "queue_depth",
+        "rate_carry",
+        "remaining",
+        "ring",
+        "rng",
+        "stats",
+        "tick_at",
+        "vol",
+        "vol_burst",
+        "vol_burst_ns_per_byte",
+        "vol_free",
+        "vol_lat",
+        "vol_ns_per_byte",
+        "wl",
+    )
+
+    def __init__(
+        self,
+        label: str,
+        ring: Ring,
+        loop: EventLoop,
+        rng: random.Random,
+        *,
+        volume: VolumeConfig,
+        workload: WorkloadConfig,
+        cost: CpuCost,
+        queue_depth: int,
+        max_segs: int,
+        quantum_ms: float,
+    ) -> None:
+        self.label = label
+        self.ring = ring
+        self.loop = loop
+        self.rng = rng
+        self.vol = volume
+        self.wl = workload
+        self.cost = cost
+        self.queue_depth = queue_depth
+        self.max_segs = max_segs
+        self.quantum = max(1, int(quantum_ms * NS_PER_MS))
+        self.inflight: deque[tuple[int, list[int], int]] = deque()
+        self.cpu_free = 0
+        self.vol_free = 0
+        self.vol_ns_per_byte = NS_PER_S / (volume.mbps * 1e6)
+        self.vol_burst_ns_per_byte = NS_PER_S / (volume.burst_mbps * 1e6)
+        self.vol_burst = int(volume.burst_mb * 1e6)
+        self.vol_lat = int(volume.latency_ms * NS_PER_MS)
+        self.stats = DiskStats()
+        self.remaining = 0  # bytes the current burst / dd run still has to issue
+        self.busy = False
+        self.tick_at = -1
+        self.rate_carry = 0.0
+        self.next_arrival = 0
+        self.dd_left = 0
+        self.dd_start = 0
+        self.dd_done_runs = 0
+
+    # -- workload ---------------------------------------------------------------------------
+    def start(self) -> None:
+        """Schedule the workload's first activity."""
+        kind = self.wl.kind
+        if kind == "dd":
+            self.loop.at(0, _begin_burst, self)
+        elif kind == "bursty":
+            self.loop.at(
+                int(self.rng.uniform(0, self.wl.start_spread_s) * NS_PER_S), _begin_burst, self
+            )
+        elif kind == "random":
+            self.loop.at(int(self.rng.uniform(0, 0.01) * NS_PER_S), _random_tick, self)
+        elif kind != "idle":
+            raise ValueError(f"unknown workload {kind!r}")
+
+    def begin_burst(self, now: int) -> None:
+        if self.wl.kind == "dd":
+            self.remaining = self.wl.dd_bytes
+            self.dd_start = now
+        else:
+            mean = self.wl.burst_mean_mb * 2**20
+            self.remaining = max(
+                PAGE_SIZE, int(self.rng.expovariate(1.0 / mean)) // PAGE_SIZE * PAGE_SIZE
+            )
+        self.busy = True
+        self.schedule_tick(now)
+
+    def burst_done(self, now: int) -> None:
+        """All of the burst's requests completed."""
+        self.busy = False
+        if self.wl.kind == "dd":
+            self.stats.dd_runs.append((self.dd_start, now))
+            self.dd_done_runs += 1
+            if self.dd_done_runs < self.wl.dd_runs:
+                # sync: one flush request, no data pages, one volume round trip
+                self.loop.at(now + self.vol_lat, _begin_burst, self)
+        else:
+            gap = self.rng.expovariate(1.0 / self.wl.gap_mean_s)
+            self.loop.at(now + int(gap * NS_PER_S), _begin_burst, self)
+
+    # -- I/O ticks --------------------------------------------------------------------------
+    def schedule_tick(self, when: int) -> None:
+        if self.tick_at >= 0 and self.tick_at <= when:
+            return  # an earlier (or equal) tick is already queued
+        self.tick_at = when
+        self.loop.at(when, _tick, self)
+
+    def tick(self, now: int) -> None:
+        if now != self.tick_at:
+            return  # superseded by an earlier tick
+        self.tick_at = -1
+        ring = self.ring
+        inflight = self.inflight
+        # 1. completions: pages back to the pool (the end_io callback), no loop pass
+        if inflight and inflight[0][0] <= now:
+            returned: list[int] = []
+            nbytes = 0
+            while inflight and inflight[0][0] <= now:
+                _t, pages, n = inflight.popleft()
+                returned += pages
+                nbytes += n
+            ring.put_pages(returned)
+            self.stats.bytes_done += nbytes
+        # 2. the frontend fills free slots; the backend maps them and runs its pass
+        submitted = 0
+        slots = self.queue_depth - len(inflight)
+        if slots > 0 and self.remaining > 0:
+            submitted = self._submit_stream(now, slots)
+        if submitted:
+            freed = ring.loop_pass(now, had_io=True)
+            if freed:
+                self.cpu_free = max(self.cpu_free, now) + freed * self.cost.free_ns
+        # 3. next tick
+        if inflight:
+            nxt = inflight[0][0]
+            if self.remaining > 0 and nxt < now + self.quantum:
+                # wait a quantum, or until half the queue has completed if that is sooner
+                half = inflight[min(len(inflight), self.queue_depth // 2) - 1][0]
+                nxt = max(nxt, min(now + self.quantum, half))
+            self.schedule_tick(max(nxt, now + 1))
+        elif self.remaining > 0:
+            self.schedule_tick(now + self.quantum)  # allocation failed: back off and retry
+        elif self.busy:
+            self.burst_done(now)
+
+    def _submit_stream(self, now: int, slots: int) -> int:
+        """Submit up to ``slots`` requests of the current stream; return how many went in.
+
+        The requests of one tick are mapped with one ``get_pages`` call (the pool hands out
+        pages exactly as one call per request would); if that allocation fails, requests go
+        one by one until one fails, as ``xen_blkbk_map`` fails a single request.
+        """
+        max_bytes = self.max_segs * PAGE_SIZE
+        ind_per_req = (
+            0 if self.max_segs <= SEGS_DIRECT else -(-self.max_segs // SEGS_PER_INDIRECT_PAGE)
+        )
+        sizes: list[int] = []
+        remaining = self.remaining
+        while len(sizes) < slots and remaining > 0:
+            nbytes = max_bytes if remaining >= max_bytes else remaining
+            sizes.append(nbytes)
+            remaining -= nbytes
+        try:
+            return self._map_batch(now, sizes, ind_per_req)
+        except MemoryError:
+            n = 0
+            for nbytes in sizes:
+                try:
+                    n += self._map_batch(now, [nbytes], ind_per_req)
+                except MemoryError:
+                    self.stats.failed_submits += 1
+                    break
+            return n
+
+    def _map_batch(
+        self, now: int, sizes: list[int], ind_per_req: int, *, stream: bool = True
+    ) -> int:
+        ring = self.ring
+        pool = ring.pool
+        total = 0
+        for nb in sizes:
+            segs = -(-nb // PAGE_SIZE)
+            total += segs + ind_per_req if segs > SEGS_DIRECT else segs
+        misses = pool.misses
+        pages = ring.get_pages(total, now)  # on MemoryError the pages taken are back in the pool
+        cost = self.cost
+        map_ns = cost.map_ns
+        cpu = max(self.cpu_free, now) + (pool.misses - misses) * cost.alloc_ns
+        vol_free = self.vol_free
+        lat = self.vol_lat
+        ns_per_byte = self.vol_ns_per_byte
+        append = self.inflight.append
+        indirect: list[int] = []
+        off = 0
+        for nbytes in sizes:
+            segs = -(-nbytes // PAGE_SIZE)
+            end = off + segs
+            req = pages[off:end]
+            if ind_per_req and segs > SEGS_DIRECT:
+                indirect += pages[end : end + ind_per_req]
+                off = end + ind_per_req
+            else:
+                off = end
+            cpu += segs * map_ns
+            start = cpu if cpu > vol_free else vol_free
+            if self.vol_burst > 0:
+                self.vol_burst -= nbytes
+                vol_free = start + int(nbytes * self.vol_burst_ns_per_byte)
+            else:
+                vol_free = start + int(nbytes * ns_per_byte)
+            append((vol_free + lat, req, nbytes))
+        if stream:
+            self.remaining -= sum(sizes)
+        if indirect:
+            ring.put_pages(indirect)  # parsed: the indirect descriptor pages go back at once
+        self.cpu_free = cpu
+        self.vol_free = vol_free
+        self.stats.requests += len(sizes)
+        return len(sizes)
+
+    # -- random I/O -------------------------------------------------------------------------
+    def random_tick(self, now: int) -> None:
+        """Random I/O at a mean rate, sizes uniform in 1..``random_max_segments`` pages.
+
+        Arrivals are counted per quantum (the rate jittered by +-50 %); requests that find
+        the queue full wait for the next quantum. The queue's occupancy, and so the pages in
+        flight, fluctuates: the pool holds the difference up to ``max_buffer_pages``.
+        """
+        ring = self.ring
+        inflight = self.inflight
+        if inflight and inflight[0][0] <= now:
+            returned: list[int] = []
+            while inflight and inflight[0][0] <= now:
+                _t, pages, nbytes = inflight.popleft()
+                returned += pages
+                self.stats.bytes_done += nbytes
+            ring.put_pages(returned)
+        rng = self.rng
+        self.rate_carry += self.wl.iops * self.quantum / NS_PER_S * rng.uniform(0.5, 1.5)
+        k = min(int(self.rate_carry), self.queue_depth - len(inflight))
+        if k > 0:
+            self.rate_carry -= k
+            top = max(1, min(self.wl.random_max_segments, self.max_segs))
+            sizes = [rng.randint(1, top) * PAGE_SIZE for _ in range(k)]
+            ind = 0 if self.max_segs <= SEGS_DIRECT else -(-self.max_segs // SEGS_PER_INDIRECT_PAGE)
+            try:
+                n = self._map_batch(now, sizes, ind, stream=False)
+            except MemoryError:
+                self.stats.failed_submits += 1
+                n = 0
+            if n:
+                freed = ring.loop_pass(now, had_io=True)
+                if freed:
+                    self.cpu_free = max(self.cpu_free, now) + freed * self.cost.free_ns
+        self.loop.at(now + self.quantum, _random_tick, self)
+
+    def drain(self) -> None:
+        """Complete everything in flight at once (end of a run): pages back to the pool."""
+        while self.inflight:
+            _t, pages, _n = self.inflight.popleft()
+            self.ring.put_pages(pages)
+
+    def in_flight_pages(self) -> int:
+        return sum(len(p) for _t, p, _n in self.inflight)
+
+
+def _begin_burst(disk: Disk, now: int) -> None:
+    disk.begin_burst(now)
+
+
+def _tick(disk: Disk, now: int) -> None:
+    disk.tick(now)
+
+
+def _random_tick(disk: Disk, now: int) -> None:
+    disk.random_tick(now)

@@ -1,0 +1,331 @@
+"""The backend host ("dom0"): RAM, reclaim with watermarks, kswapd, direct reclaim and swap.
+
+Memory is counted in 4 KiB pages, as integers, never as page objects:
+
+``used = fixed + file + anon resident + pool pages (blkback's, in pools and in flight)``
+
+* **fixed**: kernel, slab, Xen tools and everything else that is neither reclaimable nor
+  blkback's.
+* **file**: page cache. Reclaim takes it first (clean pages, no I/O, no pswpout) down to a
+  floor (the file working set, which would refault at once below it).
+* **anon**: each dom0 process has a working set split in a hot part and a cold part, each with
+  a resident and a swapped count. The anonymous LRU is modelled by its order, not its
+  entries: reclaim evicts cold (inactive) pages first, across processes in proportion to
+  their cold resident pages, then hot (active) ones. Every evicted page is one pswpout. A
+  process touches its pages at a rate per part; a touch of a swapped page is a major fault:
+  one pswpin, and one free page is needed (which may itself enter direct reclaim). Faults are
+  accounted every ``mem_tick_ms`` from the expected count (fractions carried over).
+* **pool pages** are Xen ballooned frames taken from dom0: they occupy RAM and can never be
+  swapped. :class:`HostAllocator` (a :class:`~blkback.core.pages.CountingAllocator`) charges
+  every page the pools allocate and credits every page they free.
+
+Watermarks as in Linux (``mm/page_alloc.c``): ``min`` from ``min_free_kbytes`` (default
+``sqrt(16 * RAM_KiB)``), ``low = min + max(min/4, RAM * watermark_scale_factor / 10000)``,
+``high = low + (low - min)``. An allocation that would leave fewer than ``low`` free pages wakes
+kswapd; one that would leave fewer than ``min`` runs direct reclaim first and fails with
+MemoryError when nothing can be reclaimed. kswapd reclaims in steps of ``SWAP_CLUSTER_MAX``
+(32) pages until ``high`` is free; a step takes the time the swap device needs to write the
+anonymous pages it evicted. Every kswapd step and every direct reclaim calls ``shrink_slab``,
+which is where the shrinker reaches blkback: ``bus.reclaim_memory(now, level)`` (kswapd:
+MEDIUM, direct reclaim: CRITICAL; the kernel policy ignores the level). With
+``shrinker=False`` the host is Linux 5.4, where blkback registers no shrinker.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from blkback.core.clock import NS_PER_MS, NS_PER_S
+from blkback.core.device import Bus
+from blkback.core.pages import PAGE_SIZE, CountingAllocator
+from blkback.core.policy import PressureLevel
+from blkback.sim.engine import EventLoop
+
+MIB_PAGES = 2**20 // PAGE_SIZE
+SWAP_CLUSTER_MAX = 32
+
+
+@dataclass(slots=True)
+class HostConfig:
+    """Size and behaviour of the backend host's memory (all sizes in MiB)."""
+
+    ram_mib: int = 2048
+    fixed_mib: int = 760  # kernel, slab, xenstored, qemu, toolstack: not reclaimable
+    file_mib: int = 200  # page cache at start
+    file_min_mib: int = 120  # the file working set reclaim will not go below
+    swap_mib: int = 4096
+    procs: int = 8  # dom0 processes with anonymous working sets
+    proc_anon_mib: int = 112  # working set of each
+    hot_fraction: float = 0.9  # part of each working set that is hot
+    hot_touch_per_s: float = 2000.0  # distinct hot pages touched per second per process
+    cold_touch_per_s: float = 5.0  # distinct cold pages touched per second per process
+    swap_write_mbps: float = 120.0  # swap device write bandwidth (kswapd step time)
+    min_free_kbytes: int = 0  # 0: Linux's default sqrt(16 * RAM_KiB)
+    watermark_scale_factor: int = 10
+    mem_tick_ms: float = 10.0
+    shrinker: bool = True  # False: Linux 5.4 (no blkback shrinker)
+
+
+@dataclass(slots=True)
+class Proc:
+    """One dom0 process's anonymous working set (page counts)."""
+
+    name: str
+    hot: int
+    cold: int
+    hot_res: int
+    cold_res: int
+    hot_rate: float
+    cold_rate: float
+    carry_hot: float = 0.0
+    carry_cold: float = 0.0
+
+
+class Host:
+    """dom0's memory and its reclaim. Owns the pool allocator of every ring on ``bus``."""
+
+    def __init__(self, cfg: HostConfig, loop: EventLoop, bus: Bus) -> None:
+        self.cfg = cfg
+        self.loop = loop
+        self.bus = bus
+        self.total = cfg.ram_mib * MIB_PAGES
+        ram_kib = cfg.ram_mib * 1024
+        min_kib = cfg.min_free_kbytes or int(math.sqrt(ram_kib * 16))
+        self.wm_min = max(1, min_kib // 4)
+        gap = max(self.wm_min // 4, self.total * cfg.watermark_scale_factor // 10000)
+        self.wm_low = self.wm_min + gap
+        self.wm_high = self.wm_low + gap
+        self.fixed = cfg.fixed_mib * MIB_PAGES
+        self.file = cfg.file_mib * MIB_PAGES
+        self.file_min = min(self.file, cfg.file_min_mib * MIB_PAGES)
+        self.swap_total = cfg.swap_mib * MIB_PAGES
+        self.swap_used = 0
+        per = cfg.proc_anon_mib * MIB_PAGES
+        hot = int(per * cfg.hot_fraction)
+        self.procs = [
+            Proc(
+                f"proc{i}",
+                hot,
+                per - hot,
+                hot,
+                per - hot,
+                cfg.hot_touch_per_s,
+                cfg.cold_touch_per_s,
+            )
+            for i in range(cfg.procs)
+        ]
+        self.pool_pages = 0  # blkback pages held (in pools and in flight)
+        self.used = self.fixed + self.file + self.anon_resident()
+        if self.used > self.total - self.wm_high:
+            raise ValueError(
+                f"host does not fit: {self.used / MIB_PAGES:.0f} MiB used at start "
+                f"of {cfg.ram_mib} MiB"
+            )
+        # counters (the /proc/vmstat names where there is one)
+        self.pswpin = 0
+        self.pswpout = 0
+        self.pgsteal_file = 0
+        self.kswapd_wakeups = 0
+        self.kswapd_steps = 0
+        self.direct_reclaims = 0
+        self.shrinker_calls = 0
+        self.alloc_failures = 0
+        self.fault_stalls = 0  # faults deferred because no page could be reclaimed
+        self.min_free_seen = self.total - self.used
+        self.peak_pool_pages = 0
+        self._kswapd_running = False
+        self._swap_ns_per_page = int(PAGE_SIZE / (cfg.swap_write_mbps * 1e6) * NS_PER_S)
+        self._tick_ns = int(cfg.mem_tick_ms * NS_PER_MS)
+        self.allocator = HostAllocator(self)
+        loop.after(self._tick_ns, self._tick)
+
+    # -- accounting -----------------------------------------------------------------------
+    def anon_resident(self) -> int:
+        return sum(p.hot_res + p.cold_res for p in self.procs)
+
+    @property
+    def free(self) -> int:
+        return self.total - self.used
+
+    def check(self) -> None:
+        """Assert the conservation of pages (for tests)."""
+        expected = self.fixed + self.file + self.anon_resident() + self.pool_pages
+        assert self.used == expected, (self.used, expected)
+        assert 0 <= self.used <= self.total, (self.used, self.total)
+        assert self.pool_pages == self.allocator.live_pages
+        assert self.swap_used == sum(p.hot - p.hot_res + p.cold - p.cold_res for p in self.procs)
+
+    # -- allocation -----------------------------------------------------------------------
+    def charge(self, n: int, *, fail: bool) -> int:
+        """Take ``n`` free pages for an allocation; reclaim first if needed.
+
+        Returns how many were taken (all ``n``, or fewer when reclaim could not make room and
+        ``fail`` is False; with ``fail`` True it takes all or raises MemoryError).
+        """
+        if self.total - self.used - n < self.wm_min:
+            self._direct_reclaim(self.used + n + self.wm_min - self.total)
+            room = self.total - self.used - self.wm_min
+            if room < n:
+                if fail:
+                    self.alloc_failures += 1
+                    raise MemoryError("dom0 out of memory: nothing left to reclaim")
+                n = max(0, room)
+        self.used += n
+        free = self.total - self.used
+        if free < self.min_free_seen:
+            self.min_free_seen = free
+        if free < self.wm_low and not self._kswapd_running:
+            self._wake_kswapd()
+        return n
+
+    # -- reclaim --------------------------------------------------------------------------
+    def _shrink_slab(self, level: PressureLevel) -> None:
+        if self.cfg.shrinker:
+            self.shrinker_calls += 1
+            self.bus.reclaim_memory(self.loop.now, level)
+
+    def _reclaim_lru(self, want: int) -> tuple[int, int]:
+        """Evict up to ``want`` pages: file above its floor first, then anon, cold before hot.
+
+        Returns (file pages dropped, anon pages swapped out).
+        """
+        got_file = min(want, self.file - self.file_min)
+        if got_file > 0:
+            self.file -= got_file
+            self.pgsteal_file += got_file
+        else:
+            got_file = 0
+        want -= got_file
+        got_anon = 0
+        swap_room = self.swap_total - self.swap_used
+        want = min(want, swap_room)
+        for part in ("cold", "hot"):
+            if want <= 0:
+                break
+            res_total = sum(getattr(p, f"{part}_res") for p in self.procs)
+            if res_total == 0:
+                continue
+            take_total = min(want, res_total)
+            left = take_total
+            # proportional to each process's resident pages of this part; remainder in order
+            for p in self.procs:
+                res = getattr(p, f"{part}_res")
+                k = min(res, take_total * res // res_total, left)
+                setattr(p, f"{part}_res", res - k)
+                left -= k
+            for p in self.procs:
+                if left == 0:
+                    break
+                res = getattr(p, f"{part}_res")
+                k = min(res, left)
+                setattr(p, f"{part}_res", res - k)
+                left -= k
+            got_anon += take_total
+            want -= take_total
+        self.swap_used += got_anon
+        self.pswpout += got_anon
+        self.used -= got_file + got_anon
+        return got_file, got_anon
+
+    def _direct_reclaim(self, need: int) -> None:
+        self.direct_reclaims += 1
+        self._shrink_slab(PressureLevel.CRITICAL)
+        self._reclaim_lru(max(need, SWAP_CLUSTER_MAX))
+
+    def _wake_kswapd(self) -> None:
+        self._kswapd_running = True
+        self.kswapd_wakeups += 1
+        self.loop.after(0, self._kswapd_step)
+
+    def _kswapd_step(self, _arg: object, now: int) -> None:
+        self.kswapd_steps += 1
+        self._shrink_slab(PressureLevel.MEDIUM)
+        short = self.wm_high - (self.total - self.used)
+        if short <= 0:
+            self._kswapd_running = False
+            return
+        _file, anon = self._reclaim_lru(min(short, SWAP_CLUSTER_MAX))
+        if _file + anon == 0:
+            self._kswapd_running = False  # nothing reclaimable: kswapd gives up and sleeps
+            return
+        self.loop.at(now + max(20_000, anon * self._swap_ns_per_page), self._kswapd_step)
+
+    # -- dom0 processes ---------------------------------------------------------------------
+    def _tick(self, _arg: object, now: int) -> None:
+        dt = self._tick_ns / NS_PER_S
+        for p in self.procs:
+            sw_hot = p.hot - p.hot_res
+            sw_cold = p.cold - p.cold_res
+            if sw_hot:
+                p.carry_hot += p.hot_rate * dt * sw_hot / p.hot
+                k = int(p.carry_hot)
+                if k:
+                    k = min(k, sw_hot)
+                    got = self.charge(k, fail=False)
+                    p.carry_hot -= got
+                    p.hot_res += got
+                    self._swapped_in(got)
+                    if got < k:
+                        self.fault_stalls += k - got
+            if sw_cold:
+                p.carry_cold += p.cold_rate * dt * sw_cold / p.cold
+                k = int(p.carry_cold)
+                if k:
+                    k = min(k, sw_cold)
+                    got = self.charge(k, fail=False)
+                    p.carry_cold -= got
+                    p.cold_res += got
+                    self._swapped_in(got)
+                    if got < k:
+                        self.fault_stalls += k - got
+        if self.pool_pages > self.peak_pool_pages:
+            self.peak_pool_pages = self.pool_pages
+        if self.total - self.used < self.wm_low and not self._kswapd_running:
+            self._wake_kswapd()
+        self.loop.at(now + self._tick_ns, self._tick)
+
+    def _swapped_in(self, n: int) -> None:
+        self.pswpin += n
+        self.swap_used -= n
+
+    def counters(self) -> dict[str, int]:
+        """The vmstat-like counters."""
+        return {
+            "pswpin": self.pswpin,
+            "pswpout": self.pswpout,
+            "pgsteal_file": self.pgsteal_file,
+            "kswapd_wakeups": self.kswapd_wakeups,
+            "kswapd_steps": self.kswapd_steps,
+            "direct_reclaims": self.direct_reclaims,
+            "shrinker_calls": self.shrinker_calls,
+            "alloc_failures": self.alloc_failures,
+            "fault_stalls": self.fault_stalls,
+            "min_free_pages": self.min_free_seen,
+            "peak_pool_pages": self.peak_pool_pages,
+        }
+
+
+class HostAllocator(CountingAllocator):
+    """Pool pages as ids (no memory), each one charged to the host's RAM while it lives."""
+
+    def __init__(self, host: Host) -> None:
+        super().__init__()
+        self.host = host
+
+    def alloc(self) -> int:
+        host = self.host
+        if host.total - host.used - 1 < host.wm_low:
+            host.charge(1, fail=True)  # slow path: may reclaim, wake kswapd, or raise
+        else:
+            host.used += 1
+        host.pool_pages += 1
+        return super().alloc()
+
+    def free(self, pages: Sequence[int]) -> None:
+        n = len(pages)
+        host = self.host
+        host.used -= n
+        host.pool_pages -= n
+        super().free(pages)
