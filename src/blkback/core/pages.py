@@ -227,6 +227,7 @@ class MmapAllocator:
     def live_ids(self) -> list[int]:
         """Ids handed out by :meth:`alloc` and not freed since (for cleanup at disconnect)."""
         free = set(self._free_ids)
+        free.update(self._pending)  # freed, frames not dropped yet: not live either
         return [i for i in range(len(self._views)) if i not in free]
 
     @property
