@@ -359,7 +359,7 @@ class Connection:
         inline = self.storage.inline
         lock = self.ring_lock
         get_pages = ring.get_pages
-        views_of = alloc.views
+        spans = alloc.spans
         reply_batch = self.reply_batch
         plain_fd = self.plain_fd
         mem = self.mem
@@ -396,9 +396,7 @@ class Connection:
                     out.append(codec.error_reply(cookie, errno.ENOMEM, "out of memory"))
                     self._alloc_backoff()
                     continue
-                views = views_of(pages)
-                if length & PAGE_SIZE_MASK:
-                    views[-1] = views[-1][: length & PAGE_SIZE_MASK]
+                views = spans(pages, length)
                 if mem is not None:
                     pos = offset
                     for v in views:
@@ -438,9 +436,7 @@ class Connection:
                     continue
                 start = self._receive_payload(view, start, end, length, pages)
                 end = max(end, start)
-                views = views_of(pages)
-                if length & PAGE_SIZE_MASK:
-                    views[-1] = views[-1][: length & PAGE_SIZE_MASK]
+                views = spans(pages, length)
                 if mem is not None:
                     assert mark is not None
                     mark(offset, length)
@@ -575,11 +571,7 @@ class Connection:
     def _views(self, pages: list[int], length: int) -> list[memoryview]:
         alloc = self.allocator
         assert alloc is not None
-        views = alloc.views(pages)
-        tail = length - (len(pages) - 1) * PAGE_SIZE
-        if tail != PAGE_SIZE and views:
-            views[-1] = views[-1][:tail]
-        return views
+        return alloc.spans(pages, length) if pages else []
 
     def _execute(
         self, flags: int, cmd: int, cookie: int, offset: int, length: int, pages: list[int]
@@ -681,9 +673,10 @@ class Connection:
         got = 0
         waited_ns = 0
         clock = self.server.clock
+        i = 0  # first view not yet full
         while got < total:
             try:
-                n = sock.recvmsg_into(views[:IOV_MAX])[0]
+                n = sock.recvmsg_into(views[i : i + IOV_MAX])[0]
             except BlockingIOError:
                 # The client stalls mid-payload: keep the ring's passes going meanwhile.
                 now = clock.now_ns()
@@ -698,12 +691,12 @@ class Connection:
                 raise Disconnect
             got += n
             while n:
-                v = views[0]
+                v = views[i]
                 if n >= len(v):
                     n -= len(v)
-                    views.pop(0)
+                    i += 1
                 else:
-                    views[0] = v[n:]
+                    views[i] = v[n:]
                     n = 0
 
     def _discard_payload(self, view: memoryview, start: int, end: int, length: int) -> int:

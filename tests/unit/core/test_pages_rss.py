@@ -117,3 +117,18 @@ def test_coalesced_free_drops_exactly_the_given_pages() -> None:
         want = bytes(4) if p in gone else p.to_bytes(4, "little")
         assert bytes(alloc.view(p)[:4]) == want, p
     assert alloc.live_pages == 6
+
+
+def test_spans_merge_adjacent_pages_within_chunks() -> None:
+    alloc = MmapAllocator(chunk_pages=4)
+    pages = [alloc.alloc() for _ in range(10)]  # ids 0..9 over chunks of 4
+    for p in pages:
+        alloc.view(p)[:] = bytes([p]) * PAGE_SIZE
+    reused = [9, 8, 7, 6, 5, 3, 1, 0]  # a descending run, as a LIFO pool hands them back
+    spans = alloc.spans(reused, 7 * PAGE_SIZE + 100)
+    assert reused == [0, 1, 3, 5, 6, 7, 8, 9]  # sorted in place: the data order
+    assert [len(s) for s in spans] == [2 * PAGE_SIZE, PAGE_SIZE, 3 * PAGE_SIZE, PAGE_SIZE + 100]
+    data = b"".join(bytes(s) for s in spans)
+    assert data == b"".join(bytes([p]) * PAGE_SIZE for p in reused)[: 7 * PAGE_SIZE + 100]
+    spans[0][:1] = b"\xff"  # the spans are the pages' own memory, not copies
+    assert alloc.view(0)[0] == 0xFF
