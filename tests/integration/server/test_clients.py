@@ -107,7 +107,7 @@ def test_nbdcopy_in_and_out_with_checksums(serve, tmp_path: Path) -> None:  # ty
     assert dst2.read_bytes() == src.read_bytes()
 
 
-def test_fio_verify_on_several_connections(serve) -> None:  # type: ignore[no-untyped-def]
+def test_fio_verify_on_several_connections(serve, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     need_tool("fio")
     s = serve("disk=memory:64M")
     res = run(
@@ -118,6 +118,7 @@ def test_fio_verify_on_several_connections(serve) -> None:  # type: ignore[no-un
             "--output-format=json",
         ],
         timeout=300,
+        cwd=tmp_path,  # fio leaves its verify state files in the working directory
     )  # fmt: skip
     jobs = json.loads(res.stdout[res.stdout.index("{") :])["jobs"]
     assert len(jobs) == 4
