@@ -22,6 +22,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "ctl": ("blkback.server.ctl_command", "parameters, statistics and pressure of a server"),
     "microbench": ("blkback.core.microbench", "measure the page pool's get/put/shrink speed"),
     "pressure": ("blkback.pressure.command", "probe and watch the memory-pressure signals"),
+    "repro": ("blkback.repro.command", "reproduce the seed's experiments on real memory pressure"),
 }
 
 
