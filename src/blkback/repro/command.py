@@ -44,6 +44,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--devices", type=int, default=None, help="guest devices (64)")
     parser.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    parser.add_argument(
+        "--from-results",
+        metavar="FILE",
+        help="run nothing: aggregate FILE's raw runs again and rewrite the report in --out",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -53,6 +58,15 @@ def run(args: argparse.Namespace) -> int:
 
     if args.repeats is not None and args.repeats < 1:
         raise ConfigError("--repeats must be at least 1")
+    if args.from_results:
+        from pathlib import Path
+
+        from blkback.repro.runner import rerender
+
+        out = Path(args.out)
+        rerender(Path(args.from_results), out, plots=not args.no_plots)
+        print(f"report: {out / 'report.md'}")
+        return 0
     want_overhead = args.experiment in ("overhead", "all")
     missing = missing_facilities(need_overhead=want_overhead)
     if missing:

@@ -197,47 +197,97 @@ class Runner:
         }
 
     def write(self, results: dict[str, Any]) -> None:
-        from blkback.repro.report import plot_all, write_report
-
-        plots: list[str] = []
-        if self.plots:
-            try:
-                plots = plot_all(results, self.out)
-            except ImportError as exc:
-                self.log(f"repro: no plots ({exc}); install matplotlib")
-        results["plots"] = plots
         results["dd_log"] = self.log_lines
-        (self.out / "results.json").write_text(json.dumps(results, indent=1, default=str) + "\n")
-        write_report(results, self.out / "report.md")
+        write_outputs(results, self.out, plots=self.plots, log=self.log)
+
+
+def write_outputs(
+    results: dict[str, Any], out: Path, *, plots: bool = True, log: Any = None
+) -> None:
+    """results.json, report.md and the plots into ``out``."""
+    from blkback.repro.report import plot_all, write_report
+
+    made: list[str] = []
+    if plots:
+        try:
+            made = plot_all(results, out)
+        except ImportError as exc:
+            if log is not None:
+                log(f"repro: no plots ({exc}); install matplotlib")
+    results["plots"] = made
+    (out / "results.json").write_text(json.dumps(results, indent=1, default=str) + "\n")
+    write_report(results, out / "report.md")
+
+
+def rerender(source: Path, out: Path, *, plots: bool = True) -> dict[str, Any]:
+    """Aggregate a results.json's raw runs again and rewrite the report (no experiments)."""
+    results: dict[str, Any] = json.loads(source.read_text())
+    per = results.get("configurations") or {}
+    if per:
+        runs = {n: c["runs"] for n, c in per.items()}
+        results.update(aggregate_memory(runs, list(runs)))
+    results["checks"] = checks(results, quick=bool(results["config"].get("quick")))
+    out.mkdir(parents=True, exist_ok=True)
+    write_outputs(results, out, plots=plots)
+    return results
+
+
+def polluted(r: dict[str, Any]) -> bool:
+    """Whether other tenants' swapping shows in this run's host-wide counters.
+
+    ``/proc/vmstat`` is host-wide, and other processes on a shared host may swap (to the
+    same swap areas) during a run. The cgroup's own ``workingset_refault_anon`` counts the
+    anon pages that dom0 faulted back in from swap, which is ``pswpin`` when dom0 is the
+    only one swapping (within a few % either way: swap readahead). A run whose ``pswpin``
+    exceeds 1.5 x that + 2,000 pages had someone else swapping too.
+    """
+    own = r["cgroup"]["workingset_refault_anon"]
+    return bool(r["pswpin"] > 1.5 * own + 2000)
 
 
 def aggregate_memory(runs: dict[str, list[dict[str, Any]]], configs: list[str]) -> dict[str, Any]:
-    """Medians and spreads per configuration, in the results.json layout."""
+    """Medians and spreads per configuration, in the results.json layout.
+
+    The host-wide pswpin/pswpout medians are over the runs not :func:`polluted` by other
+    tenants (over all runs when every one is); the cgroup's own counters use all runs.
+    """
     per: dict[str, Any] = {}
-    for name, rs in runs.items():
+    for name, all_rs in runs.items():
+        for r in all_rs:
+            r["polluted"] = polluted(r)
+        rs = [r for r in all_rs if not r["polluted"]] or all_rs
         summary: dict[str, Any] = {
             "pswpin": int(median([r["pswpin"] for r in rs])),
             "pswpout": int(median([r["pswpout"] for r in rs])),
+            "clean_runs": len([r for r in all_rs if not r["polluted"]]),
             "spread": {
                 "pswpin": spread([r["pswpin"] for r in rs]),
                 "pswpout": spread([r["pswpout"] for r in rs]),
             },
-            "cgroup": {k: int(median([r["cgroup"][k] for r in rs])) for k in rs[0]["cgroup"]},
-            "squeezes": int(median([r["server"]["squeezes"] for r in rs])),
-            "pages_squeezed": int(median([r["server"]["pages_squeezed"] for r in rs])),
-            "pressure_reports": int(median([r["server"]["pressure_reports"] for r in rs])),
+            "spread_cgroup": {
+                k: spread([r["cgroup"][k] for r in all_rs])
+                for k in ("workingset_refault_anon", "pgmajfault")
+            },
+            "cgroup": {
+                k: int(median([r["cgroup"][k] for r in all_rs])) for k in all_rs[0]["cgroup"]
+            },
+            "squeezes": int(median([r["server"]["squeezes"] for r in all_rs])),
+            "pages_squeezed": int(median([r["server"]["pages_squeezed"] for r in all_rs])),
+            "pressure_reports": int(median([r["server"]["pressure_reports"] for r in all_rs])),
             "pressure_events": int(
-                median([sum(r["server"]["pressure_events"].values()) for r in rs])
+                median([sum(r["server"]["pressure_events"].values()) for r in all_rs])
             ),
-            "pool_pages_mean": int(median([_mean_pool(r) for r in rs])),
-            "pool_pages_max": int(median([_max_pool(r) for r in rs])),
-            "min_pool_pages_after_first_squeeze": min(_min_after_squeeze(r) for r in rs),
+            "pool_pages_mean": int(median([_mean_pool(r) for r in all_rs])),
+            "pool_pages_max": int(median([_max_pool(r) for r in all_rs])),
+            "min_pool_pages_after_first_squeeze": min(_min_after_squeeze(r) for r in all_rs),
             "min_rings_holding_pages_after_first_squeeze": min(
-                _min_after_squeeze(r, "rings_nonempty") for r in rs
+                _min_after_squeeze(r, "rings_nonempty") for r in all_rs
             ),
-            "rings": rs[0]["server"]["rings"],
-            "guest_burst_s_median": median([r["guest"].get("burst_s_median") or 0.0 for r in rs]),
-            "runs": rs,
+            "rings": all_rs[0]["server"]["rings"],
+            "guest_burst_s_median": median(
+                [r["guest"].get("burst_s_median") or 0.0 for r in all_rs]
+            ),
+            "runs": all_rs,
         }
         per[name] = summary
     out: dict[str, Any] = {"configurations": per}
@@ -246,6 +296,14 @@ def aggregate_memory(runs: dict[str, list[dict[str, Any]]], configs: list[str]) 
             "before": {"pswpin": per["off"]["pswpin"], "pswpout": per["off"]["pswpout"]},
             "after": {"pswpin": per["10"]["pswpin"], "pswpout": per["10"]["pswpout"]},
             "ratio": {k: per["off"][k] / max(1, per["10"][k]) for k in ("pswpin", "pswpout")},
+            "cgroup": {
+                when: {k: per[n]["cgroup"][k] for k in ("workingset_refault_anon", "pgmajfault")}
+                for when, n in (("before", "off"), ("after", "10"))
+            },
+            "cgroup_ratio": {
+                k: per["off"]["cgroup"][k] / max(1, per["10"]["cgroup"][k])
+                for k in ("workingset_refault_anon", "pgmajfault")
+            },
             "beyond": {
                 n: {"pswpin": per[n]["pswpin"], "pswpout": per[n]["pswpout"]}
                 for n in ("wake-off", "graded")
@@ -290,6 +348,8 @@ def checks(results: dict[str, Any], *, quick: bool) -> dict[str, Any]:
         out["pswpout_ratio"] = mp["ratio"]["pswpout"]
         out["pswpin_ratio"] = mp["ratio"]["pswpin"]
         out["ratio_at_least_20x"] = mp["ratio"]["pswpout"] >= 20 and mp["ratio"]["pswpin"] >= 20
+        out["cgroup_refault_ratio"] = mp["cgroup_ratio"]["workingset_refault_anon"]
+        out["cgroup_majfault_ratio"] = mp["cgroup_ratio"]["pgmajfault"]
     ds = results.get("duration_sweep")
     if ds:
         per = results["configurations"]

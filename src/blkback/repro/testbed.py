@@ -92,12 +92,16 @@ def kill_pid(proc: subprocess.Popen[Any], *, term_timeout: float = 10.0) -> None
 
 @contextlib.contextmanager
 def sigterm_as_interrupt() -> Iterator[None]:
-    """Turn SIGTERM (and SIGHUP) into KeyboardInterrupt so that cleanup runs."""
+    """Turn SIGTERM, SIGINT and SIGHUP (unless nohup) into KeyboardInterrupt: cleanup runs."""
 
     def handler(signum: int, frame: object) -> None:
         raise KeyboardInterrupt
 
-    old = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGHUP)}
+    old = {signal.SIGTERM: signal.signal(signal.SIGTERM, handler)}
+    if signal.getsignal(signal.SIGHUP) is not signal.SIG_IGN:  # respect nohup
+        old[signal.SIGHUP] = signal.signal(signal.SIGHUP, handler)
+    # Ctrl-C too, even when started with SIGINT ignored (a background job of a script).
+    old[signal.SIGINT] = signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         yield
     finally:
