@@ -119,7 +119,10 @@ def write_report(results: dict[str, Any], path: Path) -> None:
             "v1 memory.stat has no swap-out counter. Medians over all runs."
         )
         add("")
-        add("Medians over the runs. Per configuration, also from the cgroup itself:")
+        add(
+            "Per configuration (pswpin/pswpout: medians over unpolluted runs; the cgroup's "
+            "own columns and the rest: medians over all runs):"
+        )
         add("")
         add(_config_table(per, [n for n in ("off", "10", "wake-off", "graded") if n in per]))
         add("")
