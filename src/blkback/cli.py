@@ -24,6 +24,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "pressure": ("blkback.pressure.command", "probe and watch the memory-pressure signals"),
     "sim": ("blkback.sim.command", "simulate Xen hosts: the seed's experiments, sweeps, fleets"),
     "bench": ("blkback.bench.command", "benchmark blkback against nbdkit and qemu-nbd with fio"),
+    "repro": ("blkback.repro.command", "reproduce the seed's experiments on real memory pressure"),
 }
 
 

@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import tempfile
+import time
 
 from blkback.errors import EnvironmentProblem
 
@@ -90,7 +91,16 @@ class TemporarySwap:
         if self.path is None:
             return
         if self.active:
-            _run(["swapoff", self.path])
+            # swapoff must read every swapped page back in; when an owner sits at its
+            # cgroup's limit that can fail with ENOMEM for a moment: retry before giving up.
+            for attempt in range(5):
+                try:
+                    _run(["swapoff", self.path])
+                    break
+                except EnvironmentProblem:
+                    if attempt == 4:
+                        raise
+                    time.sleep(1.0 + attempt)
             self.active = False
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.path)

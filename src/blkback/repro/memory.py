@@ -1,0 +1,182 @@
+"""Experiments 1, 2 and 4: many idle pools tip dom0 into swap, unless they are squeezed.
+
+One run (:func:`run_once`):
+
+1. a fresh cgroup v1 memory child ("dom0"), at first without a limit;
+2. ``blkback serve`` joins it before it starts (so its pressure monitor listens to this
+   cgroup's vmpressure), with ``devices`` exports ``null:1G,rate=…`` (emulated network
+   volumes with no local footprint) and the run's parameters;
+3. the guests (outside the cgroup) connect ``connections`` times to every export;
+4. the cgroup's usage now is the baseline B (server, its threads, its empty rings);
+   the limit becomes ``L = B + hog + slack``;
+5. the dom0 workload: a hog of ``hog_mib`` anonymous MiB that it keeps touching, in the cgroup;
+6. go: every ring gets a burst of ``burst`` bytes every ``period`` seconds, staggered, so its
+   pool grows to ``max_buffer_pages`` (4 MiB) and is then retained while it idles. The pools
+   P = rings x 4 MiB exceed the slack (``P > slack``), so without a squeeze the cgroup must
+   swap; with it, each pressure event frees the idle pools and swapping stops;
+7. after ``seconds``: the guests stop, and the deltas of ``pswpin``/``pswpout``
+   (``/proc/vmstat``, host-wide, as the seed measured in dom0) and of the cgroup's own
+   ``memory.stat`` counters are the result. Pool sizes, RSS, cgroup usage and swap and the
+   pressure events are sampled every ``sample_ms`` throughout.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from blkback.repro.testbed import GuestProcess, Sampler, ServerProcess
+
+MIB = 1 << 20
+CG_COUNTERS = ("pgmajfault", "workingset_refault_anon", "pgpgin", "pgpgout", "pgfault")
+
+
+@dataclass(frozen=True)
+class Sizing:
+    """The test bed's sizes (one set for every configuration of a mode)."""
+
+    devices: int = 64
+    connections: int = 1
+    burst: int = 8 * MIB
+    request: int = 4 * MIB
+    period_s: float = 8.0
+    rate: str = "40M"
+    hog_mib: int = 256
+    slack_mib: int = 128
+    seconds: float = 60.0
+    settle_s: float = 2.0
+    sample_ms: int = 200
+    workers: int = 4
+
+    @property
+    def pools_mib(self) -> float:
+        """What the pools retain when idle: rings x max_buffer_pages (1024) x 4 KiB."""
+        return self.devices * self.connections * 4.0
+
+
+@dataclass(frozen=True)
+class Config:
+    """One configuration of the server under test."""
+
+    name: str
+    params: dict[str, int | str] = field(default_factory=dict)
+    label: str = ""
+
+
+def run_once(
+    config: Config, sizing: Sizing, workdir: Path, *, tag: str, log: Any = None
+) -> dict[str, Any]:
+    """One run of the memory-pressure test bed; everything it made is gone on return."""
+    from blkback.hostenv.cgroup import MemoryCgroup
+    from blkback.hostenv.hog import MemoryHog
+    from blkback.hostenv.procfs import swap_counters
+
+    workdir.mkdir(parents=True, exist_ok=True)
+    names = [f"vol{i}" for i in range(sizing.devices)]
+    exports = [f"{n}=null:1G,rate={sizing.rate}" for n in names]
+    cg = MemoryCgroup(f"blkback-repro-{os.getpid()}-{tag}", limit_bytes=1 << 50, swappiness=60)
+    result: dict[str, Any] = {"config": config.name, "params": dict(config.params), "tag": tag}
+    with contextlib.ExitStack() as stack:
+        cg.create()
+        stack.callback(cg.remove)
+        server = ServerProcess(
+            workdir,
+            exports,
+            params=dict(config.params),
+            cgroup_procs=os.path.join(cg.path, "cgroup.procs"),
+            workers=sizing.workers,
+            tag=tag,
+        )
+        cg.started.add(server.pid)
+        stack.callback(server.stop)
+        guest = GuestProcess(
+            server,
+            names,
+            connections=sizing.connections,
+            burst=sizing.burst,
+            request=sizing.request,
+            period=sizing.period_s,
+            seconds=sizing.seconds + 60,
+        )
+        stack.callback(guest.stop)
+        time.sleep(0.5)
+        base = cg.usage_bytes()
+        limit = base + (sizing.hog_mib + sizing.slack_mib) * MIB
+        cg.write("memory.limit_in_bytes", limit)
+        hog = stack.enter_context(MemoryHog(sizing.hog_mib, cgroup=cg))
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and cg.usage_bytes() < base + sizing.hog_mib * MIB * 0.9:
+            time.sleep(0.05)
+        time.sleep(sizing.settle_s)
+        result["sizes"] = {
+            "baseline_bytes": base,
+            "limit_bytes": limit,
+            "hog_bytes": sizing.hog_mib * MIB,
+            "usage_before_go_bytes": cg.usage_bytes(),
+            "server_pid": server.pid,
+        }
+        sw0 = swap_counters()
+        st0 = cg.stat()
+        sampler = Sampler(server, cg.path, interval_s=sizing.sample_ms / 1000)
+        sampler.start()
+        t_go = time.monotonic()
+        guest.go()
+        while time.monotonic() - t_go < sizing.seconds:
+            if not hog.alive():
+                result["hog_died"] = True
+                break
+            if server.proc.poll() is not None:
+                raise RuntimeError(f"server died: {server.log_tail()}")
+            time.sleep(0.2)
+        sw1 = swap_counters()
+        st1 = cg.stat()
+        elapsed = time.monotonic() - t_go
+        sampler.stop()
+        with contextlib.suppress(Exception):
+            sampler.samples.append(sampler.sample())
+        final = server.stats()  # before the guests leave: their rings' counters
+        result["guest"] = guest.finish()
+        result["elapsed_s"] = elapsed
+        result["pswpin"] = sw1.pswpin - sw0.pswpin
+        result["pswpout"] = sw1.pswpout - sw0.pswpout
+        result["cgroup"] = {k: st1.get(k, 0) - st0.get(k, 0) for k in CG_COUNTERS}
+        result["cgroup"]["failcnt"] = int(cg.read("memory.failcnt"))
+        result["cgroup"]["max_swap_bytes"] = max(
+            (s.get("cg_swap", 0) for s in sampler.samples), default=0
+        )
+        result["hog_alive"] = hog.alive()
+        result["server"] = _summary(final)
+        result["samples"] = sampler.samples
+        result["sampler_errors"] = sampler.errors
+    return result
+
+
+def _summary(stats: dict[str, Any]) -> dict[str, Any]:
+    rings = [r for d in stats["devices"] for r in d["rings"]]
+    req = [r.get("requests", {}) for r in rings]
+    return {
+        "rings": len(rings),
+        "pool_pages_end": sum(r["pool_pages"] for r in rings),
+        "peak_pool_pages_sum": sum(r["peak_pool_pages"] for r in rings),
+        "pages_allocated": sum(r["pages_allocated"] for r in rings),
+        "pages_freed": sum(r["pages_freed"] for r in rings),
+        "pages_trimmed": sum(q.get("pages_trimmed", 0) for q in req),
+        "pages_squeezed": sum(q.get("pages_squeezed", 0) for q in req),
+        "writes": sum(q.get("wr", 0) for q in req),
+        "squeezes": sum(d["squeezes"] for d in stats["devices"]),
+        "reclaims": sum(d["reclaims"] for d in stats["devices"]),
+        "rss_bytes_end": stats["server"]["rss_bytes"],
+        "pressure_reports": stats["pressure"]["reports"],
+        "pressure_events": stats["pressure"].get("events", {}),
+        "pressure_sources": (stats["pressure"].get("monitor") or {}).get("active"),
+    }
+
+
+def sizing_dict(sizing: Sizing) -> dict[str, Any]:
+    d = asdict(sizing)
+    d["pools_mib"] = sizing.pools_mib
+    return d

@@ -1,0 +1,225 @@
+"""Experiment 3: the seed's ``dd`` loop on a guest filesystem, ``max_buffer_pages`` 1024 vs 0.
+
+The guest's disk is a real block device backed by blkback: ``nbdfuse DIR --unix SOCK``
+exposes the export as the file ``DIR/nbd``, ``losetup`` turns that into ``/dev/loopN``,
+``mkfs.ext4`` and ``mount`` make the filesystem. The server and this guest stay OUTSIDE
+the memory-limited cgroup: a same-host client of a server under reclaim can deadlock
+(nbd-notes.md section 5.7). The backend is ``memory`` (it stores what ext4 writes, so the
+filesystem reads back its metadata), with ``rate=40M`` for the emulated slow network volume
+(the seed's ~40 MB/s) and without a filter for fast storage.
+
+The loop is the seed's: ``for i in {1..5}; do dd if=/dev/zero of=file bs=4k
+count=$((256*512)); sync; done``, with ``max_buffer_pages`` set to 1024 and then to 0 at run
+time through the control socket, as the seed wrote the module parameter. Each run's ``dd``
+line is kept verbatim. ``dd``'s own MB/s counts only the copy into the guest's page cache
+(this host has GBs for it, the seed's guest had not), so the throughput that reaches the
+volume is measured as bytes / (dd + sync) and is the one compared.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+import shutil
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+from blkback.errors import EnvironmentProblem
+from blkback.repro.testbed import ServerProcess, kill_pid
+
+DD_RE = re.compile(r"^(\d+) bytes .* copied, ([0-9.]+) s, ([0-9.]+) ([kMG]?B)/s", re.M)
+UNIT = {"B": 1e-6, "kB": 1e-3, "MB": 1.0, "GB": 1e3}
+
+
+def _run(argv: list[str], timeout: float = 300.0) -> str:
+    tool = shutil.which(argv[0])
+    if tool is None:
+        raise EnvironmentProblem(f"{argv[0]} not found")
+    p = subprocess.run(
+        [tool, *argv[1:]], capture_output=True, text=True, timeout=timeout, check=False
+    )
+    if p.returncode != 0:
+        raise EnvironmentProblem(f"{' '.join(argv)} failed: {(p.stderr or p.stdout).strip()}")
+    return p.stdout
+
+
+class GuestDisk:
+    """nbdfuse + loop device + ext4 mount over one export; all undone by :meth:`close`."""
+
+    def __init__(self, server: ServerProcess, export: str, workdir: Path) -> None:
+        self.fuse_dir = workdir / "fuse"
+        self.mnt = workdir / "mnt"
+        self.fuse_dir.mkdir(parents=True, exist_ok=True)
+        self.mnt.mkdir(parents=True, exist_ok=True)
+        self.loop: str | None = None
+        self.mounted = False
+        self.fuse_mounted = False
+        pidfile = workdir / "nbdfuse.pid"
+        with contextlib.suppress(FileNotFoundError):
+            pidfile.unlink()
+        uri = f"nbd+unix:///{export}?socket={server.sock}"
+        self.fuse = subprocess.Popen(
+            ["nbdfuse", "-P", str(pidfile), str(self.fuse_dir), uri],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            deadline = time.monotonic() + 30
+            while not pidfile.exists() or not pidfile.read_text().strip():
+                if self.fuse.poll() is not None or time.monotonic() > deadline:
+                    err = self.fuse.stderr.read() if self.fuse.stderr else ""
+                    raise EnvironmentProblem(f"nbdfuse did not start: {err.strip()}")
+                time.sleep(0.05)
+            self.fuse_mounted = True
+            self.loop = _run(["losetup", "-f", "--show", str(self.fuse_dir / "nbd")]).strip()
+            _run(
+                [
+                    "mkfs.ext4",
+                    "-q",
+                    "-F",
+                    "-E",
+                    "lazy_itable_init=0,lazy_journal_init=0",
+                    self.loop,
+                ]
+            )
+            _run(["mount", self.loop, str(self.mnt)])
+            self.mounted = True
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        """Unmount, detach the loop device, unmount FUSE, reap nbdfuse (by its PID)."""
+        if self.mounted:
+            subprocess.run(["sync"], check=False)
+            r = subprocess.run(["umount", str(self.mnt)], capture_output=True, check=False)
+            if r.returncode != 0:
+                subprocess.run(["umount", "-l", str(self.mnt)], capture_output=True, check=False)
+            self.mounted = False
+        if self.loop is not None:
+            subprocess.run(["losetup", "-d", self.loop], capture_output=True, check=False)
+            self.loop = None
+        if self.fuse_mounted:
+            subprocess.run(
+                ["fusermount3", "-u", str(self.fuse_dir)], capture_output=True, check=False
+            )
+            self.fuse_mounted = False
+        try:
+            self.fuse.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            pass
+        kill_pid(self.fuse)
+
+
+def dd_loop(mnt: Path, *, runs: int, count: int, log: Any = None) -> list[dict[str, Any]]:
+    """The seed's loop; per run: dd's line, dd's MB/s, dd+sync seconds and MB/s."""
+    out: list[dict[str, Any]] = []
+    target = mnt / "file"
+    for _ in range(runs):
+        t0 = time.monotonic()
+        p = subprocess.run(
+            ["dd", "if=/dev/zero", f"of={target}", "bs=4k", f"count={count}"],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        t1 = time.monotonic()
+        subprocess.run(["sync"], check=False)
+        t2 = time.monotonic()
+        if p.returncode != 0:
+            raise EnvironmentProblem(f"dd failed: {p.stderr.strip()}")
+        m = DD_RE.search(p.stderr)
+        nbytes = count * 4096
+        lines = [ln for ln in p.stderr.splitlines() if ln.strip()]
+        run = {
+            "dd_output": lines,
+            "dd_line": lines[-1] if lines else "",
+            "bytes": nbytes,
+            "dd_s": float(m.group(2)) if m else t1 - t0,
+            "dd_mb_s": float(m.group(3)) * UNIT[m.group(4)] if m else nbytes / 1e6 / (t1 - t0),
+            "sync_s": t2 - t1,
+            "total_s": t2 - t0,
+            "mb_s": nbytes / 1e6 / (t2 - t0),
+        }
+        if log is not None:
+            for ln in lines:
+                log(ln)
+            log(f"  (dd+sync: {run['total_s']:.3f} s, {run['mb_s']:.1f} MB/s)")
+        out.append(run)
+    return out
+
+
+def run_volume(
+    kind: str,
+    workdir: Path,
+    *,
+    runs: int,
+    count: int,
+    size: str,
+    rate: str,
+    settings: tuple[int, ...] = (1024, 0),
+    log: Any = None,
+    on_step: Any = None,
+) -> dict[str, Any]:
+    """One volume (``slow`` with the rate filter or ``fast``): the dd loop per setting."""
+    spec = f"memory:{size}" + (f",rate={rate}" if kind == "slow" else "")
+    wd = workdir / f"overhead-{kind}"
+    wd.mkdir(parents=True, exist_ok=True)
+    result: dict[str, Any] = {"export": spec, "runs": {}, "pools": {}}
+    server = ServerProcess(wd, [f"disk={spec}"], workers=16, pressure="off", tag="srv")
+    try:
+        disk = GuestDisk(server, "disk", wd)
+        try:
+            for setting in settings:
+                if on_step is not None:
+                    on_step(f"overhead {kind}: max_buffer_pages={setting}")
+                server.set("max_buffer_pages", setting)
+                if log is not None:
+                    log(f"[dom0]# blkback ctl set max_buffer_pages {setting}   ({kind} volume)")
+                    log(
+                        f"[instance]$ for i in {{1..{runs}}}; do dd if=/dev/zero of=file bs=4k "
+                        f"count={count}; sync; done"
+                    )
+                before = _pool_totals(server.stats())
+                result["runs"][str(setting)] = dd_loop(disk.mnt, runs=runs, count=count, log=log)
+                after = _pool_totals(server.stats())
+                result["pools"][str(setting)] = {k: after[k] - before[k] for k in after} | {
+                    "pool_pages_end": after["pool_pages"]
+                }
+                (disk.mnt / "file").unlink(missing_ok=True)
+                subprocess.run(["sync"], check=False)
+        finally:
+            disk.close()
+    finally:
+        server.stop()
+    return result
+
+
+def _pool_totals(stats: dict[str, Any]) -> dict[str, int]:
+    rings = [r for d in stats["devices"] for r in d["rings"]]
+    return {
+        "pool_pages": sum(r["pool_pages"] for r in rings),
+        "pages_allocated": sum(r["pages_allocated"] for r in rings),
+        "pages_freed": sum(r["pages_freed"] for r in rings),
+        "writes": sum(r.get("requests", {}).get("wr", 0) for r in rings),
+    }
+
+
+def leftover_mounts(workdir: Path) -> list[str]:
+    """Mounts under ``workdir`` still present (for the final check)."""
+    out = []
+    with open("/proc/mounts") as f:
+        for line in f:
+            parts = line.split()
+            if len(parts) > 1 and parts[1].startswith(str(workdir)):
+                out.append(parts[1])
+    return out
+
+
+def loop_devices_backed_by(workdir: Path) -> list[str]:
+    """Loop devices whose backing file is under ``workdir``."""
+    p = subprocess.run(["losetup", "-a"], capture_output=True, text=True, check=False)
+    return [ln.split(":")[0] for ln in p.stdout.splitlines() if str(workdir) in ln]

@@ -1,0 +1,406 @@
+"""Runs the chosen experiments in order, aggregates the repeats, writes the outputs."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import platform
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from blkback.repro.memory import Config, Sizing, run_once, sizing_dict
+from blkback.repro.testbed import Progress, median, sigterm_as_interrupt, spread
+
+SEED = {
+    "memory_pressure": {
+        "before": {"pswpin": 76672, "pswpout": 185799},
+        "after": {"pswpin": 212, "pswpout": 3325},
+    },
+    "duration_sweep": {
+        "1": {"pswpin": 852, "pswpout": 6424},
+        "10": {"pswpin": 212, "pswpout": 3325},
+        "100": {"pswpin": 203, "pswpout": 3340},
+    },
+    "overhead": {"1024": [45.8, 38.7, 38.7, 38.7, 38.7], "0": [45.8, 38.7, 38.7, 38.7, 38.7]},
+}
+
+# name -> (params, what it is)
+CONFIGS: dict[str, tuple[dict[str, int | str], str]] = {
+    "off": ({"buffer_squeeze_duration_ms": 0}, "squeeze off (before the patch)"),
+    "10": ({"buffer_squeeze_duration_ms": 10}, "squeeze 10 ms (the patch's default)"),
+    "1": ({"buffer_squeeze_duration_ms": 1}, "squeeze 1 ms"),
+    "100": ({"buffer_squeeze_duration_ms": 100}, "squeeze 100 ms"),
+    "wake-off": (
+        {"buffer_squeeze_duration_ms": 10, "squeeze_wake": 0},
+        "squeeze 10 ms, kernel-lazy (idle rings see it at their next 100 ms pass)",
+    ),
+    "graded": (
+        {"buffer_squeeze_duration_ms": 10, "squeeze_policy": "graded"},
+        "squeeze 10 ms, graded policy",
+    ),
+}
+
+
+class Runner:
+    """Holds the options, the output directory and the collected results."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.experiment: str = args.experiment
+        self.quick: bool = args.quick
+        self.out = Path(args.out)
+        self.plots = not args.no_plots
+        self.repeats: int = args.repeats or (1 if self.quick else 3)
+        base = Sizing()
+        seconds = args.seconds or (15.0 if self.quick else 60.0)
+        self.sizing = Sizing(
+            devices=args.devices or base.devices,
+            seconds=seconds,
+            period_s=base.period_s,
+            settle_s=1.0 if self.quick else base.settle_s,
+        )
+        self.dd_runs = 2 if self.quick else 5
+        self.dd_count = 256 * 64 if self.quick else 256 * 512
+        self.log_lines: list[str] = []
+
+    # -- what runs ------------------------------------------------------------------------
+    def memory_configs(self) -> list[str]:
+        names: list[str] = []
+        if self.experiment in ("memory-pressure", "all"):
+            names += ["off", "10", "wake-off", "graded"]
+        if self.experiment in ("duration-sweep", "all"):
+            names += [n for n in ("1", "10", "100") if n not in names]
+        return names
+
+    def log(self, line: str) -> None:
+        self.log_lines.append(line)
+        sys.stderr.write(line + "\n")
+        sys.stderr.flush()
+
+    # -- the whole thing ------------------------------------------------------------------
+    def run(self) -> dict[str, Any]:
+        from blkback.hostenv.swap import TemporarySwap, active_swaps
+
+        self.out.mkdir(parents=True, exist_ok=True)
+        configs = self.memory_configs()
+        do_overhead = self.experiment in ("overhead", "all")
+        steps = len(configs) * self.repeats + (4 if do_overhead else 0)
+        progress = Progress(steps, "repro")
+        t0 = time.monotonic()
+        results: dict[str, Any] = {"config": self.config_dict(configs), "complete": False}
+        results["host"] = {"before": host_snapshot()}
+        work = Path(tempfile.mkdtemp(prefix="blkback-repro-", dir="/tmp"))
+        results["config"]["workdir"] = str(work)
+        results["config"]["pid"] = os.getpid()
+        with sigterm_as_interrupt(), contextlib.ExitStack() as stack:
+            stack.callback(shutil.rmtree, work, True)
+            if configs:
+                swap = stack.enter_context(TemporarySwap(2048))
+                results["config"]["swap"] = {
+                    "created_swapfile": swap.created,
+                    "swaps": active_swaps(),
+                }
+                results["host"]["idle_swap_traffic"] = idle_swap_traffic(3.0)
+                runs = self.memory_runs(configs, work, progress)
+                results.update(aggregate_memory(runs, configs))
+            if do_overhead:
+                results["overhead"] = self.overhead(work, progress)
+        results["host"]["after"] = host_snapshot()
+        results["elapsed_s"] = time.monotonic() - t0
+        results["complete"] = True
+        results["checks"] = checks(results, quick=self.quick)
+        self.write(results)
+        return results
+
+    def memory_runs(
+        self, configs: list[str], work: Path, progress: Progress
+    ) -> dict[str, list[dict[str, Any]]]:
+        runs: dict[str, list[dict[str, Any]]] = {c: [] for c in configs}
+        # Round robin over configurations, so that host noise spreads over all of them.
+        for rep in range(self.repeats):
+            for name in configs:
+                progress.step(f"memory pressure: {name} (run {rep + 1}/{self.repeats})")
+                params, label = CONFIGS[name]
+                r = run_once(
+                    Config(name, params, label), self.sizing, work / "mp", tag=f"{name}-{rep}"
+                )
+                r["repeat"] = rep
+                runs[name].append(r)
+                progress.advance(
+                    f"{name}: pswpin {r['pswpin']:,} pswpout {r['pswpout']:,}"
+                    f" (cgroup majfaults {r['cgroup']['pgmajfault']:,})"
+                )
+        return runs
+
+    def overhead(self, work: Path, progress: Progress) -> dict[str, Any]:
+        from blkback.repro.overhead import run_volume
+
+        raw: dict[str, Any] = {}
+        out: dict[str, Any] = {}
+        for kind in ("slow", "fast"):
+
+            def step(what: str) -> None:
+                progress.advance(what)
+
+            progress.step(f"overhead: {kind} volume (mkfs)")
+            r = run_volume(
+                kind,
+                work,
+                runs=self.dd_runs,
+                count=self.dd_count,
+                size="1G",
+                rate="40M",
+                log=self.log,
+                on_step=step,
+            )
+            raw[kind] = r
+            out[kind] = {k: [x["mb_s"] for x in v] for k, v in r["runs"].items()}
+        out["dd_mb_s"] = {
+            kind: {k: [x["dd_mb_s"] for x in v] for k, v in raw[kind]["runs"].items()}
+            for kind in raw
+        }
+        out["median"] = {
+            kind: {k: median(v) for k, v in out[kind].items()} for kind in ("slow", "fast")
+        }
+        out["loss_pct"] = {
+            kind: 100.0 * (1 - out["median"][kind]["0"] / out["median"][kind]["1024"])
+            for kind in ("slow", "fast")
+        }
+        out["raw"] = raw
+        return out
+
+    def config_dict(self, configs: list[str]) -> dict[str, Any]:
+        return {
+            "experiment": self.experiment,
+            "quick": self.quick,
+            "repeats": self.repeats,
+            "sizing": sizing_dict(self.sizing),
+            "configurations": {
+                n: {"params": CONFIGS[n][0], "label": CONFIGS[n][1]} for n in configs
+            },
+            "overhead": {
+                "runs": self.dd_runs,
+                "dd": f"dd if=/dev/zero of=file bs=4k count={self.dd_count}; sync",
+                "slow": "memory:1G,rate=40M",
+                "fast": "memory:1G",
+                "settings": [1024, 0],
+            },
+            "seed": SEED,
+            "python": sys.version.split()[0],
+            "kernel": platform.release(),
+            "cpus": os.cpu_count(),
+        }
+
+    def write(self, results: dict[str, Any]) -> None:
+        results["dd_log"] = self.log_lines
+        write_outputs(results, self.out, plots=self.plots, log=self.log)
+
+
+def write_outputs(
+    results: dict[str, Any], out: Path, *, plots: bool = True, log: Any = None
+) -> None:
+    """results.json, report.md and the plots into ``out``."""
+    from blkback.repro.report import plot_all, write_report
+
+    made: list[str] = []
+    if plots:
+        try:
+            made = plot_all(results, out)
+        except ImportError as exc:
+            if log is not None:
+                log(f"repro: no plots ({exc}); install matplotlib")
+    results["plots"] = made
+    (out / "results.json").write_text(json.dumps(results, indent=1, default=str) + "\n")
+    write_report(results, out / "report.md")
+
+
+def rerender(source: Path, out: Path, *, plots: bool = True) -> dict[str, Any]:
+    """Aggregate a results.json's raw runs again and rewrite the report (no experiments)."""
+    results: dict[str, Any] = json.loads(source.read_text())
+    per = results.get("configurations") or {}
+    if per:
+        runs = {n: c["runs"] for n, c in per.items()}
+        results.update(aggregate_memory(runs, list(runs)))
+    results["checks"] = checks(results, quick=bool(results["config"].get("quick")))
+    out.mkdir(parents=True, exist_ok=True)
+    write_outputs(results, out, plots=plots)
+    return results
+
+
+def polluted(r: dict[str, Any]) -> bool:
+    """Whether other tenants' swapping shows in this run's host-wide counters.
+
+    ``/proc/vmstat`` is host-wide, and other processes on a shared host may swap (to the
+    same swap areas) during a run. The cgroup's own ``workingset_refault_anon`` counts the
+    anon pages that dom0 faulted back in from swap, which is ``pswpin`` when dom0 is the
+    only one swapping (within a few % either way: swap readahead). A run whose ``pswpin``
+    exceeds 1.5 x that + 2,000 pages had someone else swapping too.
+    """
+    own = r["cgroup"]["workingset_refault_anon"]
+    return bool(r["pswpin"] > 1.5 * own + 2000)
+
+
+def aggregate_memory(runs: dict[str, list[dict[str, Any]]], configs: list[str]) -> dict[str, Any]:
+    """Medians and spreads per configuration, in the results.json layout.
+
+    The host-wide pswpin/pswpout medians are over the runs not :func:`polluted` by other
+    tenants (over all runs when every one is); the cgroup's own counters use all runs.
+    """
+    per: dict[str, Any] = {}
+    for name, all_rs in runs.items():
+        for r in all_rs:
+            r["polluted"] = polluted(r)
+        rs = [r for r in all_rs if not r["polluted"]] or all_rs
+        summary: dict[str, Any] = {
+            "pswpin": int(median([r["pswpin"] for r in rs])),
+            "pswpout": int(median([r["pswpout"] for r in rs])),
+            "clean_runs": len([r for r in all_rs if not r["polluted"]]),
+            "spread": {
+                "pswpin": spread([r["pswpin"] for r in rs]),
+                "pswpout": spread([r["pswpout"] for r in rs]),
+            },
+            "spread_cgroup": {
+                k: spread([r["cgroup"][k] for r in all_rs])
+                for k in ("workingset_refault_anon", "pgmajfault")
+            },
+            "cgroup": {
+                k: int(median([r["cgroup"][k] for r in all_rs])) for k in all_rs[0]["cgroup"]
+            },
+            "squeezes": int(median([r["server"]["squeezes"] for r in all_rs])),
+            "pages_squeezed": int(median([r["server"]["pages_squeezed"] for r in all_rs])),
+            "pressure_reports": int(median([r["server"]["pressure_reports"] for r in all_rs])),
+            "pressure_events": int(
+                median([sum(r["server"]["pressure_events"].values()) for r in all_rs])
+            ),
+            "pool_pages_mean": int(median([_mean_pool(r) for r in all_rs])),
+            "pool_pages_max": int(median([_max_pool(r) for r in all_rs])),
+            "min_pool_pages_after_first_squeeze": min(_min_after_squeeze(r) for r in all_rs),
+            "min_rings_holding_pages_after_first_squeeze": min(
+                _min_after_squeeze(r, "rings_nonempty") for r in all_rs
+            ),
+            "rings": all_rs[0]["server"]["rings"],
+            "guest_burst_s_median": median(
+                [r["guest"].get("burst_s_median") or 0.0 for r in all_rs]
+            ),
+            "runs": all_rs,
+        }
+        per[name] = summary
+    out: dict[str, Any] = {"configurations": per}
+    if "off" in per and "10" in per:
+        out["memory_pressure"] = {
+            "before": {"pswpin": per["off"]["pswpin"], "pswpout": per["off"]["pswpout"]},
+            "after": {"pswpin": per["10"]["pswpin"], "pswpout": per["10"]["pswpout"]},
+            "ratio": {k: per["off"][k] / max(1, per["10"][k]) for k in ("pswpin", "pswpout")},
+            "cgroup": {
+                when: {k: per[n]["cgroup"][k] for k in ("workingset_refault_anon", "pgmajfault")}
+                for when, n in (("before", "off"), ("after", "10"))
+            },
+            "cgroup_ratio": {
+                k: per["off"]["cgroup"][k] / max(1, per["10"]["cgroup"][k])
+                for k in ("workingset_refault_anon", "pgmajfault")
+            },
+            "beyond": {
+                n: {"pswpin": per[n]["pswpin"], "pswpout": per[n]["pswpout"]}
+                for n in ("wake-off", "graded")
+                if n in per
+            },
+        }
+    if all(n in per for n in ("1", "10", "100")):
+        out["duration_sweep"] = {
+            n: {
+                "pswpin": per[n]["pswpin"],
+                "pswpout": per[n]["pswpout"],
+                "spread": per[n]["spread"],
+            }
+            for n in ("1", "10", "100")
+        }
+    return out
+
+
+def _mean_pool(r: dict[str, Any]) -> float:
+    s = r["samples"]
+    return sum(x["pool_pages"] for x in s) / len(s) if s else 0.0
+
+
+def _max_pool(r: dict[str, Any]) -> int:
+    return max((x["pool_pages"] for x in r["samples"]), default=0)
+
+
+def _min_after_squeeze(r: dict[str, Any], key: str = "pool_pages") -> int:
+    """Smallest ``key`` sampled after the first squeeze (the largest, without squeezes)."""
+    s = r["samples"]
+    first = next((i for i, x in enumerate(s) if x["squeezes"] > 0), None)
+    if first is None:
+        return int(max((x[key] for x in s), default=0))
+    return int(min(x[key] for x in s[first:]))
+
+
+def checks(results: dict[str, Any], *, quick: bool) -> dict[str, Any]:
+    """The issue's acceptance criteria, evaluated on this run's numbers."""
+    out: dict[str, Any] = {}
+    mp = results.get("memory_pressure")
+    if mp:
+        out["pswpout_ratio"] = mp["ratio"]["pswpout"]
+        out["pswpin_ratio"] = mp["ratio"]["pswpin"]
+        out["ratio_at_least_20x"] = mp["ratio"]["pswpout"] >= 20 and mp["ratio"]["pswpin"] >= 20
+        out["cgroup_refault_ratio"] = mp["cgroup_ratio"]["workingset_refault_anon"]
+        out["cgroup_majfault_ratio"] = mp["cgroup_ratio"]["pgmajfault"]
+    ds = results.get("duration_sweep")
+    if ds:
+        per = results["configurations"]
+        ok = True
+        for a, b in (("1", "10"), ("10", "100")):
+            for k in ("pswpin", "pswpout"):
+                lo_b = per[b]["spread"][k]["min"]
+                hi_a = per[a]["spread"][k]["max"]
+                # "does not increase beyond noise": b's best run is no worse than a's worst
+                # run, with a floor of 1,000 pages for tiny counts.
+                if lo_b > max(hi_a, per[a][k] + 1000):
+                    ok = False
+        out["sweep_not_increasing"] = ok
+    ov = results.get("overhead")
+    if ov:
+        out["slow_loss_pct"] = ov["loss_pct"]["slow"]
+        out["fast_loss_pct"] = ov["loss_pct"]["fast"]
+        out["slow_within_3pct"] = abs(ov["loss_pct"]["slow"]) <= 3.0
+    out["quick"] = quick
+    return out
+
+
+def host_snapshot() -> dict[str, Any]:
+    """Load and pressure of the host now (to say how noisy it was)."""
+    snap: dict[str, Any] = {"time": time.time()}
+    with contextlib.suppress(OSError):
+        snap["loadavg"] = [float(x) for x in _read("/proc/loadavg").split()[:3]]
+    for res in ("cpu", "memory", "io"):
+        with contextlib.suppress(OSError):
+            snap[f"psi_{res}"] = _read(f"/proc/pressure/{res}").strip().splitlines()
+    with contextlib.suppress(OSError):
+        meminfo = {}
+        for line in _read("/proc/meminfo").splitlines():
+            k, _, v = line.partition(":")
+            if k in ("MemTotal", "MemAvailable", "SwapTotal", "SwapFree"):
+                meminfo[k] = int(v.split()[0]) * 1024
+        snap["meminfo"] = meminfo
+    return snap
+
+
+def _read(path: str) -> str:
+    with open(path) as f:
+        return f.read()
+
+
+def idle_swap_traffic(seconds: float) -> dict[str, Any]:
+    """Host-wide pswpin/pswpout while we run nothing: other tenants' swapping."""
+    from blkback.hostenv.procfs import swap_counters
+
+    a = swap_counters()
+    time.sleep(seconds)
+    b = swap_counters()
+    d = b - a
+    return {"seconds": seconds, "pswpin": d.pswpin, "pswpout": d.pswpout}

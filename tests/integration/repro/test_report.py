@@ -1,0 +1,183 @@
+"""The pure parts of ``blkback repro``: dd parsing, aggregation, checks, report, plots.
+
+No root needed: synthetic runs go through the same aggregation and report code as real ones.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from blkback.cli import build_parser
+from blkback.repro.overhead import DD_RE, UNIT
+from blkback.repro.report import plot_all, write_report
+from blkback.repro.runner import CONFIGS, SEED, aggregate_memory, checks
+from blkback.repro.testbed import median, spread
+
+
+def test_dd_line_parses_like_the_seed() -> None:
+    seed = "536870912 bytes (537 MB) copied, 11.7257 s, 45.8 MB/s"
+    ours = "67108864 bytes (67 MB, 64 MiB) copied, 0.114503 s, 586 MB/s"
+    fast = "67108864 bytes (67 MB, 64 MiB) copied, 0.05 s, 1.3 GB/s"
+    m = DD_RE.search(seed)
+    assert m is not None and float(m.group(3)) == 45.8 and m.group(2) == "11.7257"
+    m = DD_RE.search(ours)
+    assert m is not None and m.group(1) == "67108864"
+    m = DD_RE.search(fast)
+    assert m is not None and float(m.group(3)) * UNIT[m.group(4)] == 1300.0
+
+
+def test_median_and_spread() -> None:
+    assert median([3, 1, 2]) == 2
+    assert median([4, 1, 2, 3]) == 2.5
+    s = spread([90, 100, 110])
+    assert s["median"] == 100 and s["rel"] == pytest.approx(0.2)
+
+
+def _run(name: str, pin: int, pout: int, squeezes: int, rep: int) -> dict[str, Any]:
+    pools = [0, 20000, 65536] if name == "off" else [0, 20000, 3000, 0]
+    samples = [
+        {
+            "t": 0.2 * i,
+            "pool_pages": p,
+            "rings_nonempty": p // 1024,
+            "squeezes": squeezes * (i > 1),
+            "cg_swap": 1 << 20,
+        }
+        for i, p in enumerate(pools)
+    ]
+    return {
+        "config": name,
+        "repeat": rep,
+        "pswpin": pin,
+        "pswpout": pout,
+        "cgroup": {"pgmajfault": pin // 5, "workingset_refault_anon": pin, "max_swap_bytes": 1},
+        "server": {
+            "rings": 64,
+            "squeezes": squeezes,
+            "pages_squeezed": squeezes * 100,
+            "pressure_reports": 5,
+            "pressure_events": {"vmpressure:medium": 7},
+        },
+        "guest": {"burst_s_median": 0.1},
+        "samples": samples,
+        "sizes": {"baseline_bytes": 40 << 20, "limit_bytes": 424 << 20},
+    }
+
+
+def _results(tmp: Path) -> dict[str, Any]:
+    numbers = {
+        "off": (70000, 110000, 0),
+        "10": (1500, 4000, 1000),
+        "1": (30000, 50000, 900),
+        "100": (50, 2000, 200),
+        "wake-off": (9000, 14000, 3000),
+        "graded": (9000, 13000, 2000),
+    }
+    runs = {
+        n: [_run(n, pi - r, po + r, sq, r) for r in range(3)] for n, (pi, po, sq) in numbers.items()
+    }
+    res: dict[str, Any] = {
+        "config": {
+            "experiment": "all",
+            "quick": False,
+            "repeats": 3,
+            "kernel": "test",
+            "cpus": 2,
+            "python": "3",
+            "seed": SEED,
+            "sizing": {
+                "devices": 64,
+                "connections": 1,
+                "burst": 8 << 20,
+                "request": 4 << 20,
+                "period_s": 8.0,
+                "rate": "40M",
+                "hog_mib": 256,
+                "slack_mib": 128,
+                "seconds": 60.0,
+                "sample_ms": 200,
+                "pools_mib": 256.0,
+            },
+            "configurations": {n: {"params": CONFIGS[n][0]} for n in numbers},
+            "overhead": {"runs": 5, "dd": "dd ..."},
+            "swap": {"created_swapfile": True, "swaps": [{"filename": "/x", "size_kib": "1024"}]},
+        },
+        "host": {"before": {"loadavg": [1.0, 1.0, 1.0]}, "after": {"loadavg": [2.0, 2.0, 2.0]}},
+        "elapsed_s": 60.0,
+    }
+    res.update(aggregate_memory(runs, list(numbers)))
+    ov = {
+        "slow": {"1024": [40.0, 39.0, 39.5, 39.6, 39.4], "0": [39.8, 39.5, 39.4, 39.5, 39.6]},
+        "fast": {"1024": [300.0, 310.0, 305.0, 290.0, 300.0], "0": [250.0] * 5},
+    }
+    ov["median"] = {k: {s: median(v) for s, v in ov[k].items()} for k in ("slow", "fast")}
+    ov["loss_pct"] = {
+        k: 100 * (1 - ov["median"][k]["0"] / ov["median"][k]["1024"]) for k in ("slow", "fast")
+    }
+    res["overhead"] = ov
+    res["dd_log"] = ["131072+0 records out"]
+    res["checks"] = checks(res, quick=False)
+    res["plots"] = plot_all(res, tmp)
+    return res
+
+
+def test_aggregate_checks_report_and_plots(tmp_path: Path) -> None:
+    res = _results(tmp_path)
+    mp = res["memory_pressure"]
+    assert mp["before"] == {"pswpin": 70000 - 1, "pswpout": 110000 + 1}
+    assert mp["after"] == {"pswpin": 1500 - 1, "pswpout": 4000 + 1}
+    assert set(res["duration_sweep"]) == {"1", "10", "100"}
+    ch = res["checks"]
+    assert ch["ratio_at_least_20x"] is True
+    assert ch["sweep_not_increasing"] is True
+    assert ch["slow_within_3pct"] is True
+    per = res["configurations"]
+    assert per["10"]["min_pool_pages_after_first_squeeze"] == 0
+    assert per["off"]["squeezes"] == 0
+    assert sorted(res["plots"]) == ["dd.png", "pools.png", "swaps.png"]
+    write_report(res, tmp_path / "report.md")
+    text = (tmp_path / "report.md").read_text()
+    assert "| before (squeeze off) | 76,672 | 185,799 | 69,999 | 110,001 |" in text
+    assert "## 2. Squeeze duration sweep" in text and "## Host noise" in text
+    json.dumps(res)  # everything is JSON-able
+
+
+def test_sweep_check_flags_an_increase(tmp_path: Path) -> None:
+    res = _results(tmp_path)
+    per = res["configurations"]
+    for k in ("pswpin", "pswpout"):
+        per["100"]["spread"][k]["min"] = per["10"]["spread"][k]["max"] * 10 + 5000
+    assert checks(res, quick=False)["sweep_not_increasing"] is False
+
+
+def test_cli_registers_repro() -> None:
+    args = build_parser().parse_args(["repro", "overhead", "--quick", "--out", "x"])
+    assert isinstance(args, argparse.Namespace)
+    assert args.experiment == "overhead" and args.quick and args.out == "x"
+    assert build_parser().parse_args(["repro"]).experiment == "all"
+
+
+def test_runs_polluted_by_other_tenants_are_left_out_of_the_host_wide_median(
+    tmp_path: Path,
+) -> None:
+    from blkback.repro.runner import polluted, rerender
+
+    clean = _run("10", 1500, 4000, 100, 0)
+    assert not polluted(clean)
+    noisy = _run("10", 250_000, 380_000, 100, 1)
+    noisy["cgroup"]["workingset_refault_anon"] = 1200  # dom0 itself was quiet
+    assert polluted(noisy)
+    res = _results(tmp_path)
+    res["configurations"]["10"]["runs"][2] = noisy
+    src = tmp_path / "in.json"
+    src.write_text(json.dumps(res))
+    again = rerender(src, tmp_path / "out", plots=False)
+    ten = again["configurations"]["10"]
+    assert ten["clean_runs"] == 2
+    assert ten["pswpout"] < 10_000  # the polluted run is not in the median
+    assert "/ 380,000*" in (tmp_path / "out" / "report.md").read_text()
