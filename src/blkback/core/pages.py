@@ -18,6 +18,7 @@ Both reuse freed ids LIFO, so ids stay dense.
 
 from __future__ import annotations
 
+import bisect
 import ctypes
 import ctypes.util
 import errno
@@ -100,6 +101,9 @@ def _load_libc() -> ctypes.CDLL | None:
 class MmapAllocator:
     """Real 4 KiB pages over private anonymous mappings; freeing returns them to the OS.
 
+    ``deferred_release``: :meth:`free` only records pages and :meth:`flush` drops their
+    frames, so the pool may hand over a whole shrink in one call (see ``PagePool.shrink``).
+
     Args:
         chunk_pages: pages mapped per chunk of address space (one mmap call each).
         mlock: try to pin pages in RAM (like Xen's ballooned frames, which never swap). The
@@ -110,6 +114,8 @@ class MmapAllocator:
             and allocation goes on unpinned.
         warn: where the single degradation message goes.
     """
+
+    deferred_release = True
 
     def __init__(
         self,
@@ -168,17 +174,30 @@ class MmapAllocator:
         pending = self._pending
         if not pending:
             return
+        pending.sort()
         chunk_pages = self.chunk_pages
         chunks = self._chunks
-        run_start = run_end = -1
-        for page in sorted(pending):
-            if page == run_end and page % chunk_pages:
-                run_end += 1
-                continue
-            if run_start >= 0:
+        i = 0
+        n = len(pending)
+        while i < n:
+            # The pages of one chunk are pending[i:j]; usually they are one run (a pool
+            # that gave back whole chunks), which is checked without a loop in Python.
+            first = pending[i]
+            chunk_end = (first // chunk_pages + 1) * chunk_pages
+            j = bisect.bisect_left(pending, chunk_end, i)
+            last = pending[j - 1]
+            if last - first == j - 1 - i:
+                self._dontneed(chunks, first, last + 1)
+            else:
+                run_start = run_end = first
+                for page in pending[i:j]:
+                    if page == run_end:
+                        run_end += 1
+                        continue
+                    self._dontneed(chunks, run_start, run_end)
+                    run_start, run_end = page, page + 1
                 self._dontneed(chunks, run_start, run_end)
-            run_start, run_end = page, page + 1
-        self._dontneed(chunks, run_start, run_end)
+            i = j
         self._free_ids.extend(pending)
         pending.clear()
 

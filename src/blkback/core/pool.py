@@ -11,9 +11,11 @@ Rule 2: the semantics are the kernel's, exactly (blkback-spec §1):
 * ``put`` pushes with **no cap check**: the pool may exceed ``max_buffer_pages`` until the
   ring's next loop pass trims it.
 * ``shrink(target, batch)`` frees down to exactly ``min(size, target)`` pages, the most
-  recently returned first, handing them to the allocator ``batch`` at a time; the allocator
-  may drop the frames of the whole shrink at once when it ends (``flush``), which is when
-  the memory has left the process.
+  recently returned first, in batches of ``batch`` (counted in ``free_batches``). An
+  allocator that frees at once gets one call per batch, as the kernel's
+  ``gnttab_free_pages``; one that defers (``deferred_release``: the real mmap pages) gets the
+  whole excess in one call and drops the frames when the shrink ends (``flush``), which is
+  when the memory has left the process.
 
 The pool is owned by one ring and used from that ring's thread only, like the kernel's
 pool is used under its spinlock; it has no lock of its own.
@@ -47,6 +49,7 @@ class PagePool:
     __slots__ = (
         "_free",
         "allocator",
+        "free_batches",
         "hits",
         "in_flight",
         "misses",
@@ -66,6 +69,7 @@ class PagePool:
         self.pages_freed = 0
         self.hits = 0
         self.misses = 0
+        self.free_batches = 0  # batches of batch_free_pages freed (the kernel's unit)
 
     def __len__(self) -> int:
         return len(self._free)
@@ -143,19 +147,29 @@ class PagePool:
         excess = len(free) - target
         if excess <= 0:
             return 0
-        freed = 0
-        allocator_free = self.allocator.free
-        while excess > 0:
-            k = batch if batch < excess else excess
-            chunk = free[-k:]
-            del free[-k:]
-            chunk.reverse()  # most recently returned first, as the kernel pops the head
-            allocator_free(chunk)
-            freed += k
-            excess -= k
-        self.allocator.flush()
-        self.pages_freed += freed
-        return freed
+        allocator = self.allocator
+        self.free_batches += (excess + batch - 1) // batch
+        if getattr(allocator, "deferred_release", False):
+            # The allocator releases nothing until flush(): the batches are accounting
+            # only, so the whole excess goes over in one call (the ring's lock is held for
+            # the whole pass either way). Most recently returned first, as ever.
+            doomed = free[-excess:]
+            del free[-excess:]
+            doomed.reverse()
+            allocator.free(doomed)
+        else:
+            allocator_free = allocator.free
+            left = excess
+            while left > 0:
+                k = batch if batch < left else left
+                chunk = free[-k:]
+                del free[-k:]
+                chunk.reverse()  # most recently returned first, as the kernel pops the head
+                allocator_free(chunk)
+                left -= k
+        allocator.flush()
+        self.pages_freed += excess
+        return excess
 
     def counters(self) -> PoolCounters:
         """A snapshot of the counters."""

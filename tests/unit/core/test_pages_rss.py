@@ -30,6 +30,7 @@ def test_shrinking_200_mib_returns_at_least_90_percent_to_the_os() -> None:
     grown = _rss_anon_kib()
     assert grown - base >= 0.95 * 200 * 1024, f"pool did not become resident: {grown - base} KiB"
     assert pool.shrink(0, 10) == n
+    assert pool.free_batches == (n + 9) // 10  # the kernel's unit, counted
     after = _rss_anon_kib()
     released_kib = grown - after
     assert released_kib >= 0.9 * 200 * 1024, f"only {released_kib} KiB left the process"

@@ -46,6 +46,7 @@ def test_put_has_no_cap_and_shrink_is_exact_and_batched() -> None:
     alloc.free = spy  # type: ignore[method-assign]
     assert pool.shrink(5, 10) == 32
     assert batches == [10, 10, 10, 2]
+    assert pool.free_batches == 4
     assert len(pool) == 5
     assert pool.shrink(9, 10) == 0  # target above size: nothing to do
     assert alloc.live_pages == 5
