@@ -30,6 +30,7 @@ from .base import (
     check_write_range,
     format_size,
     refuse_readonly,
+    set_capabilities,
 )
 
 PAGE = 4096
@@ -40,15 +41,16 @@ class AnonMemoryStorage:
     """Sparse memory export over a private anonymous mapping."""
 
     kind = "memory"
-    inline = True
-    can_flush = True
-    can_fua = True
-    can_trim = True
-    can_zero = True
-    can_fast_zero = True
-    can_cache = True
-    can_extents = True
-    can_multi_conn = True
+    readonly: bool
+    can_flush: bool
+    can_fua: bool
+    can_trim: bool
+    can_zero: bool
+    can_fast_zero: bool
+    can_cache: bool
+    can_extents: bool
+    can_multi_conn: bool
+    inline: bool
 
     def __init__(self, size: int, *, readonly: bool = False) -> None:
         """Reserve ``size`` bytes (rounded up to whole pages) of address space.
@@ -59,7 +61,7 @@ class AnonMemoryStorage:
         if not 0 < size <= MAX_SIZE:
             raise ConfigError(f"memory: size must be between 1 and {MAX_SIZE} bytes")
         self.size = size
-        self.readonly = readonly
+        set_capabilities(self, readonly=readonly, inline=True)
         pages = (size + PAGE - 1) // PAGE
         try:
             self._map = mmap.mmap(

@@ -95,6 +95,26 @@ class Storage(Protocol):
         ...
 
 
+def set_capabilities(storage: object, *, readonly: bool, inline: bool) -> None:
+    """The capability flags every backend of this package has: all features, no writes
+    (trim, zero, fast zero) on a read-only export; one storage object serves every
+    connection of the export, so FLUSH on one covers writes made on all (CAN_MULTI_CONN).
+    """
+    for name, value in (
+        ("readonly", readonly),
+        ("can_flush", True),
+        ("can_fua", True),
+        ("can_trim", not readonly),
+        ("can_zero", not readonly),
+        ("can_fast_zero", not readonly),
+        ("can_cache", True),
+        ("can_extents", True),
+        ("can_multi_conn", True),
+        ("inline", inline),
+    ):
+        setattr(storage, name, value)
+
+
 def buffers_length(bufs: Sequence[memoryview]) -> int:
     """Total byte length of a list of buffers."""
     return sum(map(len, bufs))

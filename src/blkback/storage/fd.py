@@ -48,6 +48,7 @@ from .base import (
     format_size,
     os_error,
     refuse_readonly,
+    set_capabilities,
 )
 
 log = logging.getLogger(__name__)
@@ -148,19 +149,20 @@ class FdStorage:
         self._closed = False
 
         self.size = size
-        self.readonly = readonly
-        self.can_flush = True
-        self.can_fua = True
-        self.can_trim = not readonly
-        self.can_zero = not readonly
-        self.can_fast_zero = not readonly
-        self.can_cache = True
-        self.can_extents = True
+        self.readonly: bool
+        self.can_flush: bool
+        self.can_fua: bool
+        self.can_trim: bool
+        self.can_zero: bool
+        self.can_fast_zero: bool
+        self.can_cache: bool
+        self.can_extents: bool
+        self.can_multi_conn: bool
+        self.inline: bool
         # One storage object (one inode) serves every connection of the export, and
         # fdatasync covers the inode whichever descriptor wrote: FLUSH on one connection
         # covers writes made on all of them, as CAN_MULTI_CONN requires.
-        self.can_multi_conn = True
-        self.inline = False
+        set_capabilities(self, readonly=readonly, inline=False)
 
     # -- data path -------------------------------------------------------------------------
 

@@ -20,6 +20,7 @@ from .base import (
     check_write_range,
     format_size,
     refuse_readonly,
+    set_capabilities,
 )
 
 # Reads copy from this shared zero buffer: a slice assignment is one memcpy in C, faster
@@ -59,16 +60,17 @@ class NullStorage:
         if not 0 < size <= MAX_SIZE:
             raise ConfigError(f"null: size must be between 1 and {MAX_SIZE} bytes")
         self.size = size
-        self.readonly = readonly
-        self.can_flush = True
-        self.can_fua = True
-        self.can_trim = not readonly
-        self.can_zero = not readonly
-        self.can_fast_zero = not readonly
-        self.can_cache = True
-        self.can_extents = True
-        self.can_multi_conn = True
-        self.inline = True
+        self.readonly: bool
+        self.can_flush: bool
+        self.can_fua: bool
+        self.can_trim: bool
+        self.can_zero: bool
+        self.can_fast_zero: bool
+        self.can_cache: bool
+        self.can_extents: bool
+        self.can_multi_conn: bool
+        self.inline: bool
+        set_capabilities(self, readonly=readonly, inline=True)
 
     def preadv(self, bufs: list[memoryview], offset: int) -> None:
         """Fill ``bufs`` with zeroes.
