@@ -434,9 +434,9 @@ class Connection:
                     out.append(codec.error_reply(cookie, errno.ENOMEM, "out of memory"))
                     self._alloc_backoff()
                     continue
-                start = self._receive_payload(view, start, end, length, pages)
-                end = max(end, start)
                 views = spans(pages, length)
+                start = self._receive_payload(view, start, end, length, list(views))
+                end = max(end, start)
                 if mem is not None:
                     assert mark is not None
                     mark(offset, length)
@@ -522,7 +522,7 @@ class Connection:
                     raise
                 with self.ring_lock:
                     pages = ring.get_pages((length + PAGE_SIZE_MASK) >> PAGE_SHIFT, now)
-                start = self._receive_payload(view, start, end, length, pages)
+                start = self._receive_payload(view, start, end, length, self._views(pages, length))
             else:
                 codec.check(flags, cmd, offset, length)
                 if cmd == C_DISC:
@@ -645,13 +645,13 @@ class Connection:
 
     # -- payloads -------------------------------------------------------------------------
     def _receive_payload(
-        self, view: memoryview, start: int, end: int, length: int, pages: list[int]
+        self, view: memoryview, start: int, end: int, length: int, views: list[memoryview]
     ) -> int:
-        """Fill ``pages`` with the write payload; return the new staging start.
+        """Fill ``views`` (a request's spans) with the write payload; return the new start.
 
-        The staged part is copied; the rest is received straight into the pages.
+        The staged part is copied; the rest is received straight into the pages. ``views``
+        is consumed: pass a list the caller does not need afterwards.
         """
-        views = self._views(pages, length)
         staged = min(end - start, length)
         pos = 0  # bytes of payload in place
         i = 0
