@@ -130,6 +130,8 @@ class MmapAllocator:
         self._chunks: list[mmap.mmap] = []
         self._chunk_views: list[memoryview] = []
         self._views: list[memoryview] = []
+        #: Every page's 4096 bytes by page id (the list grows with the chunks).
+        self.page_views = self._views
         self._free_ids: list[int] = []
         self._pending: list[int] = []  # freed, frames not yet dropped
         self._live = 0
