@@ -139,11 +139,19 @@ class Bus:
         # Totals of rings that have gone, so that counters never move backwards.
         # pages_reclaimed: in flight when a connection died, returned at close.
         self.retired = {"rings": 0, "pages_allocated": 0, "pages_freed": 0, "pages_reclaimed": 0}
+        #: The policy selected by ``params.squeeze_policy``, kept current by a listener so
+        #: that a ring's pass (every batch of requests) does not look it up by name.
+        self.current_policy: SqueezePolicy = policy_named(self.params.squeeze_policy)
+        self.params.subscribe(self._param_changed)
+
+    def _param_changed(self, name: str, old: object, new: object) -> None:
+        if name == "squeeze_policy":
+            self.current_policy = policy_named(self.params.squeeze_policy)
 
     @property
     def policy(self) -> SqueezePolicy:
         """The squeeze policy selected by the parameters."""
-        return policy_named(self.params.squeeze_policy)
+        return self.current_policy
 
     def add_device(self, name: str) -> Device:
         """Register a device; names are unique."""

@@ -237,16 +237,29 @@ class MmapAllocator:
         chunk_pages = self.chunk_pages
         chunk_views = self._chunk_views
         out: list[memoryview] = []
-        start = prev = pages[0]
-        for p in pages[1:]:
-            if p == prev + 1 and p % chunk_pages:
-                prev = p
-                continue
-            c, o = divmod(start, chunk_pages)
-            out.append(chunk_views[c][o * PAGE_SIZE : (o + prev - start + 1) * PAGE_SIZE])
-            start = prev = p
-        c, o = divmod(start, chunk_pages)
-        out.append(chunk_views[c][o * PAGE_SIZE : (o + prev - start + 1) * PAGE_SIZE])
+        n = len(pages)
+        i = 0
+        while i < n:
+            # pages[i:j] are the pages of one chunk; usually one run, which is checked
+            # without a loop in Python (a 1 MiB request has 256 pages).
+            first = pages[i]
+            c, o = divmod(first, chunk_pages)
+            j = bisect.bisect_left(pages, (c + 1) * chunk_pages, i)
+            base = chunk_views[c]
+            if pages[j - 1] - first == j - 1 - i:
+                out.append(base[o * PAGE_SIZE : (o + j - i) * PAGE_SIZE])
+            else:
+                start = prev = first
+                for p in pages[i + 1 : j]:
+                    if p == prev + 1:
+                        prev = p
+                        continue
+                    o = start - c * chunk_pages
+                    out.append(base[o * PAGE_SIZE : (o + prev - start + 1) * PAGE_SIZE])
+                    start = prev = p
+                o = start - c * chunk_pages
+                out.append(base[o * PAGE_SIZE : (o + prev - start + 1) * PAGE_SIZE])
+            i = j
         excess = len(pages) * PAGE_SIZE - length
         if excess > 0:
             out[-1] = out[-1][: len(out[-1]) - excess]

@@ -133,7 +133,8 @@ class Ring:
             had_io: whether the iteration handled requests (False: the wait timed out).
             woken: whether a squeeze woke the ring for this pass.
         """
-        params = self.device.params
+        device = self.device
+        params = device.params
         stats = self.stats
         stats.passes += 1
         if woken:
@@ -147,8 +148,9 @@ class Ring:
         # A woken pass may be evaluated at an earlier instant than a pass the ring ran since.
         if now_ns > self.last_pass_ns:
             self.last_pass_ns = now_ns
-        target = self.device.policy.target(self, now_ns)
-        freed = self.pool.shrink(target, params.batch_free_pages)
+        target = device.bus.current_policy.target(self, now_ns)
+        pool = self.pool
+        freed = pool.shrink(target, params.batch_free_pages) if len(pool) > target else 0
         if freed:
             self.last_free_ns = now_ns
             # Pages above max_buffer_pages would have gone anyway: only the rest is squeeze.

@@ -86,6 +86,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--max-connections", type=int, default=1024, help="connections accepted at once"
     )
     parser.add_argument(
+        "--poll-us",
+        type=int,
+        default=50,
+        metavar="MICROSECONDS",
+        help="after serving requests, poll the connection this long before sleeping "
+        "(like net.core.busy_read; at most half the CPUs poll at once; 0: never; default 50)",
+    )
+    parser.add_argument(
         "--handshake-timeout",
         type=float,
         default=10.0,
@@ -160,6 +168,8 @@ def run(args: argparse.Namespace) -> int:
     ):
         if value < 1:
             raise ConfigError(f"{flag} must be at least 1")
+    if not 0 <= args.poll_us <= 1_000_000:
+        raise ConfigError("--poll-us must be between 0 and 1000000")
     max_block = parse_size(args.max_block)
     if not 4096 <= max_block <= 1 << 30:
         raise ConfigError("--max-block must be between 4K and 1G")
@@ -184,6 +194,7 @@ def run(args: argparse.Namespace) -> int:
         metrics=args.metrics,
         workers=args.workers,
         max_connections=args.max_connections,
+        poll_us=args.poll_us,
         handshake_timeout_s=args.handshake_timeout,
         idle_timeout_ns=int(args.idle_timeout * 1e9),
         mlock=args.mlock,

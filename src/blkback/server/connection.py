@@ -37,6 +37,7 @@ import socket
 import struct
 import threading
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from blkback.core.pages import PAGE_SIZE, MmapAllocator
@@ -70,6 +71,7 @@ PAGE_SIZE_MASK = PAGE_SIZE - 1
 _SIMPLE = struct.Struct(">IIQ")
 _OFFSET_DATA = struct.Struct(">IHHQIQ")  # structured chunk header (DONE, OFFSET_DATA) + offset
 IOV_MAX = 1024
+MSG_DONTWAIT = socket.MSG_DONTWAIT
 MAX_SEND_BYTES = 1 << 30
 
 C_READ = int(Cmd.READ)
@@ -86,6 +88,10 @@ F_FUA = int(CmdFlag.FUA)
 F_NO_HOLE = int(CmdFlag.NO_HOLE)
 F_FAST_ZERO = int(CmdFlag.FAST_ZERO)
 F_REQ_ONE = int(CmdFlag.REQ_ONE)
+
+
+def _never(buf: memoryview, nbytes: int, flags: int) -> int:
+    raise AssertionError("busy polling over TLS")
 
 
 def _wants_tls(hs: ServerHandshake) -> bool:
@@ -119,13 +125,9 @@ class Connection:
         self._inflight = 0  # requests handed to workers and not finished
         self._idle = threading.Condition()
         self.max_payload = 0
-        # Pages per group of fast requests (see _batch): one pool call and one sendmsg per
+        # Pages per group of fast requests (see _loop): one pool call and one sendmsg per
         # group. 1 serves request by request (for comparisons).
         self.group_pages = max(1, int(os.environ.get("BLKBACK_GROUP_PAGES", str(GROUP_PAGES))))
-        # The last request was a large write received straight into its pages: receive the
-        # next header alone rather than a staging buffer's worth of the next payload, which
-        # would then be copied once more.
-        self._small_recv = False
         self.closed = threading.Event()
         self._alloc_failed_ns = -(10**18)  # last page allocation failure
         self._alloc_backoff_ns = 0
@@ -297,18 +299,69 @@ class Connection:
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, tv)
 
     def _loop(self, leftover: bytes) -> None:
+        """The ring's loop: receive, serve every complete request, run the pass; repeat.
+
+        The common requests (READ and WRITE without flags, inside the export, on storage
+        that is the server's memory or a plain descriptor, served inline) are served in
+        *groups*: the complete requests at the front of the staging buffer, up to
+        ``group_pages`` pages, take their pages from the pool in one call, do their I/O, send
+        their replies in one ``sendmsg`` and give the pages back in one call. A group is what
+        one pass of the kernel's ``do_block_io_op`` maps at once; 16 random 4 KiB requests are
+        one group, a 1 MiB request is a group of its own (so that the pages of a stream of
+        large requests are reused request after request and the pool stays small). Anything
+        else goes one request at a time through ``Transmission.check`` and ``_execute``.
+
+        Everything the hot path needs is bound once here, not per batch: at QD1 a batch is
+        one request, and the per-batch set-up was a measurable part of its cost.
+        """
         ring = self.ring
-        assert ring is not None
+        alloc = self.allocator
+        assert ring is not None and alloc is not None
         server = self.server
-        clock = server.clock
+        now_ns = server.clock.now_ns
         sock = self.sock
+        recv_into = sock.recv_into
         staging = bytearray(STAGING_BYTES)
         view = memoryview(staging)
         start = 0
         end = len(leftover)
         staging[:end] = leftover
         idle_timeout_ns = server.config.idle_timeout_ns
-        last_request_ns = clock.now_ns()
+        last_request_ns = now_ns()
+        storage = self.storage
+        fast = storage.inline and (self.mem is not None or self.plain_fd >= 0)
+        stats = ring.stats
+        lock = self.ring_lock
+        get_pages = ring.get_pages
+        put_pages = ring.put_pages
+        loop_pass = ring.loop_pass
+        spans = alloc.spans
+        page_views = alloc.page_views
+        group_pages = self.group_pages
+        plain_fd = self.plain_fd
+        mem = self.mem
+        mark = getattr(storage, "mark", None)
+        # The memory backend's map of pages that may hold data (see AnonMemoryStorage.mark).
+        used: bytearray = getattr(storage, "used", bytearray())
+        size = self.export_size
+        max_block = self.max_block
+        writable = self.writable
+        structured = self.structured
+        unpack = REQUEST.unpack_from
+        simple = _SIMPLE.pack
+        offset_data = _OFFSET_DATA.pack
+        preadv = os.preadv
+        pwritev = os.pwritev
+        send = self._send
+        small_recv = False
+        # Busy polling needs the plain socket's recv flags (not over TLS).
+        poll_recv: Callable[[memoryview, int, int], int] = _never
+        poll_ns = 0
+        if isinstance(sock, socket.socket):
+            poll_recv = sock.recv_into
+            poll_ns = server.config.poll_us * 1000
+        poll_slots = server.poll_slots
+        served = False  # a batch was just served: poll before sleeping
         while True:
             if self._fatal is not None:
                 raise self._fatal
@@ -319,163 +372,172 @@ class Connection:
                     end -= start
                     start = 0
                 try:
-                    if self._small_recv:
-                        self._small_recv = False
-                        n = sock.recv_into(view[end:REQUEST_SIZE])
-                    else:
-                        n = sock.recv_into(view[end:])
+                    # After a large write received straight into its pages, receive the next
+                    # header alone rather than a staging buffer's worth of the next payload,
+                    # which would then be copied once more.
+                    dst = view[end:REQUEST_SIZE] if small_recv else view[end:]
+                    n = -1
+                    if served and poll_ns:
+                        # Busy polling right after a batch (see ServerConfig.poll_us).
+                        served = False
+                        for slot in poll_slots:
+                            if slot.acquire(False):
+                                try:
+                                    deadline = now_ns() + poll_ns
+                                    while True:
+                                        try:
+                                            n = poll_recv(dst, 0, MSG_DONTWAIT)
+                                            break
+                                        except BlockingIOError:
+                                            if now_ns() >= deadline:
+                                                break
+                                finally:
+                                    slot.release()
+                                break
+                    if n < 0:
+                        n = recv_into(dst)
                 except BlockingIOError:
                     # SO_RCVTIMEO expired: the ring was idle until its pass is due.
                     if server.stopping:
                         raise Disconnect from None
-                    now = clock.now_ns()
+                    now = now_ns()
                     if idle_timeout_ns and now - last_request_ns > idle_timeout_ns:
                         log.info("%s: idle timeout", self.peer)
                         raise Disconnect from None
                     if ring.pass_due(now):
                         self._pass(now, had_io=False, woken=False)
-                    self._set_timeouts(ring.next_pass_ns() - clock.now_ns())
+                    self._set_timeouts(ring.next_pass_ns() - now_ns())
                     continue
                 if n == 0:
                     raise Disconnect
+                small_recv = False
                 end += n
                 continue
-            start = self._batch(view, start, end)
-            last_request_ns = clock.now_ns()
-            self._pass(last_request_ns, had_io=True, woken=False)
-
-    def _pass(self, now_ns: int, *, had_io: bool, woken: bool) -> None:
-        ring = self.ring
-        assert ring is not None
-        with self.ring_lock:
-            ring.loop_pass(now_ns, had_io=had_io, woken=woken)
-
-    # -- one batch of requests ------------------------------------------------------------
-    def _batch(self, view: memoryview, start: int, end: int) -> int:
-        """Handle every complete request in ``view[start:end]``; return the new start.
-
-        The common requests (READ and WRITE without flags, inside the export, on storage
-        that is a plain descriptor or the server's memory) are served in *groups*: the
-        complete requests at the front of the staging buffer, up to ``group_pages`` pages,
-        take their pages from the pool in one call, do their I/O, send their replies in one
-        ``sendmsg`` and give the pages back in one call. A group is what one pass of the
-        kernel's ``do_block_io_op`` maps at once; 16 random 4 KiB requests are one group,
-        a 1 MiB request is a group of its own (so that the pages of a stream of large
-        requests are reused request after request and the pool stays small). Everything
-        else goes one request at a time through ``Transmission.check`` and ``_execute``.
-        """
-        if (self.mem is None and self.plain_fd < 0) or not self.storage.inline:
-            return self._slow_batch(view, start, end)
-        ring = self.ring
-        alloc = self.allocator
-        assert ring is not None and alloc is not None
-        stats = ring.stats
-        lock = self.ring_lock
-        get_pages = ring.get_pages
-        put_pages = ring.put_pages
-        spans = alloc.spans
-        page_views = alloc.page_views
-        group_pages = self.group_pages
-        plain_fd = self.plain_fd
-        mem = self.mem
-        mark = getattr(self.storage, "mark", None)
-        size = self.export_size
-        max_block = self.max_block
-        writable = self.writable
-        structured = self.structured
-        unpack = REQUEST.unpack_from
-        simple = _SIMPLE.pack
-        offset_data = _OFFSET_DATA.pack
-        preadv = os.preadv
-        pwritev = os.pwritev
-        now = self.server.clock.now_ns()
-        while end - start >= REQUEST_SIZE:
-            # 1. The group: fast requests whose headers (and write payloads) are staged; a
-            #    write whose payload is still arriving ends it.
-            group: list[tuple[int, int, int, int, int]] = []
-            need = 0
-            pos = start
-            while need < group_pages and end - pos >= REQUEST_SIZE:
-                magic, flags, cmd, cookie, offset, length = unpack(view, pos)
-                if (
-                    magic != REQUEST_MAGIC
-                    or flags
-                    or not 0 < length <= max_block
-                    or offset + length > size
-                ):
-                    break
-                if cmd == C_READ:
-                    pos += REQUEST_SIZE
-                elif cmd == C_WRITE and writable:
-                    pos += REQUEST_SIZE + length
-                else:
-                    break
-                npages = (length + PAGE_SIZE_MASK) >> PAGE_SHIFT
-                group.append((cmd, cookie, offset, length, npages))
-                need += npages
-                if pos >= end:
-                    break
-            if not group:
-                start, end = self._one_request(view, start, end)
-                continue
-            # 2. Its pages, in one call.
-            try:
-                with lock:
-                    pages = get_pages(need, now)
-            except MemoryError:
-                # Serve the first request alone: it gets pages or its ENOMEM reply.
-                start, end = self._one_request(view, start, end)
-                continue
-            # 3. Its I/O, in order, and one send; the pages go back once their data is out
-            #    (or the connection failed: nothing else holds them then).
-            try:
-                out: list[bytes | memoryview] = []
-                j = 0
-                for cmd, cookie, offset, length, npages in group:
-                    if npages == 1:
-                        v = page_views[pages[j]]
-                        views = [v if length == PAGE_SIZE else v[:length]]
-                    else:
-                        views = spans(pages[j : j + npages], length)
-                    j += npages
-                    start += REQUEST_SIZE
+            # A batch: every complete request in the staging buffer.
+            now = now_ns()
+            while end - start >= REQUEST_SIZE:
+                # 1. The group: fast requests whose headers (and write payloads) are
+                #    staged; a write whose payload is still arriving ends it.
+                group: list[tuple[int, int, int, int, int]] = []
+                need = 0
+                pos = start
+                while fast and need < group_pages and end - pos >= REQUEST_SIZE:
+                    magic, flags, cmd, cookie, offset, length = unpack(view, pos)
+                    if (
+                        magic != REQUEST_MAGIC
+                        or flags
+                        or not 0 < length <= max_block
+                        or offset + length > size
+                    ):
+                        break
                     if cmd == C_READ:
-                        if mem is not None:
-                            p = offset
-                            for v in views:
-                                n = len(v)
-                                v[:] = mem[p : p + n]
-                                p += n
-                        elif preadv(plain_fd, views, offset) != length:
-                            self._fill_short_read(views, offset, length)
-                        stats.rd_req += 1
-                        stats.rd_bytes += length
-                        if structured:
-                            out.append(
-                                offset_data(
-                                    STRUCTURED_REPLY_MAGIC,
-                                    R_DONE,
-                                    R_OFFSET_DATA,
-                                    cookie,
-                                    length + 8,
-                                    offset,
-                                )
-                            )
-                        else:
-                            out.append(simple(SIMPLE_REPLY_MAGIC, 0, cookie))
-                        out.extend(views)
+                        pos += REQUEST_SIZE
+                    elif cmd == C_WRITE and writable:
+                        pos += REQUEST_SIZE + length
                     else:
+                        break
+                    npages = (length + PAGE_SIZE_MASK) >> PAGE_SHIFT
+                    group.append((cmd, cookie, offset, length, npages))
+                    need += npages
+                    if pos >= end:
+                        break
+                if not group:
+                    start, end = self._one_request(view, start, end)
+                    continue
+                # 2. Its pages, in one call.
+                try:
+                    with lock:
+                        pages = get_pages(need, now)
+                except MemoryError:
+                    # Serve the first request alone: it gets pages or its ENOMEM reply.
+                    start, end = self._one_request(view, start, end)
+                    continue
+                # 3. Its I/O, in order, and one send; the pages go back once their data is
+                #    out (or the connection failed: nothing else holds them then).
+                try:
+                    out: list[bytes | memoryview] = []
+                    j = 0
+                    for cmd, cookie, offset, length, npages in group:
+                        start += REQUEST_SIZE
+                        if npages == 1 and mem is not None:
+                            # One page to or from the server's memory: the common 4 KiB case,
+                            # written out without lists and loops.
+                            v = page_views[pages[j]]
+                            j += 1
+                            if length != PAGE_SIZE:
+                                v = v[:length]
+                            if cmd == C_READ:
+                                v[:] = mem[offset : offset + length]
+                                stats.rd_req += 1
+                                stats.rd_bytes += length
+                                if structured:
+                                    out.append(
+                                        offset_data(
+                                            STRUCTURED_REPLY_MAGIC,
+                                            R_DONE,
+                                            R_OFFSET_DATA,
+                                            cookie,
+                                            length + 8,
+                                            offset,
+                                        )
+                                    )
+                                else:
+                                    out.append(simple(SIMPLE_REPLY_MAGIC, 0, cookie))
+                                out.append(v)
+                                continue
+                            if end - start >= length:
+                                v[:] = view[start : start + length]
+                                start += length
+                            else:
+                                start = end = self._receive_payload(view, start, end, length, [v])
+                            used[offset >> PAGE_SHIFT] = 1
+                            used[(offset + length - 1) >> PAGE_SHIFT] = 1
+                            mem[offset : offset + length] = v
+                            stats.wr_req += 1
+                            stats.wr_bytes += length
+                            out.append(simple(SIMPLE_REPLY_MAGIC, 0, cookie))
+                            continue
+                        if npages == 1:
+                            v = page_views[pages[j]]
+                            views = [v if length == PAGE_SIZE else v[:length]]
+                        else:
+                            views = spans(pages[j : j + npages], length)
+                        j += npages
+                        if cmd == C_READ:
+                            if mem is not None:
+                                p = offset
+                                for v in views:
+                                    n = len(v)
+                                    v[:] = mem[p : p + n]
+                                    p += n
+                            elif preadv(plain_fd, views, offset) != length:
+                                self._fill_short_read(views, offset, length)
+                            stats.rd_req += 1
+                            stats.rd_bytes += length
+                            if structured:
+                                out.append(
+                                    offset_data(
+                                        STRUCTURED_REPLY_MAGIC,
+                                        R_DONE,
+                                        R_OFFSET_DATA,
+                                        cookie,
+                                        length + 8,
+                                        offset,
+                                    )
+                                )
+                            else:
+                                out.append(simple(SIMPLE_REPLY_MAGIC, 0, cookie))
+                            out.extend(views)
+                            continue
                         if end - start >= length:
                             # Staged with the headers: one copy into the pages.
-                            if npages == 1:
-                                views[0][:] = view[start : start + length]
-                            else:
-                                self._receive_payload(view, start, end, length, list(views))
+                            self._receive_payload(view, start, end, length, list(views))
                             start += length
                         else:
-                            start = self._receive_payload(view, start, end, length, list(views))
-                            end = start
-                            self._small_recv = length >= LARGE_PAYLOAD
+                            start = end = self._receive_payload(
+                                view, start, end, length, list(views)
+                            )
+                            small_recv = length >= LARGE_PAYLOAD
                         if mem is not None:
                             assert mark is not None
                             mark(offset, length)
@@ -485,21 +547,25 @@ class Connection:
                                 mem[p : p + n] = v
                                 p += n
                         elif pwritev(plain_fd, views, offset) != length:
-                            self.storage.pwritev(views, offset, False)  # finish a short write
+                            storage.pwritev(views, offset, False)  # finish a short write
                         stats.wr_req += 1
                         stats.wr_bytes += length
                         out.append(simple(SIMPLE_REPLY_MAGIC, 0, cookie))
-                self._send(out)
-            finally:
-                with lock:
-                    put_pages(pages)
-        return start
+                    send(out)
+                finally:
+                    with lock:
+                        put_pages(pages)
+            # The loop pass after the I/O: trim, or squeeze.
+            served = True
+            last_request_ns = now = now_ns()
+            with lock:
+                loop_pass(now, had_io=True, woken=False)
 
-    def _slow_batch(self, view: memoryview, start: int, end: int) -> int:
-        """Every request through the codec, one at a time (backends with workers)."""
-        while end - start >= REQUEST_SIZE:
-            start, end = self._one_request(view, start, end)
-        return start
+    def _pass(self, now_ns: int, *, had_io: bool, woken: bool) -> None:
+        ring = self.ring
+        assert ring is not None
+        with self.ring_lock:
+            ring.loop_pass(now_ns, had_io=had_io, woken=woken)
 
     def _one_request(self, view: memoryview, start: int, end: int) -> tuple[int, int]:
         """Parse and serve the request at ``start``; return the new staging ``(start, end)``."""

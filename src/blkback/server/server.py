@@ -62,6 +62,12 @@ class ServerConfig:
     tls_context: ssl.SSLContext | None = None
     max_option_bytes: int = 64 * 1024  # larger option payloads get REP_ERR_TOO_BIG
     max_options: int = 1000  # options per connection before it is dropped
+    # Busy polling: after serving a batch, a ring polls its socket this long before it
+    # sleeps in recv (Linux's net.core.busy_read, whose recommended value is 50 us).
+    poll_us: int = 50
+    # At most this many rings poll at once; the others sleep at once. Default: half the
+    # CPUs (at least 1), so that polling rings never take every core from their clients.
+    max_pollers: int = 0
 
 
 def default_control_path() -> str:
@@ -139,6 +145,10 @@ class Server:
         self.bus = Bus(self.params)
         self.bus.stats_sink = lambda line: log.warning("stats %s", line)
         self.bus_lock = threading.Lock()
+        pollers = self.config.max_pollers or max(1, (os.cpu_count() or 2) // 2)
+        #: One lock per polling slot: a ring polls only while it holds one (non-blocking
+        #: acquire), so a busy host of many rings does not spin more threads than cores.
+        self.poll_slots = [threading.Lock() for _ in range(pollers)]
         self.catalog = Catalog()
         for name, spec, storage in exports:
             if name in self.catalog.exports:

@@ -75,6 +75,8 @@ class AnonMemoryStorage:
         #: The whole disk as one memoryview: the server's fast path copies to and from it.
         self.mem = memoryview(self._map)
         self._used = bytearray(pages)  # 1: the page may hold data
+        #: The same map, for the server's fast path (which marks single pages itself).
+        self.used = self._used
 
     def __repr__(self) -> str:
         ro = ", readonly" if self.readonly else ""

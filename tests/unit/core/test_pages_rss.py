@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 import socket
 import tempfile
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from blkback.core.pages import PAGE_SIZE, MmapAllocator
 from blkback.core.pool import PagePool
@@ -133,3 +137,25 @@ def test_spans_merge_adjacent_pages_within_chunks() -> None:
     assert data == b"".join(bytes([p]) * PAGE_SIZE for p in reused)[: 7 * PAGE_SIZE + 100]
     spans[0][:1] = b"\xff"  # the spans are the pages' own memory, not copies
     assert alloc.view(0)[0] == 0xFF
+
+
+_SPAN_ALLOC = MmapAllocator(chunk_pages=8)
+_SPAN_PAGES = [_SPAN_ALLOC.alloc() for _ in range(40)]  # 5 chunks of 8
+for _p in _SPAN_PAGES:
+    _SPAN_ALLOC.view(_p)[:] = _p.to_bytes(2, "little") * (PAGE_SIZE // 2)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(st.sampled_from(_SPAN_PAGES), min_size=1, max_size=40, unique=True),
+    st.integers(min_value=0, max_value=PAGE_SIZE - 1),
+)
+def test_spans_are_the_sorted_pages_merged_only_within_a_chunk(pages: list[int], cut: int) -> None:
+    length = len(pages) * PAGE_SIZE - cut
+    spans = _SPAN_ALLOC.spans(pages, length)
+    assert pages == sorted(pages)
+    want = b"".join(bytes(_SPAN_ALLOC.view(p)) for p in pages)[:length]
+    assert b"".join(bytes(s) for s in spans) == want
+    # Each span is one run of adjacent pages inside one chunk: as few spans as that allows.
+    runs = 1 + sum(1 for a, b in itertools.pairwise(pages) if b != a + 1 or b % 8 == 0)
+    assert len(spans) == runs
