@@ -3,6 +3,7 @@
   blkback sim seed  [--out DIR]     the seed mail's three tables, simulated, beside the seed's
   blkback sim sweep --duration 1,10,100 --devices 50,100,200 [--replicas N] [--out DIR]
   blkback sim run   [--variant after] [--duration 10] ...   one host, all counters
+  blkback sim calibrate --repro DIR_OR_results.json --out DIR   a repro run, simulated
 
 Hosts run locally by default (a Dask LocalCluster, or a process pool without Dask), or on a
 Dask cluster with --scheduler tcp://HOST:8786. --profile reports wall time and events/s.
@@ -66,6 +67,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--out", type=Path, help="write results.csv and heat maps here")
 
+    p = sub.add_parser(
+        "calibrate",
+        parents=[common],
+        help="simulate a blkback repro run's configurations; report them side by side",
+    )
+    p.add_argument(
+        "--repro", type=Path, required=True, help="repro's results.json or its directory"
+    )
+    p.add_argument("--out", type=Path, help="write report.md, calibration.json and PNG plots")
+    p.add_argument("--no-plots", action="store_true")
+
     p = sub.add_parser("run", parents=[common], help="one host; print every counter")
     p.add_argument("--variant", default="after", help="before, after, 5.6, wake, graded")
     p.add_argument("--duration", type=int, default=10, help="squeeze duration, ms")
@@ -117,6 +129,8 @@ def run(args: argparse.Namespace) -> int:
             events, hosts = _seed(args)
         elif cmd == "sweep":
             events, hosts = _sweep(args)
+        elif cmd == "calibrate":
+            events, hosts = _calibrate(args)
         else:
             events, hosts = _run_one(args)
     except ValueError as exc:
@@ -194,6 +208,30 @@ def _sweep(args: argparse.Namespace) -> tuple[int, int]:
         for path in plot_heatmaps(table, axes, args.out):
             print(f"wrote {path}")
     return sum(int(r["events"]) for r in results), len(results)
+
+
+def _calibrate(args: argparse.Namespace) -> tuple[int, int]:
+    from blkback.sim.calibrate import calibrate, load_repro, summary, write_outputs
+
+    try:
+        doc = load_repro(args.repro)
+    except (OSError, json.JSONDecodeError) as exc:
+        raise SimError(f"cannot read {args.repro}: {exc}") from None
+    cal = calibrate(
+        doc,
+        seed=args.seed,
+        engine=args.engine,
+        scheduler=args.scheduler,
+        workers=args.workers,
+        progress=Bar("calibrate", not args.quiet),
+        source=str(args.repro),
+    )
+    summary(cal, print)
+    if args.out:
+        for path in write_outputs(cal, args.out, plots=not args.no_plots):
+            print(f"wrote {path}")
+    runs = [c["run"] for c in cal["configurations"].values()]
+    return sum(int(r["events"]) for r in runs), len(runs)
 
 
 def _run_one(args: argparse.Namespace) -> tuple[int, int]:

@@ -40,6 +40,7 @@ from blkback.core.ring import Ring
 
 if TYPE_CHECKING:
     from blkback.sim.engine import EventLoop
+    from blkback.sim.host import Host
 
 SEGS_DIRECT = 11
 SEGS_PER_INDIRECT_PAGE = 512
@@ -59,7 +60,7 @@ class VolumeConfig:
 class WorkloadConfig:
     """What the guest does with one disk."""
 
-    kind: str = "bursty"  # "dd", "bursty", "random", "idle"
+    kind: str = "bursty"  # "dd", "bursty", "periodic", "random", "idle"
     # dd: the seed's loop of dd if=/dev/zero bs=4k count=131072; sync
     dd_bytes: int = 512 * 2**20
     dd_runs: int = 5
@@ -67,6 +68,10 @@ class WorkloadConfig:
     burst_mean_mb: float = 48.0
     gap_mean_s: float = 4.0
     start_spread_s: float = 4.0
+    # periodic (blkback repro's guests): a burst of exactly burst_mean_mb MiB every period_s,
+    # the disks staggered evenly over the period; a burst that is late starts at once
+    period_s: float = 8.0
+    jitter_ms: float = 0.0  # periodic: each burst starts up to this much late (uniform)
     # random I/O: requests at a mean rate (IOPS), 1..random_max_segments pages each
     iops: float = 200.0
     random_max_segments: int = 32
@@ -93,17 +98,20 @@ class Disk:
     """One ring of one virtual disk: frontend queue, backend ring, volume, workload."""
 
     __slots__ = (
+        "burst_at",
         "busy",
         "cost",
         "cpu_free",
         "dd_done_runs",
         "dd_left",
         "dd_start",
+        "indirect",
         "inflight",
         "label",
         "loop",
         "max_segs",
         "next_arrival",
+        "pager",
         "quantum",
         "queue_depth",
         "rate_carry",
@@ -161,6 +169,9 @@ class Disk:
         self.dd_left = 0
         self.dd_start = 0
         self.dd_done_runs = 0
+        self.burst_at = 0  # periodic: when the current burst was due
+        self.indirect = True  # False: NBD requests carry no indirect descriptor pages
+        self.pager: Host | None = None  # set when pool pages are swappable (faults, drops)
 
     # -- workload ---------------------------------------------------------------------------
     def start(self) -> None:
@@ -172,6 +183,8 @@ class Disk:
             self.loop.at(
                 int(self.rng.uniform(0, self.wl.start_spread_s) * NS_PER_S), _begin_burst, self
             )
+        elif kind == "periodic":
+            self.loop.at(self.burst_at + self._jitter(), _begin_burst, self)
         elif kind == "random":
             self.loop.at(int(self.rng.uniform(0, 0.01) * NS_PER_S), _random_tick, self)
         elif kind != "idle":
@@ -181,6 +194,8 @@ class Disk:
         if self.wl.kind == "dd":
             self.remaining = self.wl.dd_bytes
             self.dd_start = now
+        elif self.wl.kind == "periodic":
+            self.remaining = int(self.wl.burst_mean_mb * 2**20) // PAGE_SIZE * PAGE_SIZE
         else:
             mean = self.wl.burst_mean_mb * 2**20
             self.remaining = max(
@@ -198,9 +213,19 @@ class Disk:
             if self.dd_done_runs < self.wl.dd_runs:
                 # sync: one flush request, no data pages, one volume round trip
                 self.loop.at(now + self.vol_lat, _begin_burst, self)
+        elif self.wl.kind == "periodic":
+            period = int(self.wl.period_s * NS_PER_S)
+            self.burst_at += period
+            if self.burst_at < now:  # fell behind: skip, do not pile up (as guest.py)
+                self.burst_at = now + period
+            self.loop.at(self.burst_at + self._jitter(), _begin_burst, self)
         else:
             gap = self.rng.expovariate(1.0 / self.wl.gap_mean_s)
             self.loop.at(now + int(gap * NS_PER_S), _begin_burst, self)
+
+    def _jitter(self) -> int:
+        j = self.wl.jitter_ms
+        return int(self.rng.uniform(0, j) * NS_PER_MS) if j > 0 else 0
 
     # -- I/O ticks --------------------------------------------------------------------------
     def schedule_tick(self, when: int) -> None:
@@ -231,7 +256,11 @@ class Disk:
         if slots > 0 and self.remaining > 0:
             submitted = self._submit_stream(now, slots)
         if submitted:
-            freed = ring.loop_pass(now, had_io=True)
+            pager = self.pager
+            if pager is None:
+                freed = ring.loop_pass(now, had_io=True)
+            else:
+                freed = pager.pool_pass(ring, now, had_io=True)
             if freed:
                 self.cpu_free = max(self.cpu_free, now) + freed * self.cost.free_ns
         # 3. next tick
@@ -256,7 +285,9 @@ class Disk:
         """
         max_bytes = self.max_segs * PAGE_SIZE
         ind_per_req = (
-            0 if self.max_segs <= SEGS_DIRECT else -(-self.max_segs // SEGS_PER_INDIRECT_PAGE)
+            0
+            if self.max_segs <= SEGS_DIRECT or not self.indirect
+            else -(-self.max_segs // SEGS_PER_INDIRECT_PAGE)
         )
         sizes: list[int] = []
         remaining = self.remaining
@@ -286,6 +317,8 @@ class Disk:
             segs = -(-nb // PAGE_SIZE)
             total += segs + ind_per_req if segs > SEGS_DIRECT else segs
         misses = pool.misses
+        if self.pager is not None:
+            self.pager.pool_get(ring, total)  # swapped pool pages fault in first
         pages = ring.get_pages(total, now)  # on MemoryError the pages taken are back in the pool
         cost = self.cost
         map_ns = cost.map_ns
@@ -346,14 +379,22 @@ class Disk:
             self.rate_carry -= k
             top = max(1, min(self.wl.random_max_segments, self.max_segs))
             sizes = [rng.randint(1, top) * PAGE_SIZE for _ in range(k)]
-            ind = 0 if self.max_segs <= SEGS_DIRECT else -(-self.max_segs // SEGS_PER_INDIRECT_PAGE)
+            ind = (
+                0
+                if self.max_segs <= SEGS_DIRECT or not self.indirect
+                else -(-self.max_segs // SEGS_PER_INDIRECT_PAGE)
+            )
             try:
                 n = self._map_batch(now, sizes, ind, stream=False)
             except MemoryError:
                 self.stats.failed_submits += 1
                 n = 0
             if n:
-                freed = ring.loop_pass(now, had_io=True)
+                pager = self.pager
+                if pager is None:
+                    freed = ring.loop_pass(now, had_io=True)
+                else:
+                    freed = pager.pool_pass(ring, now, had_io=True)
                 if freed:
                     self.cpu_free = max(self.cpu_free, now) + freed * self.cost.free_ns
         self.loop.at(now + self.quantum, _random_tick, self)

@@ -29,6 +29,22 @@ anonymous pages it evicted. Every kswapd step and every direct reclaim calls ``s
 which is where the shrinker reaches blkback: ``bus.reclaim_memory(now, level)`` (kswapd:
 MEDIUM, direct reclaim: CRITICAL; the kernel policy ignores the level). With
 ``shrinker=False`` the host is Linux 5.4, where blkback registers no shrinker.
+
+**The repro's dom0 (calibration).** ``blkback repro`` runs dom0 as a cgroup v1 memory child,
+and its pool pages are the server's anonymous memory. Three options model that host:
+
+* ``memcg``: RAM is the cgroup's limit. There are no watermarks and no kswapd (cgroup v1 has
+  no background reclaim): a charge that would exceed the limit reclaims first, in the
+  charging task (``try_to_free_mem_cgroup_pages``, at least ``SWAP_CLUSTER_MAX`` pages).
+* ``report_every_pages`` / ``report_delay_ms``: the pressure reports reach blkback through
+  vmpressure, not a shrinker: one event per ``vmpressure_win`` (512) pages reclaimed, read by
+  the server's monitor thread ``report_delay_ms`` later. 0 / 0 is the in-kernel shrinker.
+* ``pool_swappable``: pool pages are ordinary anonymous pages, not ballooned frames. Free pool
+  pages are the coldest anonymous pages (their ring idles for seconds, the hog touches its own
+  pages every few ms), so reclaim evicts them first, from the ring idle longest. Per ring the
+  swapped pages are the bottom of the LIFO stack (returned longest ago): a ``get`` that reaches
+  them faults them back in (pswpin), and a shrink that frees them drops their swap entries
+  (``MADV_DONTNEED``: no pswpin). Reclaim then takes cold, then hot process pages.
 """
 
 from __future__ import annotations
@@ -41,6 +57,7 @@ from blkback.core.clock import NS_PER_MS, NS_PER_S
 from blkback.core.device import Bus
 from blkback.core.pages import PAGE_SIZE, CountingAllocator
 from blkback.core.policy import PressureLevel
+from blkback.core.ring import Ring
 from blkback.sim.engine import EventLoop
 
 MIB_PAGES = 2**20 // PAGE_SIZE
@@ -66,6 +83,10 @@ class HostConfig:
     watermark_scale_factor: int = 10
     mem_tick_ms: float = 10.0
     shrinker: bool = True  # False: Linux 5.4 (no blkback shrinker)
+    memcg: bool = False  # dom0 is a cgroup v1 limit: no watermarks, no kswapd
+    pool_swappable: bool = False  # pool pages are swappable anonymous memory (blkback repro)
+    report_every_pages: int = 0  # vmpressure: one report per this many pages reclaimed
+    report_delay_ms: float = 0.0  # time from the report to reclaim_memory (monitor thread)
 
 
 @dataclass(slots=True)
@@ -93,10 +114,13 @@ class Host:
         self.total = cfg.ram_mib * MIB_PAGES
         ram_kib = cfg.ram_mib * 1024
         min_kib = cfg.min_free_kbytes or int(math.sqrt(ram_kib * 16))
-        self.wm_min = max(1, min_kib // 4)
-        gap = max(self.wm_min // 4, self.total * cfg.watermark_scale_factor // 10000)
-        self.wm_low = self.wm_min + gap
-        self.wm_high = self.wm_low + gap
+        if cfg.memcg:
+            self.wm_min = self.wm_low = self.wm_high = 0
+        else:
+            self.wm_min = max(1, min_kib // 4)
+            gap = max(self.wm_min // 4, self.total * cfg.watermark_scale_factor // 10000)
+            self.wm_low = self.wm_min + gap
+            self.wm_high = self.wm_low + gap
         self.fixed = cfg.fixed_mib * MIB_PAGES
         self.file = cfg.file_mib * MIB_PAGES
         self.file_min = min(self.file, cfg.file_min_mib * MIB_PAGES)
@@ -117,6 +141,12 @@ class Host:
             for i in range(cfg.procs)
         ]
         self.pool_pages = 0  # blkback pages held (in pools and in flight)
+        # pool_swappable: swapped pages at the bottom of each ring's pool, and their total
+        self.pool_swapped: dict[Ring, int] = {}
+        self.pool_swapped_total = 0
+        self.rings: list[Ring] = []  # set by the scenario (reclaim looks for idle pools)
+        self._report_acc = 0
+        self.reports = 0
         self.used = self.fixed + self.file + self.anon_resident()
         if self.used > self.total - self.wm_high:
             raise ValueError(
@@ -151,11 +181,16 @@ class Host:
 
     def check(self) -> None:
         """Assert the conservation of pages (for tests)."""
-        expected = self.fixed + self.file + self.anon_resident() + self.pool_pages
+        resident_pool = self.pool_pages - self.pool_swapped_total
+        expected = self.fixed + self.file + self.anon_resident() + resident_pool
         assert self.used == expected, (self.used, expected)
         assert 0 <= self.used <= self.total, (self.used, self.total)
         assert self.pool_pages == self.allocator.live_pages
-        assert self.swap_used == sum(p.hot - p.hot_res + p.cold - p.cold_res for p in self.procs)
+        assert self.pool_swapped_total == sum(self.pool_swapped.values())
+        for ring, s in self.pool_swapped.items():
+            assert 0 <= s <= len(ring.pool), (s, len(ring.pool))
+        procs_swapped = sum(p.hot - p.hot_res + p.cold - p.cold_res for p in self.procs)
+        assert self.swap_used == procs_swapped + self.pool_swapped_total
 
     # -- allocation -----------------------------------------------------------------------
     def charge(self, n: int, *, fail: bool) -> int:
@@ -182,9 +217,30 @@ class Host:
 
     # -- reclaim --------------------------------------------------------------------------
     def _shrink_slab(self, level: PressureLevel) -> None:
-        if self.cfg.shrinker:
-            self.shrinker_calls += 1
-            self.bus.reclaim_memory(self.loop.now, level)
+        cfg = self.cfg
+        if not cfg.shrinker:
+            return
+        self.shrinker_calls += 1
+        if cfg.report_every_pages or cfg.report_delay_ms:
+            return  # vmpressure: reports come from _reclaimed, per window of pages
+        self.reports += 1
+        self.bus.reclaim_memory(self.loop.now, level)
+
+    def _reclaimed(self, pages: int, level: PressureLevel) -> None:
+        """vmpressure: count reclaimed pages; a full window is one report, delivered later."""
+        cfg = self.cfg
+        if not cfg.shrinker or not (cfg.report_every_pages or cfg.report_delay_ms):
+            return
+        self._report_acc += pages
+        win = max(1, cfg.report_every_pages)
+        if self._report_acc < win:
+            return
+        self._report_acc %= win
+        self.loop.after(int(cfg.report_delay_ms * NS_PER_MS), self._deliver, level)
+
+    def _deliver(self, level: PressureLevel, now: int) -> None:
+        self.reports += 1
+        self.bus.reclaim_memory(now, level)
 
     def _reclaim_lru(self, want: int) -> tuple[int, int]:
         """Evict up to ``want`` pages: file above its floor first, then anon, cold before hot.
@@ -201,6 +257,10 @@ class Host:
         got_anon = 0
         swap_room = self.swap_total - self.swap_used
         want = min(want, swap_room)
+        if self.cfg.pool_swappable and want > 0:
+            got_pool = self._evict_pools(want)
+            got_anon += got_pool
+            want -= got_pool
         for part in ("cold", "hot"):
             if want <= 0:
                 break
@@ -229,10 +289,54 @@ class Host:
         self.used -= got_file + got_anon
         return got_file, got_anon
 
+    def _evict_pools(self, want: int) -> int:
+        """Swap out free pool pages, from the ring idle longest; return how many."""
+        got = 0
+        swapped = self.pool_swapped
+        for ring in sorted(self.rings, key=_last_io):
+            s = swapped.get(ring, 0)
+            k = min(len(ring.pool) - s, want - got)
+            if k > 0:
+                swapped[ring] = s + k
+                got += k
+                if got >= want:
+                    break
+        self.pool_swapped_total += got
+        return got
+
+    def pool_get(self, ring: Ring, n: int) -> None:
+        """Before ``ring`` takes ``n`` pages: fault in the swapped pool pages they reach."""
+        swapped = self.pool_swapped
+        while True:
+            s = swapped.get(ring, 0)
+            size = len(ring.pool)
+            faults = min(n, size) - (size - s)
+            if faults <= 0:
+                return
+            # MemoryError: nothing changed, the request waits. The charge's reclaim may swap
+            # out more of this very pool: those pages fault too, on the next round.
+            self.charge(faults, fail=True)
+            swapped[ring] -= faults
+            self.pool_swapped_total -= faults
+            self._swapped_in(faults)
+
+    def pool_pass(self, ring: Ring, now: int, *, had_io: bool, woken: bool = False) -> int:
+        """``ring.loop_pass``; swapped pages it frees lose their swap entries (no pswpin)."""
+        freed = ring.loop_pass(now, had_io=had_io, woken=woken)
+        s = self.pool_swapped.get(ring, 0)
+        if freed and s > len(ring.pool):
+            dropped = s - len(ring.pool)
+            self.pool_swapped[ring] = s - dropped
+            self.pool_swapped_total -= dropped
+            self.swap_used -= dropped
+            self.used += dropped  # the allocator credited them, but they were not resident
+        return freed
+
     def _direct_reclaim(self, need: int) -> None:
         self.direct_reclaims += 1
         self._shrink_slab(PressureLevel.CRITICAL)
-        self._reclaim_lru(max(need, SWAP_CLUSTER_MAX))
+        f, a = self._reclaim_lru(max(need, SWAP_CLUSTER_MAX))
+        self._reclaimed(f + a, PressureLevel.CRITICAL)
 
     def _wake_kswapd(self) -> None:
         self._kswapd_running = True
@@ -247,6 +351,7 @@ class Host:
             self._kswapd_running = False
             return
         _file, anon = self._reclaim_lru(min(short, SWAP_CLUSTER_MAX))
+        self._reclaimed(_file + anon, PressureLevel.MEDIUM)
         if _file + anon == 0:
             self._kswapd_running = False  # nothing reclaimable: kswapd gives up and sleeps
             return
@@ -300,11 +405,16 @@ class Host:
             "kswapd_steps": self.kswapd_steps,
             "direct_reclaims": self.direct_reclaims,
             "shrinker_calls": self.shrinker_calls,
+            "reports": self.reports,
             "alloc_failures": self.alloc_failures,
             "fault_stalls": self.fault_stalls,
             "min_free_pages": self.min_free_seen,
             "peak_pool_pages": self.peak_pool_pages,
         }
+
+
+def _last_io(ring: Ring) -> int:
+    return ring.last_io_ns
 
 
 class HostAllocator(CountingAllocator):
@@ -321,7 +431,15 @@ class HostAllocator(CountingAllocator):
         else:
             host.used += 1
         host.pool_pages += 1
-        return super().alloc()
+        # CountingAllocator.alloc inlined (no limit here): the hottest call of a sweep
+        self._live += 1
+        self.allocs += 1
+        ids = self._free_ids
+        if ids:
+            return ids.pop()
+        page = self._next
+        self._next += 1
+        return page
 
     def free(self, pages: Sequence[int]) -> None:
         n = len(pages)

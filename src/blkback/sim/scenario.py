@@ -19,7 +19,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from blkback.core.clock import NS_PER_S
+from blkback.core.clock import NS_PER_MS, NS_PER_S
 from blkback.core.device import Bus
 from blkback.core.params import Params
 from blkback.core.ring import Ring
@@ -41,6 +41,7 @@ class GuestConfig:
     ring_pages: int = 1  # blkfront max_ring_page_order 0: one page, 32 requests
     max_indirect_segments: int = 32  # Linux blkfront default
     queue_depth: int = 32
+    nbd: bool = False  # NBD requests: up to max_indirect_segments pages, no indirect pages
     volume: VolumeConfig = field(default_factory=VolumeConfig)
     workload: WorkloadConfig = field(default_factory=WorkloadConfig)
 
@@ -58,6 +59,7 @@ class Scenario:
     cost: CpuCost = field(default_factory=CpuCost)
     io_quantum_ms: float = 5.0
     trace: bool = False
+    sample_ms: float = 0.0  # >0: record pool pages and memory every sample_ms ("samples")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -79,6 +81,7 @@ class Scenario:
             cost=CpuCost(**d.get("cost", {})),
             io_quantum_ms=float(d.get("io_quantum_ms", 5.0)),
             trace=bool(d.get("trace", False)),
+            sample_ms=float(d.get("sample_ms", 0.0)),
         )
 
     def replace(self, **changes: Any) -> Scenario:
@@ -99,7 +102,12 @@ class SimHost:
         self._wake_queued: set[int] = set()
         self.wake_passes = 0
         self.idle_passes = 0
+        self.samples: list[dict[str, Any]] = []
         g = sc.guests
+        pager = self.host if sc.host.pool_swappable else None
+        max_segs = max(1, g.max_indirect_segments)
+        if not g.nbd:
+            max_segs = min(MAX_INDIRECT_SEGMENTS, max_segs)
         for vm in range(g.vms):
             for d in range(g.disks_per_vm):
                 device = self.bus.add_device(f"vm{vm}/xvd{d}")
@@ -114,20 +122,30 @@ class SimHost:
                         workload=g.workload,
                         cost=sc.cost,
                         queue_depth=min(g.queue_depth, 32 * g.ring_pages),
-                        max_segs=max(1, min(MAX_INDIRECT_SEGMENTS, g.max_indirect_segments)),
+                        max_segs=max_segs,
                         quantum_ms=sc.io_quantum_ms,
                     )
+                    disk.indirect = not g.nbd
+                    disk.pager = pager
                     self.disks.append(disk)
                     ring.waker = self._waker(ring)
                     self.loop.at(ring.next_pass_ns(), self._timer, ring)
-        for disk in self.disks:
+        self.host.rings = [d.ring for d in self.disks]
+        period = int(g.workload.period_s * NS_PER_S)
+        for i, disk in enumerate(self.disks):
+            disk.burst_at = period * i // len(self.disks)  # periodic: staggered
             disk.start()
+        if sc.sample_ms > 0:
+            self.loop.at(0, self._sample)
 
     # -- the ring loop ----------------------------------------------------------------------
     def _timer(self, ring: Ring, now: int) -> None:
         """The 100 ms wait_event_interruptible_timeout of xen_blkif_schedule."""
         if ring.pass_due(now):
-            ring.loop_pass(now, had_io=False)
+            if self.sc.host.pool_swappable:
+                self.host.pool_pass(ring, now, had_io=False)
+            else:
+                ring.loop_pass(now, had_io=False)
             self.idle_passes += 1
         self.loop.at(ring.next_pass_ns(), self._timer, ring)
 
@@ -143,8 +161,31 @@ class SimHost:
 
     def _woken(self, ring: Ring, now: int) -> None:
         self._wake_queued.discard(id(ring))
-        ring.loop_pass(now, had_io=False, woken=True)
+        if self.sc.host.pool_swappable:
+            self.host.pool_pass(ring, now, had_io=False, woken=True)
+        else:
+            ring.loop_pass(now, had_io=False, woken=True)
         self.wake_passes += 1
+
+    def _sample(self, _arg: object, now: int) -> None:
+        """Pool pages and memory now, like the sampler of ``blkback repro``."""
+        host = self.host
+        pools = [len(d.ring.pool) for d in self.disks]
+        self.samples.append(
+            {
+                "t": round(now / NS_PER_S, 3),
+                "pool_pages": sum(pools),
+                "rings_nonempty": sum(1 for p in pools if p),
+                "in_flight_pages": sum(d.ring.pool.in_flight for d in self.disks),
+                "pool_swapped_pages": host.pool_swapped_total,
+                "used_pages": host.used,
+                "swap_used_pages": host.swap_used,
+                "pswpin": host.pswpin,
+                "pswpout": host.pswpout,
+                "squeezes": sum(dev.squeezes for dev in self.bus.devices.values()),
+            }
+        )
+        self.loop.at(now + int(self.sc.sample_ms * NS_PER_MS), self._sample)
 
     # -- run ------------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
@@ -194,6 +235,8 @@ class SimHost:
             "failed_submits": sum(d.stats.failed_submits for d in self.disks),
             "throughput_mbps": bytes_done / 1e6 / secs if secs else 0.0,
         }
+        if self.samples:
+            out["samples"] = self.samples
         runs = [r for d in self.disks for r in d.stats.dd_runs]
         if runs:
             out["dd_mbps"] = [
@@ -292,49 +335,116 @@ def seed_overhead(max_buffer_pages: int, *, volume: str = "slow", seed: int = 1)
     )
 
 
-def scenario_from_repro(repro_config: Mapping[str, Any]) -> Scenario:
-    """Calibration hook: the sim scenario equivalent to a ``blkback repro`` configuration.
+HOG_SWEEPS_PER_S = 50.0  # the repro hog rewrites its pages in a Python loop: a guess, see calibrate
+GUEST_JITTER_MS = 10.0  # the repro guest (one Python process, 64 connections) starts bursts late
+REPORT_DELAY_MS = 1.0  # vmpressure eventfd -> the server's monitor thread -> reclaim_memory
+VMPRESSURE_WIN = 512  # pages reclaimed per vmpressure event (the kernel's vmpressure_win)
+DEFAULT_BASELINE_MIB = 44  # the repro server's cgroup usage before the hog, when not recorded
 
-    ``blkback repro`` does not exist yet. This maps the keys it is expected to have (all
-    optional; unknown keys are ignored) so that a repro run and a sim run can be compared and
-    the sim's host/volume constants fitted to real measurements:
 
-    ``memory_limit_mib`` (the cgroup's memory.max) -> ``host.ram_mib``; ``swap_mib``;
-    ``hog_mib`` / ``hog_procs`` (anonymous memory held by stressor processes) ->
-    ``host.proc_anon_mib`` / ``host.procs``; ``devices`` (exports) and ``connections``
-    (NBD connections per export) -> disks and rings; ``rate_mbps`` / ``delay_ms`` (the storage
-    delay/rate filters) -> the volume; ``workload`` / ``dd_bytes`` / ``runs``; ``params``
-    (blkback runtime parameters) -> ``Params``; ``duration_s``; ``seed``.
+def repro_config_doc(doc: Mapping[str, Any]) -> Mapping[str, Any]:
+    """The ``config`` part of a ``blkback repro`` results.json (or ``doc`` if it is one)."""
+    if "sizing" in doc:
+        return doc
+    cfg = doc.get("config")
+    if isinstance(cfg, Mapping) and "sizing" in cfg:
+        return cfg
+    raise ValueError("not a blkback repro results.json: no config.sizing")
+
+
+def scenario_from_repro(doc: Mapping[str, Any], config: str = "10", *, seed: int = 1) -> Scenario:
+    """The simulated equivalent of one configuration of a ``blkback repro`` run.
+
+    ``doc`` is repro's results.json (or its ``config`` part). Read from it: ``config.sizing``
+    (``devices``, ``connections``, ``burst``, ``request``, ``period_s``, ``hog_mib``,
+    ``slack_mib``, ``seconds``, ``sample_ms``), ``config.configurations[config].params`` (the
+    server's parameters; the rest are the server's defaults, as in repro: waking squeeze,
+    per-device deadline), ``config.swap.swaps`` (swap size) and, when the run recorded them,
+    ``configurations[config].runs[*].sizes`` (the cgroup's baseline and limit) and
+    ``.guest.burst_s_median`` (how long a burst took: the volume's effective rate).
+
+    The host is repro's dom0: a cgroup v1 limit ``L = baseline + hog + slack`` (``memcg``),
+    swappable pool pages, vmpressure reports 1 ms after every 512 pages reclaimed, the
+    baseline as fixed memory, no page cache, and one process: the hog, all hot.
     """
-    rc = repro_config
+    cfg = repro_config_doc(doc)
+    sz = cfg["sizing"]
+    confs = cfg.get("configurations", {})
+    if config not in confs:
+        raise ValueError(f"repro run has no configuration {config!r} (has: {', '.join(confs)})")
+    params = dict(confs[config].get("params", {}))
+    runs = []
+    measured = doc.get("configurations", {}).get(config) if "config" in doc else None
+    if isinstance(measured, Mapping):
+        runs = list(measured.get("runs", []))
+    mib = 2**20
+    hog_mib = int(sz.get("hog_mib", 256))
+    slack_mib = int(sz.get("slack_mib", 128))
+    bases = [r["sizes"]["baseline_bytes"] / mib for r in runs if "sizes" in r]
+    baseline = round(_median(bases)) if bases else DEFAULT_BASELINE_MIB
+    swaps = cfg.get("swap", {}).get("swaps", [])
+    swap_mib = sum(int(s.get("size_kib", 0)) for s in swaps) // 1024 or 2048
+    burst = int(sz.get("burst", 8 * mib))
+    request = int(sz.get("request", 4 * mib))
+    burst_s = [
+        r["guest"]["burst_s_median"] for r in runs if (r.get("guest") or {}).get("burst_s_median")
+    ]
+    if burst_s:
+        mbps = burst / _median(burst_s) / 1e6
+    else:
+        mbps = _rate_mbps(str(sz.get("rate", "40M")))
     host = HostConfig(
-        ram_mib=int(rc.get("memory_limit_mib", 2048)),
-        swap_mib=int(rc.get("swap_mib", 4096)),
-        fixed_mib=int(rc.get("fixed_mib", 128)),
-        file_mib=int(rc.get("file_mib", 64)),
-        file_min_mib=int(rc.get("file_min_mib", 32)),
-        procs=int(rc.get("hog_procs", 1)),
-        proc_anon_mib=int(rc.get("hog_mib", 256)),
+        ram_mib=baseline + hog_mib + slack_mib,
+        fixed_mib=baseline,
+        file_mib=0,
+        file_min_mib=0,
+        swap_mib=swap_mib,
+        procs=1,
+        proc_anon_mib=hog_mib,
+        hot_fraction=1.0,
+        hot_touch_per_s=HOG_SWEEPS_PER_S * hog_mib * MIB_PAGES,
+        cold_touch_per_s=0.0,
+        memcg=True,
+        pool_swappable=True,
+        report_every_pages=VMPRESSURE_WIN,
+        report_delay_ms=REPORT_DELAY_MS,
     )
-    workload = WorkloadConfig(
-        kind=str(rc.get("workload", "bursty")),
-        dd_bytes=int(rc.get("dd_bytes", 512 * 2**20)),
-        dd_runs=int(rc.get("runs", 5)),
-    )
+    pages_per_request = max(1, request // 4096)
     guests = GuestConfig(
         vms=1,
-        disks_per_vm=int(rc.get("devices", 100)),
-        rings_per_disk=int(rc.get("connections", 1)),
-        volume=VolumeConfig(
-            mbps=float(rc.get("rate_mbps", 38.7)), latency_ms=float(rc.get("delay_ms", 1.0))
+        disks_per_vm=int(sz.get("devices", 64)),
+        rings_per_disk=int(sz.get("connections", 1)),
+        max_indirect_segments=pages_per_request,
+        queue_depth=max(1, burst // request),
+        nbd=True,
+        volume=VolumeConfig(mbps=mbps, latency_ms=0.0),
+        workload=WorkloadConfig(
+            kind="periodic",
+            burst_mean_mb=burst / mib,
+            period_s=float(sz.get("period_s", 8.0)),
+            jitter_ms=GUEST_JITTER_MS,
         ),
-        workload=workload,
     )
     return Scenario(
-        name=str(rc.get("name", "repro")),
-        seed=int(rc.get("seed", 1)),
-        duration_s=float(rc.get("duration_s", 60.0)),
-        params=dict(rc.get("params", {})),
+        name=f"repro:{config}",
+        seed=seed,
+        duration_s=float(sz.get("seconds", 60.0)),
+        params=params,
         host=host,
         guests=guests,
+        sample_ms=float(sz.get("sample_ms", 200)),
     )
+
+
+def _median(xs: list[float]) -> float:
+    s = sorted(xs)
+    n = len(s)
+    return s[n // 2] if n % 2 else (s[n // 2 - 1] + s[n // 2]) / 2
+
+
+def _rate_mbps(text: str) -> float:
+    """A storage rate such as ``40M`` (binary units, as blkback's specs) in MB/s."""
+    units = {"K": 2**10, "M": 2**20, "G": 2**30}
+    t = text.strip().upper()
+    mult = units.get(t[-1:], 1)
+    return float(t.rstrip("KMG")) * mult / 1e6

@@ -8,8 +8,9 @@ from pathlib import Path
 import pytest
 
 from blkback.cli import main
+from blkback.core.clock import NS_PER_S
 from blkback.sim.runner import run_many
-from blkback.sim.scenario import run_scenario, scenario_from_repro, seed_overhead
+from blkback.sim.scenario import SimHost, run_scenario, scenario_from_repro, seed_overhead
 from blkback.sim.sweep import build_grid, make_scenario, mean_grid, rows
 
 
@@ -110,15 +111,63 @@ def test_bad_sweep_input_is_one_clear_error() -> None:
     assert main(["sim", "run", "--variant", "nope", "--sim-seconds", "1"]) == 2
 
 
-def test_repro_hook_builds_an_equivalent_scenario() -> None:
-    sc = scenario_from_repro(
-        {"memory_limit_mib": 1024, "devices": 8, "connections": 2, "rate_mbps": 20,
-         "params": {"buffer_squeeze_duration_ms": 1}, "duration_s": 2}
-    )  # fmt: skip
-    assert sc.host.ram_mib == 1024
-    assert sc.guests.disks_per_vm * sc.guests.vms == 8
-    assert sc.guests.rings_per_disk == 2
-    assert sc.guests.volume.mbps == 20
-    r = run_scenario(sc)
-    assert r["rings"] == 16
-    assert r["sim_seconds"] == 2
+def _repro_doc() -> dict[str, object]:
+    """A small results.json in blkback repro's schema (two configurations, one run each)."""
+    mib = 2**20
+    sizing = {"devices": 6, "connections": 1, "burst": 8 * mib, "request": 4 * mib,
+              "period_s": 2.0, "rate": "40M", "hog_mib": 32, "slack_mib": 16,
+              "seconds": 4.0, "sample_ms": 200}  # fmt: skip
+    run = {"sizes": {"baseline_bytes": 20 * mib}, "guest": {"burst_s_median": 0.1},
+           "pswpout": 100, "samples": [{"t": 0.0, "pool_pages": 0}]}  # fmt: skip
+    measured = {"pswpin": 10, "pswpout": 100, "pool_pages_mean": 1000, "pool_pages_max": 2000,
+                "squeezes": 3, "pressure_reports": 4, "runs": [run]}  # fmt: skip
+    return {
+        "config": {
+            "quick": True, "repeats": 1, "kernel": "x", "sizing": sizing,
+            "configurations": {"off": {"params": {"buffer_squeeze_duration_ms": 0}},
+                               "10": {"params": {"buffer_squeeze_duration_ms": 10}}},
+            "swap": {"swaps": [{"size_kib": str(512 * 1024)}]},
+        },
+        "configurations": {"off": measured, "10": measured},
+    }  # fmt: skip
+
+
+def test_repro_results_become_the_equivalent_scenario() -> None:
+    sc = scenario_from_repro(_repro_doc(), "10")
+    assert sc.host.ram_mib == 20 + 32 + 16  # baseline + hog + slack: the cgroup's limit
+    assert sc.host.memcg and sc.host.pool_swappable
+    assert sc.host.swap_mib == 512
+    assert sc.guests.disks_per_vm * sc.guests.vms == 6
+    assert sc.guests.max_indirect_segments == 1024 and sc.guests.queue_depth == 2
+    assert sc.guests.volume.mbps == pytest.approx(8 * 2**20 / 0.1 / 1e6)
+    assert sc.params == {"buffer_squeeze_duration_ms": 10}
+    with pytest.raises(ValueError, match="no configuration"):
+        scenario_from_repro(_repro_doc(), "100")
+
+
+def test_calibration_pools_swap_without_a_squeeze_and_not_with_it(tmp_path: Path) -> None:
+    src = tmp_path / "repro"
+    src.mkdir()
+    (src / "results.json").write_text(json.dumps(_repro_doc()))
+    out = tmp_path / "cal"
+    code = main(["sim", "calibrate", "--engine", "serial", "--quiet", "--repro", str(src),
+                 "--out", str(out)])  # fmt: skip
+    assert code == 0
+    cal = json.loads((out / "calibration.json").read_text())
+    off, on = (cal["configurations"][k]["simulated"] for k in ("off", "10"))
+    assert off["pswpout"] > 0 and off["pswpin"] > 0  # idle pool pages go to swap and back
+    assert on["pswpout"] < off["pswpout"] // 2
+    assert on["pswpin"] < off["pswpin"]
+    assert on["squeezes"] > 0
+    assert len(cal["configurations"]["10"]["samples"]["simulated"]) >= 20
+    assert "measured pswpin" in (out / "report.md").read_text()
+    assert (out / "pools.png").stat().st_size > 1000
+
+
+def test_swappable_pools_conserve_pages() -> None:
+    sim = SimHost(scenario_from_repro(_repro_doc(), "off"))
+    for step in range(1, 31):
+        sim.loop.run_until(step * NS_PER_S // 10)
+        sim.check()
+        assert sim.host.used <= sim.host.total
+    assert sim.host.pool_swapped_total > 0
