@@ -112,6 +112,20 @@ class PagePool:
         self.hits += k
         self.in_flight += k
         if k < n:
+            alloc_many = getattr(self.allocator, "alloc_many", None)
+            if alloc_many is not None:
+                try:
+                    fresh: list[int] = alloc_many(n - k)
+                except BaseException:
+                    self.put(pages)
+                    raise
+                pages.extend(fresh)
+                self.pages_allocated += n - k
+                self.misses += n - k
+                self.in_flight += n - k
+                if self.in_flight > self.peak_in_flight:
+                    self.peak_in_flight = self.in_flight
+                return pages
             alloc = self.allocator.alloc
             try:
                 for _ in range(n - k):

@@ -159,3 +159,23 @@ def test_spans_are_the_sorted_pages_merged_only_within_a_chunk(pages: list[int],
     # Each span is one run of adjacent pages inside one chunk: as few spans as that allows.
     runs = 1 + sum(1 for a, b in itertools.pairwise(pages) if b != a + 1 or b % 8 == 0)
     assert len(spans) == runs
+
+
+def test_alloc_many_hands_out_distinct_pages_already_resident() -> None:
+    alloc = MmapAllocator(chunk_pages=64)
+    first = alloc.alloc_many(100)  # crosses a chunk boundary: two chunks mapped
+    assert len(set(first)) == 100
+    assert alloc.live_pages == 100
+    before = _rss_anon_kib()
+    more = alloc.alloc_many(1000)
+    grown_kib = _rss_anon_kib() - before
+    # MADV_POPULATE_WRITE faulted the frames in before anyone touched the pages.
+    assert grown_kib >= 0.9 * 1000 * PAGE_SIZE // 1024, grown_kib
+    assert not set(first) & set(more)
+    alloc.free(first + more)
+    alloc.flush()
+    assert alloc.live_pages == 0
+    again = alloc.alloc_many(50)  # freed slots are reused before new chunks are mapped
+    assert set(again) <= set(first) | set(more)
+    alloc.free(again)
+    alloc.close()
