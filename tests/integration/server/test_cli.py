@@ -40,6 +40,7 @@ def _serve_fails(*args: str) -> str:
         (("--listen", "udp:1.2.3.4:5"), "unix:PATH or tcp:HOST:PORT"),
         (("--listen", "tcp:127.0.0.1:99999"), "port"),
         (("--export", "a=memory:1M", "--export", "a=memory:1M"), "defined twice"),
+        (("--poll-us", "-1"), "--poll-us"),
     ],
 )
 def test_bad_arguments_end_with_one_clear_line(

@@ -8,6 +8,7 @@ import os
 import subprocess
 from pathlib import Path
 
+import pytest
 from support import need_tool, run
 
 MiB = 2**20
@@ -107,9 +108,19 @@ def test_nbdcopy_in_and_out_with_checksums(serve, tmp_path: Path) -> None:  # ty
     assert dst2.read_bytes() == src.read_bytes()
 
 
-def test_fio_verify_on_several_connections(serve, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+@pytest.mark.parametrize(
+    ("params", "extra"),
+    [
+        ((), ()),  # defaults: groups of requests, busy polling
+        (("max_buffer_pages=0",), ("--poll-us", "0")),  # every request allocates; no polling
+    ],
+    ids=["default", "nopool-nopoll"],
+)
+def test_fio_verify_on_several_connections(  # type: ignore[no-untyped-def]
+    serve, tmp_path: Path, params: tuple[str, ...], extra: tuple[str, ...]
+) -> None:
     need_tool("fio")
-    s = serve("disk=memory:64M")
+    s = serve("disk=memory:64M", params=params, extra=extra)
     res = run(
         [
             "fio", "--name=v", "--ioengine=nbd", f"--uri={s.uri()}", "--rw=randwrite",
