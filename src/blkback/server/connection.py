@@ -90,6 +90,18 @@ F_FAST_ZERO = int(CmdFlag.FAST_ZERO)
 F_REQ_ONE = int(CmdFlag.REQ_ONE)
 
 
+def _structured_read_header(cookie: int, offset: int, length: int) -> bytes:
+    """The one chunk of a successful structured READ reply: OFFSET_DATA with DONE."""
+    return _OFFSET_DATA.pack(
+        STRUCTURED_REPLY_MAGIC, R_DONE, R_OFFSET_DATA, cookie, length + 8, offset
+    )
+
+
+def _simple_read_header(cookie: int, offset: int, length: int) -> bytes:
+    """A successful simple READ reply's header (the data follows)."""
+    return _SIMPLE.pack(SIMPLE_REPLY_MAGIC, 0, cookie)
+
+
 def _never(buf: memoryview, nbytes: int, flags: int) -> int:
     raise AssertionError("busy polling over TLS")
 
@@ -346,10 +358,9 @@ class Connection:
         size = self.export_size
         max_block = self.max_block
         writable = self.writable
-        structured = self.structured
         unpack = REQUEST.unpack_from
         simple = _SIMPLE.pack
-        offset_data = _OFFSET_DATA.pack
+        read_header = _structured_read_header if self.structured else _simple_read_header
         preadv = os.preadv
         pwritev = os.pwritev
         send = self._send
@@ -470,19 +481,7 @@ class Connection:
                                 v[:] = mem[offset : offset + length]
                                 stats.rd_req += 1
                                 stats.rd_bytes += length
-                                if structured:
-                                    out.append(
-                                        offset_data(
-                                            STRUCTURED_REPLY_MAGIC,
-                                            R_DONE,
-                                            R_OFFSET_DATA,
-                                            cookie,
-                                            length + 8,
-                                            offset,
-                                        )
-                                    )
-                                else:
-                                    out.append(simple(SIMPLE_REPLY_MAGIC, 0, cookie))
+                                out.append(read_header(cookie, offset, length))
                                 out.append(v)
                                 continue
                             if end - start >= length:
@@ -514,19 +513,7 @@ class Connection:
                                 self._fill_short_read(views, offset, length)
                             stats.rd_req += 1
                             stats.rd_bytes += length
-                            if structured:
-                                out.append(
-                                    offset_data(
-                                        STRUCTURED_REPLY_MAGIC,
-                                        R_DONE,
-                                        R_OFFSET_DATA,
-                                        cookie,
-                                        length + 8,
-                                        offset,
-                                    )
-                                )
-                            else:
-                                out.append(simple(SIMPLE_REPLY_MAGIC, 0, cookie))
+                            out.append(read_header(cookie, offset, length))
                             out.extend(views)
                             continue
                         if end - start >= length:
