@@ -91,7 +91,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=50,
         metavar="MICROSECONDS",
         help="after serving requests, poll the connection this long before sleeping "
-        "(like net.core.busy_read; at most half the CPUs poll at once; 0: never; default 50)",
+        "(like net.core.busy_read); only rings of in-memory or plain-file exports poll, and "
+        "only while the server has at most half as many connections as CPUs; 0: never; "
+        "default 50",
     )
     parser.add_argument(
         "--handshake-timeout",

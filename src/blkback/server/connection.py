@@ -366,12 +366,17 @@ class Connection:
         send = self._send
         small_recv = False
         # Busy polling needs the plain socket's recv flags (not over TLS).
+        # Only a ring that serves inline polls (a ring with workers would take the GIL from
+        # its own workers), and only while the server has no more connections than polling
+        # slots: measured on `blkback repro`'s 64 rings, polling rings starved the others
+        # of the GIL (pools mean 20k pages instead of 48k: the rings' I/O slowed down).
         poll_recv: Callable[[memoryview, int, int], int] = _never
         poll_ns = 0
-        if isinstance(sock, socket.socket):
+        if isinstance(sock, socket.socket) and fast:
             poll_recv = sock.recv_into
             poll_ns = server.config.poll_us * 1000
         poll_slots = server.poll_slots
+        connections = server.connections
         served = False  # a batch was just served: poll before sleeping
         while True:
             if self._fatal is not None:
@@ -388,7 +393,7 @@ class Connection:
                     # which would then be copied once more.
                     dst = view[end:REQUEST_SIZE] if small_recv else view[end:]
                     n = -1
-                    if served and poll_ns:
+                    if served and poll_ns and len(connections) <= len(poll_slots):
                         # Busy polling right after a batch (see ServerConfig.poll_us).
                         served = False
                         for slot in poll_slots:

@@ -65,8 +65,9 @@ class ServerConfig:
     # Busy polling: after serving a batch, a ring polls its socket this long before it
     # sleeps in recv (Linux's net.core.busy_read, whose recommended value is 50 us).
     poll_us: int = 50
-    # At most this many rings poll at once; the others sleep at once. Default: half the
-    # CPUs (at least 1), so that polling rings never take every core from their clients.
+    # At most this many rings poll at once, and none while the server has more connections
+    # than that. Default: half the CPUs (at least 1), so that polling rings never take every
+    # core from their clients, nor the GIL from many other rings.
     max_pollers: int = 0
 
 
