@@ -75,6 +75,9 @@ class WorkloadConfig:
     # random I/O: requests at a mean rate (IOPS), 1..random_max_segments pages each
     iops: float = 200.0
     random_max_segments: int = 32
+    # dd, bursty, periodic: random I/O as above at this rate as well, during and between the
+    # stream's bursts (0: none), so that the ring never idles for long
+    background_iops: float = 0.0
 
 
 @dataclass(slots=True)
@@ -119,6 +122,7 @@ class Disk:
         "ring",
         "rng",
         "stats",
+        "stream_out",
         "tick_at",
         "vol",
         "vol_burst",
@@ -153,7 +157,8 @@ class Disk:
         self.queue_depth = queue_depth
         self.max_segs = max_segs
         self.quantum = max(1, int(quantum_ms * NS_PER_MS))
-        self.inflight: deque[tuple[int, list[int], int]] = deque()
+        # (completion ns, pages, bytes, part of the burst / dd stream)
+        self.inflight: deque[tuple[int, list[int], int, bool]] = deque()
         self.cpu_free = 0
         self.vol_free = 0
         self.vol_ns_per_byte = NS_PER_S / (volume.mbps * 1e6)
@@ -162,6 +167,7 @@ class Disk:
         self.vol_lat = int(volume.latency_ms * NS_PER_MS)
         self.stats = DiskStats()
         self.remaining = 0  # bytes the current burst / dd run still has to issue
+        self.stream_out = 0  # requests of the current burst / dd run in flight
         self.busy = False
         self.tick_at = -1
         self.rate_carry = 0.0
@@ -189,6 +195,8 @@ class Disk:
             self.loop.at(int(self.rng.uniform(0, 0.01) * NS_PER_S), _random_tick, self)
         elif kind != "idle":
             raise ValueError(f"unknown workload {kind!r}")
+        if kind in ("dd", "bursty", "periodic") and self.wl.background_iops > 0:
+            self.loop.at(int(self.rng.uniform(0, 0.01) * NS_PER_S), _random_tick, self)
 
     def begin_burst(self, now: int) -> None:
         if self.wl.kind == "dd":
@@ -242,14 +250,7 @@ class Disk:
         inflight = self.inflight
         # 1. completions: pages back to the pool (the end_io callback), no loop pass
         if inflight and inflight[0][0] <= now:
-            returned: list[int] = []
-            nbytes = 0
-            while inflight and inflight[0][0] <= now:
-                _t, pages, n = inflight.popleft()
-                returned += pages
-                nbytes += n
-            ring.put_pages(returned)
-            self.stats.bytes_done += nbytes
+            self._complete(now)
         # 2. the frontend fills free slots; the backend maps them and runs its pass
         submitted = 0
         slots = self.queue_depth - len(inflight)
@@ -264,7 +265,7 @@ class Disk:
             if freed:
                 self.cpu_free = max(self.cpu_free, now) + freed * self.cost.free_ns
         # 3. next tick
-        if inflight:
+        if self.stream_out:
             nxt = inflight[0][0]
             if self.remaining > 0 and nxt < now + self.quantum:
                 # wait a quantum, or until half the queue has completed if that is sooner
@@ -275,6 +276,21 @@ class Disk:
             self.schedule_tick(now + self.quantum)  # allocation failed: back off and retry
         elif self.busy:
             self.burst_done(now)
+
+    def _complete(self, now: int) -> None:
+        """Every request whose completion time has come: pages back to the pool."""
+        inflight = self.inflight
+        returned: list[int] = []
+        nbytes = 0
+        stream = 0
+        while inflight and inflight[0][0] <= now:
+            _t, pages, n, s = inflight.popleft()
+            returned += pages
+            nbytes += n
+            stream += s
+        self.ring.put_pages(returned)
+        self.stats.bytes_done += nbytes
+        self.stream_out -= stream
 
     def _submit_stream(self, now: int, slots: int) -> int:
         """Submit up to ``slots`` requests of the current stream; return how many went in.
@@ -345,9 +361,10 @@ class Disk:
                 vol_free = start + int(nbytes * self.vol_burst_ns_per_byte)
             else:
                 vol_free = start + int(nbytes * ns_per_byte)
-            append((vol_free + lat, req, nbytes))
+            append((vol_free + lat, req, nbytes, stream))
         if stream:
             self.remaining -= sum(sizes)
+            self.stream_out += len(sizes)
         if indirect:
             ring.put_pages(indirect)  # parsed: the indirect descriptor pages go back at once
         self.cpu_free = cpu
@@ -366,14 +383,10 @@ class Disk:
         ring = self.ring
         inflight = self.inflight
         if inflight and inflight[0][0] <= now:
-            returned: list[int] = []
-            while inflight and inflight[0][0] <= now:
-                _t, pages, nbytes = inflight.popleft()
-                returned += pages
-                self.stats.bytes_done += nbytes
-            ring.put_pages(returned)
+            self._complete(now)
         rng = self.rng
-        self.rate_carry += self.wl.iops * self.quantum / NS_PER_S * rng.uniform(0.5, 1.5)
+        iops = self.wl.iops if self.wl.kind == "random" else self.wl.background_iops
+        self.rate_carry += iops * self.quantum / NS_PER_S * rng.uniform(0.5, 1.5)
         k = min(int(self.rate_carry), self.queue_depth - len(inflight))
         if k > 0:
             self.rate_carry -= k
@@ -402,11 +415,12 @@ class Disk:
     def drain(self) -> None:
         """Complete everything in flight at once (end of a run): pages back to the pool."""
         while self.inflight:
-            _t, pages, _n = self.inflight.popleft()
+            _t, pages, _n, _s = self.inflight.popleft()
             self.ring.put_pages(pages)
+        self.stream_out = 0
 
     def in_flight_pages(self) -> int:
-        return sum(len(p) for _t, p, _n in self.inflight)
+        return sum(len(p) for _t, p, _n, _s in self.inflight)
 
 
 def _begin_burst(disk: Disk, now: int) -> None:

@@ -254,8 +254,24 @@ def run_scenario(sc: Scenario | Mapping[str, Any]) -> dict[str, Any]:
 # -- presets ------------------------------------------------------------------------------
 
 
-def seed_pressure(variant: str = "after", *, duration_ms: int = 10, seed: int = 1) -> Scenario:
+SEED_BACKGROUND_IOPS = 200.0  # per disk, the random workload's default rate: not fitted
+
+
+def seed_pressure(
+    variant: str = "after",
+    *,
+    duration_ms: int = 10,
+    seed: int = 1,
+    background_iops: float = SEED_BACKGROUND_IOPS,
+) -> Scenario:
     """The seed's memory-pressure test: ~100 network volumes with bursty writers.
+
+    Every disk also serves random I/O at ``background_iops`` (4-128 KiB requests) during and
+    between its bursts: the seed's guests "induce I/O" on every device, so every ring runs a
+    loop pass every few ms and none sits idle on its pool for 100 ms. Free pool pages are
+    still left behind by the bursts (up to ``max_buffer_pages`` per ring). With 0 the rings
+    idle between bursts (the model before the knee investigation: no knee, see
+    docs/sim/calibration/README.md).
 
     ``variant``: ``"before"`` is Linux 5.4 (no shrinker); ``"after"`` is the seed patch (one
     global deadline, lazy squeeze, ``aggressive_shrinking_duration = duration_ms``);
@@ -284,7 +300,7 @@ def seed_pressure(variant: str = "after", *, duration_ms: int = 10, seed: int = 
         duration_s=60.0,
         params=params,
         host=host,
-        guests=GuestConfig(),
+        guests=GuestConfig(workload=WorkloadConfig(background_iops=background_iops)),
     )
 
 
@@ -296,7 +312,7 @@ def seed_pressure_busy(variant: str = "after", *, duration_ms: int = 10, seed: i
     squeeze catches it even with a short window. Shows where the duration's knee moves when
     idle rings do not hold the pools.
     """
-    sc = seed_pressure(variant, duration_ms=duration_ms, seed=seed)
+    sc = seed_pressure(variant, duration_ms=duration_ms, seed=seed, background_iops=0.0)
     ram = 560
     f = ram / sc.host.ram_mib
     sc.host.ram_mib = ram

@@ -197,7 +197,7 @@ def report_markdown(doc: dict[str, Any]) -> str:
             "## Beyond the seed: pools on busy rings",
             "",
             "A smaller host (30 disks, 560 MiB dom0, 20 s) whose disks write 0.5 MB bursts with "
-            "10 ms mean gaps, so that every ring passes every few ms (seed patch: global, lazy).",
+            "10 ms mean gaps and no background I/O (seed patch: global, lazy).",
             "",
             "| variant | duration (ms) | pswpin | pswpout |",
             "|---|---:|---:|---:|",
@@ -211,30 +211,27 @@ def report_markdown(doc: dict[str, Any]) -> str:
 
 DIFFERENCES = [
     "- **Absolute counts.** The seed does not give the host's RAM, the number of devices, "
-    "the workload or the test length. The sim's host (2 GiB dom0, 100 disks with bursty "
-    "writers, 60 s) is a guess, tuned so that 'before' thrashes in the same order of "
-    "magnitude as the seed. Compare ratios and orderings, not values.",
-    "- **Before/after.** The shape matches: with the squeeze there are several times fewer "
-    "swap-outs (sim about 7x, seed 56x) and far fewer swap-ins (sim about 80x, seed 360x). "
-    "The sim's 'after' keeps more swap-outs than the seed's because of the lazy-squeeze "
-    "effect described next.",
+    "the workload or the test length. The sim's host (2 GiB dom0, 100 disks, 60 s) is a "
+    "guess, tuned so that 'before' thrashes in the same order of magnitude as the seed. Each "
+    "disk writes bursts (48 MB mean, 4 s mean gaps) and also serves 200 IOPS of random "
+    "4-128 KiB I/O throughout (a guess, not fitted: the random workload's default rate). "
+    "Compare ratios and orderings, not values.",
+    "- **Before/after.** The shape matches: with the squeeze there are far fewer swaps. The "
+    "sim's 'after' (10 ms) swaps nothing at all, the seed's still 3,325 pages: the sim has "
+    "no other source of swap-outs once the pools are squeezed (reclaim scanning before the "
+    "first report, other dom0 memory growth).",
     "- **5.6 = seed here.** Every report reaches every device at the same instant, so the "
     "per-device deadlines all equal the single global one. They would differ only for "
     "devices skipped by the report (reclaim_sem held) or added later.",
-    "- **The knee at 10 ms is not reproduced.** In the sim, 100 ms still improves a lot on "
-    "10 ms. The cause is the kernel's lazy squeeze: a ring frees its pool only if it runs a "
-    "loop pass inside the window. Busy rings pass every few ms and are caught even by 10 ms. "
-    "An idle ring (a bursty writer between bursts) holds up to max_buffer_pages (4 MiB) and "
-    "passes only every 100 ms, so a window of d ms catches about (episode + d)/100 of them. "
-    "kswapd episodes are short: it stops at the high watermark, ~2 MiB above low. Shorter "
-    "gaps (2 MB bursts every ~80 ms) did not flatten the curve either. The seed's flat "
-    "10 -> 100 ms suggests that its pool memory sat on rings passing more often than every "
-    "10 ms, or that its pressure episodes lasted longer than 100 ms with shrinker calls "
-    "every 1-10 ms keeping the one global deadline open. The seed does not say which. "
-    "When the pools sit on busy rings ('pools on busy rings'), the big step moves to "
-    "1 -> 10 ms, as in the seed, but 100 ms still removes the remainder. 'Beyond the seed' "
-    "shows that waking the rings removes the dependence on the duration: no swaps at 1, 10 "
-    "or 100 ms.",
+    "- **The knee at 10 ms.** 1 ms swaps out more than 10 ms, and 100 ms gains nothing over "
+    "10 ms, as in the seed, because every ring runs a loop pass every few ms (the background "
+    "I/O): a 10 ms window catches every ring holding a free pool, a 1 ms one only those "
+    "passing inside it (or during the reclaim episode, which refreshes the deadline). "
+    "Without the background I/O the rings idle between bursts, pass only every 100 ms, and "
+    "100 ms keeps winning (30 s: 17,851 / 7,727 / 0). The 1 ms excess depends on how often "
+    "rings pass: with 2 ms I/O batching instead of 5 ms even 1 ms swaps nothing, and at "
+    "50 IOPS 10 ms still leaves a few hundred pages (docs/sim/calibration/README.md). "
+    "'Beyond the seed' shows that waking the rings removes the dependence on the duration.",
     "- **pswpin.** dom0 processes touch their cold pages rarely (5 pages/s each), so pages "
     "swapped out in a short episode seldom come back. The pswpin/pswpout ratio follows "
     "directly from this access model.",
