@@ -22,7 +22,15 @@ from typing import Any
 
 from blkback.sim.scenario import Scenario, seed_pressure
 
-AXES = ("duration", "max_buffer_pages", "devices", "memory", "workload", "variant")
+AXES = (
+    "duration",
+    "max_buffer_pages",
+    "devices",
+    "memory",
+    "workload",
+    "background_iops",
+    "variant",
+)
 METRICS = (
     "pswpin",
     "pswpout",
@@ -62,6 +70,8 @@ def make_scenario(point: dict[str, Any], *, seed: int, sim_seconds: float) -> Sc
         base.proc_anon_mib = int(base.proc_anon_mib * f)
     if "workload" in point:
         sc.guests.workload.kind = str(point["workload"])
+    if "background_iops" in point:
+        sc.guests.workload.background_iops = float(point["background_iops"])
     sc.name = "sweep:" + ",".join(f"{k}={v}" for k, v in point.items()) + f",seed={seed}"
     return sc
 
