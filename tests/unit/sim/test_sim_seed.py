@@ -125,8 +125,11 @@ def test_sweep_command_csv_and_heatmaps(tmp_path: Path) -> None:
     )  # fmt: skip
     assert code == 0
     lines = (tmp_path / "results.csv").read_text().splitlines()
-    assert lines[0].startswith("duration,max_buffer_pages,devices,memory,workload,variant")
+    header = "duration,max_buffer_pages,devices,memory,workload,background_iops,variant"
+    assert lines[0].startswith(header)
     assert len(lines) == 5
+    # The sweep's default workload has no background I/O (the seed scenario's costs 2.6x).
+    assert all(line.split(",")[5] in ("0", "0.0") for line in lines[1:]), lines
     assert (tmp_path / "heatmap_pswpout.png").exists()
     assert (tmp_path / "heatmap_throughput_mbps.png").exists()
 
