@@ -368,8 +368,8 @@ class Connection:
         # Busy polling needs the plain socket's recv flags (not over TLS).
         # Only a ring that serves inline polls (a ring with workers would take the GIL from
         # its own workers), and only while the server has no more connections than polling
-        # slots: measured on `blkback repro`'s 64 rings, polling rings starved the others
-        # of the GIL (pools mean 20k pages instead of 48k: the rings' I/O slowed down).
+        # slots (a precaution: a spinning thread takes the GIL back at every recv, from
+        # every other ring of the process; see docs/design-notes.md).
         poll_recv: Callable[[memoryview, int, int], int] = _never
         poll_ns = 0
         if isinstance(sock, socket.socket) and fast:
