@@ -25,32 +25,22 @@ from .base import (
     HOLE,
     MAX_SIZE,
     ZERO,
+    Capabilities,
     buffers_length,
     check_read_range,
     check_write_range,
     format_size,
     refuse_readonly,
-    set_capabilities,
 )
 
 PAGE = 4096
 _MAX_EXTENTS = 1024
 
 
-class AnonMemoryStorage:
+class AnonMemoryStorage(Capabilities):
     """Sparse memory export over a private anonymous mapping."""
 
     kind = "memory"
-    readonly: bool
-    can_flush: bool
-    can_fua: bool
-    can_trim: bool
-    can_zero: bool
-    can_fast_zero: bool
-    can_cache: bool
-    can_extents: bool
-    can_multi_conn: bool
-    inline: bool
 
     def __init__(self, size: int, *, readonly: bool = False) -> None:
         """Reserve ``size`` bytes (rounded up to whole pages) of address space.
@@ -61,7 +51,7 @@ class AnonMemoryStorage:
         if not 0 < size <= MAX_SIZE:
             raise ConfigError(f"memory: size must be between 1 and {MAX_SIZE} bytes")
         self.size = size
-        set_capabilities(self, readonly=readonly, inline=True)
+        self.set_capabilities(readonly=readonly, inline=True)
         pages = (size + PAGE - 1) // PAGE
         try:
             self._map = mmap.mmap(

@@ -95,24 +95,37 @@ class Storage(Protocol):
         ...
 
 
-def set_capabilities(storage: object, *, readonly: bool, inline: bool) -> None:
-    """The capability flags every backend of this package has: all features, no writes
-    (trim, zero, fast zero) on a read-only export; one storage object serves every
-    connection of the export, so FLUSH on one covers writes made on all (CAN_MULTI_CONN).
+class Capabilities:
+    """The capability flags every backend of this package has, declared once.
+
+    All features, no writes (trim, zero, fast zero) on a read-only export; one storage object
+    serves every connection of the export, so FLUSH on one covers writes made on all
+    (CAN_MULTI_CONN).
     """
-    for name, value in (
-        ("readonly", readonly),
-        ("can_flush", True),
-        ("can_fua", True),
-        ("can_trim", not readonly),
-        ("can_zero", not readonly),
-        ("can_fast_zero", not readonly),
-        ("can_cache", True),
-        ("can_extents", True),
-        ("can_multi_conn", True),
-        ("inline", inline),
-    ):
-        setattr(storage, name, value)
+
+    readonly: bool
+    can_flush: bool
+    can_fua: bool
+    can_trim: bool
+    can_zero: bool
+    can_fast_zero: bool
+    can_cache: bool
+    can_extents: bool
+    can_multi_conn: bool
+    inline: bool
+
+    def set_capabilities(self, *, readonly: bool, inline: bool) -> None:
+        """Set the flags for a read-only or writable export, served inline or not."""
+        self.readonly = readonly
+        self.can_flush = True
+        self.can_fua = True
+        self.can_trim = not readonly
+        self.can_zero = not readonly
+        self.can_fast_zero = not readonly
+        self.can_cache = True
+        self.can_extents = True
+        self.can_multi_conn = True
+        self.inline = inline
 
 
 def buffers_length(bufs: Sequence[memoryview]) -> int:

@@ -42,13 +42,13 @@ from .base import (
     HOLE,
     MAX_SIZE,
     ZERO,
+    Capabilities,
     buffers_length,
     check_read_range,
     check_write_range,
     format_size,
     os_error,
     refuse_readonly,
-    set_capabilities,
 )
 
 log = logging.getLogger(__name__)
@@ -101,7 +101,7 @@ def _addresses_aligned(bufs: list[memoryview]) -> bool:
         return False
 
 
-class FdStorage:
+class FdStorage(Capabilities):
     """Storage over one file descriptor (and optionally a second, O_DIRECT one).
 
     Not built directly: use :func:`open_file` or :class:`MemoryStorage`.
@@ -149,20 +149,10 @@ class FdStorage:
         self._closed = False
 
         self.size = size
-        self.readonly: bool
-        self.can_flush: bool
-        self.can_fua: bool
-        self.can_trim: bool
-        self.can_zero: bool
-        self.can_fast_zero: bool
-        self.can_cache: bool
-        self.can_extents: bool
-        self.can_multi_conn: bool
-        self.inline: bool
         # One storage object (one inode) serves every connection of the export, and
         # fdatasync covers the inode whichever descriptor wrote: FLUSH on one connection
         # covers writes made on all of them, as CAN_MULTI_CONN requires.
-        set_capabilities(self, readonly=readonly, inline=False)
+        self.set_capabilities(readonly=readonly, inline=False)
 
     # -- data path -------------------------------------------------------------------------
 

@@ -15,12 +15,12 @@ from .base import (
     HOLE,
     MAX_SIZE,
     ZERO,
+    Capabilities,
     buffers_length,
     check_read_range,
     check_write_range,
     format_size,
     refuse_readonly,
-    set_capabilities,
 )
 
 # Reads copy from this shared zero buffer: a slice assignment is one memcpy in C, faster
@@ -42,7 +42,7 @@ def fill_zero(buf: memoryview) -> None:
         buf[start:stop] = _ZEROES[: stop - start]
 
 
-class NullStorage:
+class NullStorage(Capabilities):
     """Discards writes; reads, extents and everything else say "all zeroes"."""
 
     kind = "null"
@@ -60,17 +60,7 @@ class NullStorage:
         if not 0 < size <= MAX_SIZE:
             raise ConfigError(f"null: size must be between 1 and {MAX_SIZE} bytes")
         self.size = size
-        self.readonly: bool
-        self.can_flush: bool
-        self.can_fua: bool
-        self.can_trim: bool
-        self.can_zero: bool
-        self.can_fast_zero: bool
-        self.can_cache: bool
-        self.can_extents: bool
-        self.can_multi_conn: bool
-        self.inline: bool
-        set_capabilities(self, readonly=readonly, inline=True)
+        self.set_capabilities(readonly=readonly, inline=True)
 
     def preadv(self, bufs: list[memoryview], offset: int) -> None:
         """Fill ``bufs`` with zeroes.
