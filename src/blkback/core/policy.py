@@ -7,6 +7,14 @@ otherwise. The level of the report is ignored: any pressure squeezes.
 
 A policy is pure: it reads the device and ring state and the time it is given, and writes
 only the device's squeeze state.
+
+Stale instants. In the kernel a ring reads ``jiffies`` at the moment it tests the deadline.
+Here a pass is evaluated at an instant its runner read a little earlier (a ring thread reads
+the clock and then waits for the ring lock that a wake pass holds; a queued wake pass runs
+at the instant of the report that woke it). A report with a duration of 0 opens no window
+in wall-clock time, so it must not squeeze such a pass either: a report whose new deadline
+is not ahead of it leaves a deadline that has already passed untouched (:func:`store_deadline`).
+Every pass at or after the report sees the same answer either way.
 """
 
 from __future__ import annotations
@@ -52,13 +60,27 @@ class SqueezePolicy(Protocol):
         ...
 
 
+def store_deadline(old_end_ns: int, now_ns: int, end_ns: int) -> int:
+    """The deadline a report at ``now_ns`` stores: ``end_ns``, a plain store like the kernel's.
+
+    Except when the new window is empty (``end_ns <= now_ns``) and the old one is already over:
+    then the old deadline stays, so that a pass evaluated at an instant before the report
+    (see "Stale instants" above) is not squeezed by a report that squeezes nothing. A report
+    that ends a window still open (the duration lowered to 0 at runtime) ends it at ``now_ns``.
+    """
+    if end_ns <= now_ns and old_end_ns <= now_ns:
+        return old_end_ns
+    return end_ns
+
+
 class KernelPolicy:
     """Any report squeezes every ring of the device to 0 for the configured duration."""
 
     name = "kernel"
 
     def on_reclaim(self, device: Device, level: PressureLevel, now_ns: int) -> None:
-        device.set_squeeze_end(now_ns + device.params.buffer_squeeze_duration_ms * NS_PER_MS)
+        end = now_ns + device.params.buffer_squeeze_duration_ms * NS_PER_MS
+        device.set_squeeze_end(store_deadline(device.squeeze_end_ns, now_ns, end))
         device.squeeze_level = level
 
     def target(self, ring: Ring, now_ns: int) -> int:
@@ -126,7 +148,8 @@ class GradedPolicy:
         if ends is None:
             ends = {}
             self._ends[key] = ends
-        ends[level] = now_ns + device.params.buffer_squeeze_duration_ms * NS_PER_MS
+        end = now_ns + device.params.buffer_squeeze_duration_ms * NS_PER_MS
+        ends[level] = store_deadline(ends.get(level, 0), now_ns, end)
         device.set_squeeze_end(max(ends.values()))
         device.squeeze_level = self.level_at(device, now_ns)
 

@@ -54,6 +54,35 @@ def test_duration_zero_never_squeezes() -> None:
     assert dev.squeezes == 0
 
 
+def test_duration_zero_does_not_squeeze_a_pass_evaluated_just_before_the_report() -> None:
+    # A ring thread reads the clock, then a report lands before its pass runs (the race that
+    # made repro's "squeeze off" configuration free 1,024 pages with 0 squeezes).
+    clock = ManualClock(1_000 * NS_PER_MS)
+    bus = Bus(Params(max_buffer_pages=16, buffer_squeeze_duration_ms=0))
+    dev, ring = _ring_with_pool(bus, "d", 16, clock)
+    stale = clock.now_ns()
+    clock.advance_ms(0.05)
+    bus.reclaim_memory(clock.now_ns())
+    bus.reclaim_memory(clock.now_ns())  # and a second one
+    assert not dev.squeezed(stale)
+    assert ring.loop_pass(stale) == 0
+    assert len(ring.pool) == 16
+    assert ring.stats.pages_squeezed == 0 and dev.squeezes == 0
+
+
+def test_duration_lowered_to_zero_ends_an_open_window_at_the_report() -> None:
+    clock = ManualClock(0)
+    params = Params()
+    bus = Bus(params)
+    dev, _ = _ring_with_pool(bus, "d", 1, clock)
+    bus.reclaim_memory(clock.now_ns())  # window [0, 10 ms)
+    clock.advance_ms(4)
+    params.set("buffer_squeeze_duration_ms", 0)
+    bus.reclaim_memory(clock.now_ns())
+    assert dev.squeeze_end_ns == 4 * NS_PER_MS  # plain store: the window ends now
+    assert dev.squeezed(4 * NS_PER_MS - 1) and not dev.squeezed(4 * NS_PER_MS)
+
+
 def test_repeated_pressure_extends_and_can_shorten_the_window() -> None:
     clock = ManualClock(0)
     params = Params()

@@ -133,3 +133,15 @@ def test_devices_are_independent_in_device_scope() -> None:
     a.reclaim_memory(clock.now_ns(), PressureLevel.CRITICAL)
     assert ra.target(clock.now_ns()) == 0
     assert rb.target(clock.now_ns()) == M
+
+
+def test_duration_zero_squeezes_no_pass_evaluated_before_the_report() -> None:
+    clock, bus, device, idle, active = setup(buffer_squeeze_duration_ms=0)
+    stale = clock.now_ns()
+    clock.advance_ms(0.05)
+    for level in (PressureLevel.LOW, PressureLevel.CRITICAL):
+        bus.reclaim_memory(clock.now_ns(), level)
+    for ring in (idle, active):
+        ring.loop_pass(stale, had_io=False)
+    assert [len(idle.pool), len(active.pool)] == [M, M]
+    assert device.squeezes == 0
