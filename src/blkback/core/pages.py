@@ -171,7 +171,16 @@ class MmapAllocator:
         writes -56 % -> -44 %, 4 KiB within noise).
         """
         if self._mlock:
-            return [self.alloc() for _ in range(n)]
+            pinned: list[int] = []
+            try:
+                for _ in range(n):
+                    pinned.append(self.alloc())  # noqa: PERF401 (keep what was taken on error)
+            except BaseException:
+                # Give back what was taken (unpinned, dropped), as the unpinned path does.
+                self.free(pinned)
+                self.flush()
+                raise
+            return pinned
         free_ids = self._free_ids
         out: list[int] = []
         try:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import itertools
 import os
 import socket
+import subprocess
+import sys
 import tempfile
 
 from hypothesis import given, settings
@@ -180,3 +182,44 @@ def test_alloc_many_hands_out_distinct_pages_like_alloc() -> None:
     assert all(bytes(alloc.view(p)[:8]) == bytes(8) for p in again)  # freed: zero again
     alloc.free(again)
     alloc.close()
+
+
+_ALLOC_MANY_UNDER_RLIMIT_AS = r"""
+import resource
+from blkback.core.pages import MmapAllocator
+from blkback.core.pool import PagePool
+
+for mlock in (True, False):
+    alloc = MmapAllocator(chunk_pages=1024, mlock=mlock)  # 4 MiB chunks
+    pool = PagePool(alloc)
+    pool.put(pool.get_many(1))  # chunk 0 mapped before the limit
+    with open("/proc/self/status") as f:
+        vm = next(int(line.split()[1]) for line in f if line.startswith("VmSize:")) * 1024
+    resource.setrlimit(resource.RLIMIT_AS, (vm + 6 * 2**20, resource.RLIM_INFINITY))
+    try:
+        pool.get_many(3000)  # chunk 0, chunk 1 (fits), chunk 2: mmap fails with ENOMEM
+    except MemoryError:
+        pass
+    else:
+        raise SystemExit("the limit did not make the mapping fail")
+    finally:
+        resource.setrlimit(resource.RLIMIT_AS, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
+    assert (len(pool), pool.in_flight) == (1, 0), (mlock, len(pool), pool.in_flight)
+    assert alloc.live_pages == 1, (mlock, alloc.live_pages)  # the pool's page only
+    assert alloc.pinned_pages <= 1, alloc.pinned_pages
+    pool.shrink(0)
+    alloc.close()  # raises if any page is still counted live
+print("ok")
+"""
+
+
+def test_alloc_many_that_fails_part_way_gives_back_what_it_took() -> None:
+    # A real ENOMEM: the address-space limit leaves room for one more chunk, not two.
+    proc = subprocess.run(
+        [sys.executable, "-c", _ALLOC_MANY_UNDER_RLIMIT_AS],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-2000:]
