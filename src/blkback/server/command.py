@@ -110,6 +110,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="drop a connection idle this long (default 0: never)",
     )
     parser.add_argument(
+        "--io-timeout",
+        type=float,
+        default=60.0,
+        metavar="SECONDS",
+        help="drop a client that sends no byte of a write's payload, or takes none of its "
+        "replies, for this long (default 60); a slow client that keeps moving is never cut",
+    )
+    parser.add_argument(
         "--max-block",
         default="32M",
         metavar="SIZE",
@@ -172,6 +180,8 @@ def run(args: argparse.Namespace) -> int:
             raise ConfigError(f"{flag} must be at least 1")
     if not 0 <= args.poll_us <= 1_000_000:
         raise ConfigError("--poll-us must be between 0 and 1000000")
+    if not 0.1 <= args.io_timeout <= 86_400:
+        raise ConfigError("--io-timeout must be between 0.1 and 86400 seconds")
     max_block = parse_size(args.max_block)
     if not 4096 <= max_block <= 1 << 30:
         raise ConfigError("--max-block must be between 4K and 1G")
@@ -199,6 +209,7 @@ def run(args: argparse.Namespace) -> int:
         poll_us=args.poll_us,
         handshake_timeout_s=args.handshake_timeout,
         idle_timeout_ns=int(args.idle_timeout * 1e9),
+        io_timeout_ms=int(args.io_timeout * 1000),
         mlock=args.mlock,
         max_block=max_block,
         tls=args.tls,

@@ -183,20 +183,26 @@ class Connection:
         except Exception:
             log.exception("%s: internal error, closing the connection", self.peer)
         finally:
-            self._close()
+            try:
+                self._close()
+            except Exception:
+                log.exception("%s: internal error while closing the connection", self.peer)
 
     def _close(self) -> None:
-        self._stop_workers()
-        if self.ring is not None:
-            self._reclaim_abandoned_pages()
-            self.server.detach_ring(self)
-            self.ring = None
-        if self.allocator is not None:
-            self.allocator.close()
-        with contextlib.suppress(OSError):
-            self.sock.close()
-        self.server.connection_closed(self)
-        self.closed.set()
+        try:
+            self._stop_workers()
+            if self.ring is not None:
+                self._reclaim_abandoned_pages()
+                self.server.detach_ring(self)
+                self.ring = None
+            if self.allocator is not None:
+                self.allocator.close()
+        finally:
+            # Whatever went wrong above, the client and the server's table let go of us.
+            with contextlib.suppress(OSError):
+                self.sock.close()
+            self.server.connection_closed(self)
+            self.closed.set()
 
     def _reclaim_abandoned_pages(self) -> None:
         """Return the pages of requests that died with the connection to the pool.
@@ -780,7 +786,11 @@ class Connection:
     def _recv_into_views(self, views: list[memoryview], total: int) -> None:
         sock = self.sock
         got = 0
-        waited_ns = 0
+        # When the current stall was first seen (a receive timeout expired with no data):
+        # the payload may take as long as it likes while bytes keep coming, but no byte for
+        # io_timeout_ms (by the clock, not by counting timeouts, whose length varies after
+        # wake passes) ends the connection.
+        stalled_ns: int | None = None
         clock = self.server.clock
         i = 0  # first view not yet full
         while got < total:
@@ -792,12 +802,14 @@ class Connection:
                 ring = self.ring
                 if ring is not None and ring.pass_due(now):
                     self._pass(now, had_io=False, woken=False)
-                waited_ns += self.server.params.lru_interval_ms * 1_000_000
-                if waited_ns > self.server.config.io_timeout_ms * 1_000_000:
+                if stalled_ns is None:
+                    stalled_ns = now
+                elif now - stalled_ns > self.server.config.io_timeout_ms * 1_000_000:
                     raise TimeoutError("client stalled mid-request") from None
                 continue
             if n == 0:
                 raise Disconnect
+            stalled_ns = None
             got += n
             while n:
                 v = views[i]
