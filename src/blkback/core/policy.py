@@ -139,7 +139,8 @@ class GradedPolicy:
         ends = self._ends.get(self._key(device))
         if not ends:
             return None
-        active = [level for level, end in ends.items() if now_ns < end]
+        # A copy: a reporter thread may add a level while a ring thread's pass reads them.
+        active = [level for level, end in tuple(ends.items()) if now_ns < end]
         return max(active) if active else None
 
     def on_reclaim(self, device: Device, level: PressureLevel, now_ns: int) -> None:

@@ -148,13 +148,16 @@ class Ring:
         # A woken pass may be evaluated at an earlier instant than a pass the ring ran since.
         if now_ns > self.last_pass_ns:
             self.last_pass_ns = now_ns
+        floor_before = params.max_buffer_pages
         target = device.bus.current_policy.target(self, now_ns)
         pool = self.pool
         freed = pool.shrink(target, params.batch_free_pages) if len(pool) > target else 0
         if freed:
             self.last_free_ns = now_ns
             # Pages above max_buffer_pages would have gone anyway: only the rest is squeeze.
-            trim_floor = params.max_buffer_pages
+            # (The lower of two reads: `ctl set` may change it while the policy reads it, and
+            # a trim must not be counted as a squeeze then.)
+            trim_floor = min(floor_before, params.max_buffer_pages)
             if target < trim_floor:
                 size_before = len(self.pool) + freed
                 by_trim = max(0, size_before - trim_floor)
