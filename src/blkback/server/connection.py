@@ -661,6 +661,9 @@ class Connection:
             if cmd == C_WRITE:
                 start = self._discard_payload(view, start, end, length)
             out.append(codec.error_reply(cookie, errno.ENOMEM, "out of memory for buffers"))
+            # The replies so far go out now, not after the pause.
+            self._send(out)
+            out.clear()
             self._alloc_backoff()
             return start, max(end, start)
         end = max(end, start)
