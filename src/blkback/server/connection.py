@@ -520,8 +520,13 @@ class Connection:
                                     n = len(v)
                                     v[:] = mem[p : p + n]
                                     p += n
-                            elif preadv(plain_fd, views, offset) != length:
-                                self._fill_short_read(views, offset, length)
+                            else:
+                                try:
+                                    if preadv(plain_fd, views, offset) != length:
+                                        self._fill_short_read(views, offset, length)
+                                except (OSError, RequestError) as exc:
+                                    out.append(self._io_error_reply(cookie, exc))
+                                    continue
                             stats.rd_req += 1
                             stats.rd_bytes += length
                             out.append(read_header(cookie, offset, length))
@@ -544,8 +549,13 @@ class Connection:
                                 n = len(v)
                                 mem[p : p + n] = v
                                 p += n
-                        elif pwritev(plain_fd, views, offset) != length:
-                            storage.pwritev(views, offset, False)  # finish a short write
+                        else:
+                            try:
+                                if pwritev(plain_fd, views, offset) != length:
+                                    storage.pwritev(views, offset, False)  # finish a short one
+                            except (OSError, RequestError) as exc:
+                                out.append(self._io_error_reply(cookie, exc))
+                                continue
                         stats.wr_req += 1
                         stats.wr_bytes += length
                         out.append(simple(SIMPLE_REPLY_MAGIC, 0, cookie))
@@ -602,6 +612,15 @@ class Connection:
                 ring.stats.extra.get("alloc_backoff_ms", 0) + self._alloc_backoff_ns // 1_000_000
             )
         time.sleep(self._alloc_backoff_ns / 1e9)
+
+    def _io_error_reply(self, cookie: int, exc: OSError | RequestError) -> bytes:
+        """The error reply of a fast-path request whose storage I/O failed (EIO by default)."""
+        ring = self.ring
+        if ring is not None:
+            ring.stats.errors += 1
+        code = exc.errno or errno.EIO
+        log.warning("%s: I/O error: %s", self.peer, exc)
+        return self.codec.error_reply(cookie, code, str(exc))
 
     def _fill_short_read(self, views: list[memoryview], offset: int, length: int) -> None:
         """A plain read came back short: redo it through the storage layer (which loops)."""

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 from pathlib import Path
 
 import pytest
-from rsupport import libnbd
+from rsupport import CMD_READ, CMD_WRITE, connect, libnbd, request, simple_reply
 from support import need_root, need_tool
+
+from blkback.core.params import Params
+from blkback.server.server import Server, ServerConfig
+from blkback.storage.spec import open_storage
 
 MiB = 2**20
 
@@ -114,3 +119,35 @@ def test_full_disk_gives_enospc_and_keeps_the_connection(serve, tiny_fs: Path) -
     clean = _probe(s.uri("other"), 100)
     assert clean["write"] == {"ok": 100}, clean
     s.stop()  # the server closes the file before the filesystem is unmounted
+
+
+def test_a_failing_descriptor_on_the_fast_path_gives_an_error_reply(tmp_path: Path) -> None:
+    # The memfd backend's requests go straight to preadv/pwritev on its descriptor. Put
+    # /dev/full under that descriptor: the kernel then fails every write with ENOSPC (and
+    # reads give zeroes). Each write must get its error reply, and the connection must live.
+    storage = open_storage("memfd:8M")
+    full = os.open("/dev/full", os.O_RDWR)
+    try:
+        os.dup2(full, storage.plain_fd)  # type: ignore[attr-defined]
+    finally:
+        os.close(full)
+    path = str(tmp_path / "nbd.sock")
+    config = ServerConfig(listen=[f"unix:{path}"], control_path=str(tmp_path / "c.sock"))
+    server = Server([("d", "memfd:8M", storage)], params=Params(), config=config)
+    server.start()
+    try:
+        sock, _ = connect(path, b"d")
+        sock.settimeout(10)
+        with sock:
+            # Pipelined: one group of four writes and a read.
+            burst = b"".join(
+                request(CMD_WRITE, i * 4096, 4096, cookie=i) + b"\xaa" * 4096 for i in range(4)
+            )
+            sock.sendall(burst + request(CMD_READ, 0, 4096, cookie=9))
+            errors = [simple_reply(sock)[:2] for _ in range(4)]
+            assert errors == [(28, i) for i in range(4)]  # NBD_ENOSPC, every cookie
+            assert simple_reply(sock, 4096) == (0, 9, bytes(4096))
+            sock.sendall(request(CMD_READ, 4096, 4096, cookie=10))
+            assert simple_reply(sock, 4096) == (0, 10, bytes(4096))  # still connected
+    finally:
+        server.stop()
