@@ -8,10 +8,14 @@ Deterministic by construction: events at the same time run in the order they wer
 from __future__ import annotations
 
 import heapq
+import itertools
 from collections.abc import Callable
 from typing import Any
 
 Callback = Callable[[Any, int], None]
+
+_heappush = heapq.heappush
+_heappop = heapq.heappop
 
 
 class SimClock:
@@ -37,7 +41,7 @@ class EventLoop:
     def __init__(self, *, trace: bool = False) -> None:
         self.clock = SimClock()
         self._heap: list[tuple[int, int, Callback, Any]] = []
-        self._seq = 0
+        self._seq = itertools.count(1)  # ties at one time run in scheduling order
         self.events = 0
         self.trace: list[tuple[int, str, str]] | None = [] if trace else None
 
@@ -48,10 +52,7 @@ class EventLoop:
     def at(self, time_ns: int, callback: Callback, arg: Any = None) -> None:
         """Run ``callback(arg, time_ns)`` at ``time_ns`` (not before the current time)."""
         now = self.clock.now
-        if time_ns < now:
-            time_ns = now
-        self._seq += 1
-        heapq.heappush(self._heap, (time_ns, self._seq, callback, arg))
+        _heappush(self._heap, (time_ns if time_ns > now else now, next(self._seq), callback, arg))
 
     def after(self, delay_ns: int, callback: Callback, arg: Any = None) -> None:
         """Run ``callback(arg, now + delay_ns)``."""
@@ -61,11 +62,17 @@ class EventLoop:
         """Run every event with time < ``end_ns``, then set the clock to ``end_ns``."""
         heap = self._heap
         clock = self.clock
-        pop = heapq.heappop
+        pop = _heappop
         trace = self.trace
         n = 0
-        while heap and heap[0][0] < end_ns:
-            t, _seq, cb, arg = pop(heap)
+        # Pop first and put back the one event that is not due: the keys are unique, so the
+        # heap's order afterwards is the same.
+        while heap:
+            item = pop(heap)
+            t, _seq, cb, arg = item
+            if t >= end_ns:
+                _heappush(heap, item)
+                break
             clock.now = t
             if trace is not None:
                 trace.append((t, getattr(cb, "__qualname__", repr(cb)), _label(arg)))
