@@ -458,7 +458,7 @@ class Disk:
                     self.cpu_free = (cpu if cpu > now else now) + freed * self.cost.free_ns
         else:
             self.rate_carry = carry
-        self.loop.at(now + self.quantum, Disk.random_tick, self)
+        self.loop.after_fixed(self.quantum, Disk.random_tick, self)
 
     def _map_one(self, now: int, nbytes: int, ind_per_req: int, stream: bool) -> int:
         """``_map_batch(now, [nbytes], ind_per_req, stream=stream)``, faster: one request."""
