@@ -280,19 +280,26 @@ class Disk:
         if submitted:
             pager = self.pager
             if pager is None:
-                freed = ring.loop_pass(now, had_io=True)
+                freed = ring.loop_pass(now)  # had_io
             else:
                 freed = pager.pool_pass(ring, now, had_io=True)
             if freed:
-                self.cpu_free = max(self.cpu_free, now) + freed * self.cost.free_ns
+                cpu = self.cpu_free
+                self.cpu_free = (cpu if cpu > now else now) + freed * self.cost.free_ns
         # 3. next tick
         if self.stream_out:
             nxt = inflight[0][0]
-            if self.remaining > 0 and nxt < now + self.quantum:
+            soon = now + self.quantum
+            if self.remaining > 0 and nxt < soon:
                 # wait a quantum, or until half the queue has completed if that is sooner
-                half = inflight[min(len(inflight), self.queue_depth // 2) - 1][0]
-                nxt = max(nxt, min(now + self.quantum, half))
-            self.schedule_tick(max(nxt, now + 1))
+                n = len(inflight)
+                half = self.queue_depth // 2
+                half = inflight[(n if n < half else half) - 1][0]
+                if half < soon:
+                    soon = half
+                if soon > nxt:
+                    nxt = soon
+            self.schedule_tick(nxt if nxt > now else now + 1)
         elif self.remaining > 0:
             self.schedule_tick(now + self.quantum)  # allocation failed: back off and retry
         elif self.busy:
@@ -331,10 +338,10 @@ class Disk:
         if slots == 1 or remaining <= max_bytes:  # one request: _map_one, same retry
             nbytes = max_bytes if remaining >= max_bytes else remaining
             try:
-                return self._map_one(now, nbytes, ind_per_req, True)
+                return self._map_one(now, nbytes, True)
             except MemoryError:
                 try:
-                    return self._map_one(now, nbytes, ind_per_req, True)
+                    return self._map_one(now, nbytes, True)
                 except MemoryError:
                     self.stats.failed_submits += 1
                     return 0
@@ -436,7 +443,7 @@ class Disk:
                     r = getrandbits(bits)
                     while r >= top:
                         r = getrandbits(bits)
-                    self._map_one(now, (r + 1) * PAGE_SIZE, self.ind_per_req, False)
+                    self._map_one(now, (r + 1) * PAGE_SIZE, False)
                 else:
                     sizes = []
                     for _ in range(k):
@@ -450,7 +457,7 @@ class Disk:
             else:
                 pager = self.pager
                 if pager is None:
-                    freed = self.ring.loop_pass(now, had_io=True)
+                    freed = self.ring.loop_pass(now)  # had_io
                 else:
                     freed = pager.pool_pass(self.ring, now, had_io=True)
                 if freed:
@@ -458,14 +465,14 @@ class Disk:
                     self.cpu_free = (cpu if cpu > now else now) + freed * self.cost.free_ns
         else:
             self.rate_carry = carry
-        self.loop.after_fixed(self.quantum, Disk.random_tick, self)
+        self.loop.after_fixed(self.quantum, _random_tick, self)
 
-    def _map_one(self, now: int, nbytes: int, ind_per_req: int, stream: bool) -> int:
-        """``_map_batch(now, [nbytes], ind_per_req, stream=stream)``, faster: one request."""
+    def _map_one(self, now: int, nbytes: int, stream: bool) -> int:
+        """``_map_batch(now, [nbytes], self.ind_per_req, stream=stream)``, for one request."""
         ring = self.ring
         pool = ring.pool
         segs = -(-nbytes // PAGE_SIZE)
-        total = segs + ind_per_req if segs > SEGS_DIRECT else segs
+        total = segs + self.ind_per_req if segs > SEGS_DIRECT else segs
         misses = pool.misses
         if self.pager is not None:
             self.pager.pool_get(ring, total)  # swapped pool pages fault in first
@@ -487,8 +494,10 @@ class Disk:
         else:
             vol_free += int(nbytes * self.vol_ns_per_byte)
         if total > segs:
-            self.inflight.append((vol_free + self.vol_lat, pages[:segs], nbytes, stream))
-            ring.put_pages(pages[segs:])  # parsed: the indirect descriptor pages go back at once
+            indirect = pages[segs:]
+            del pages[segs:]
+            self.inflight.append((vol_free + self.vol_lat, pages, nbytes, stream))
+            ring.put_pages(indirect)  # parsed: the indirect descriptor pages go back at once
         else:
             self.inflight.append((vol_free + self.vol_lat, pages, nbytes, stream))
         if stream:
@@ -512,3 +521,6 @@ class Disk:
 
 def _begin_burst(disk: Disk, now: int) -> None:
     disk.begin_burst(now)
+
+
+_random_tick = Disk.random_tick

@@ -79,8 +79,8 @@ def reference_submit_stream(self: Disk, now: int, slots: int) -> int:
         return n
 
 
-def map_one_by_batch(self: Disk, now: int, nbytes: int, ind_per_req: int, stream: bool) -> int:
-    return self._map_batch(now, [nbytes], ind_per_req, stream=stream)
+def map_one_by_batch(self: Disk, now: int, nbytes: int, stream: bool) -> int:
+    return self._map_batch(now, [nbytes], self.ind_per_req, stream=stream)
 
 
 def small(
