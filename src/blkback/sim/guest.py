@@ -377,7 +377,10 @@ class Disk:
         pages = ring.get_pages(total, now)  # on MemoryError the pages taken are back in the pool
         cost = self.cost
         map_ns = cost.map_ns
-        cpu = max(self.cpu_free, now) + (pool.misses - misses) * cost.alloc_ns
+        cpu = self.cpu_free
+        if cpu < now:
+            cpu = now
+        cpu += (pool.misses - misses) * cost.alloc_ns
         vol_free = self.vol_free
         lat = self.vol_lat
         ns_per_byte = self.vol_ns_per_byte
