@@ -100,8 +100,23 @@ class PagePool:
         If the allocator fails part-way, the pages already taken go back into the pool (as
         the kernel's ``xen_blkbk_map`` returns the batch gathered so far) and the error
         propagates.
+
+        An allocator may offer ``alloc_many(m)``: the ids ``m`` calls of ``alloc`` would
+        return, in one call, or the first of them only (a shorter list: it could not take
+        the rest in bulk); the pool then takes the rest one by one with ``alloc``. If it
+        raises, it has allocated nothing.
         """
         free = self._free
+        if 0 < n <= len(free):  # the common case: every page from the pool
+            pages = free[-n:]
+            del free[-n:]
+            pages.reverse()
+            self.hits += n
+            in_flight = self.in_flight + n
+            self.in_flight = in_flight
+            if in_flight > self.peak_in_flight:
+                self.peak_in_flight = in_flight
+            return pages
         k = n if n <= len(free) else len(free)
         if k:
             pages = free[-k:]
@@ -119,23 +134,28 @@ class PagePool:
                 except BaseException:
                     self.put(pages)
                     raise
+                got = len(fresh)
                 pages.extend(fresh)
-                self.pages_allocated += n - k
-                self.misses += n - k
-                self.in_flight += n - k
-                if self.in_flight > self.peak_in_flight:
-                    self.peak_in_flight = self.in_flight
-                return pages
+                self.pages_allocated += got
+                self.misses += got
+                self.in_flight += got
+                k += got
+        if k < n:
             alloc = self.allocator.alloc
+            append = pages.append
             try:
                 for _ in range(n - k):
-                    pages.append(alloc())
-                    self.pages_allocated += 1
-                    self.misses += 1
-                    self.in_flight += 1
+                    append(alloc())
             except BaseException:
+                got = len(pages) - k
+                self.pages_allocated += got
+                self.misses += got
+                self.in_flight += got
                 self.put(pages)
                 raise
+            self.pages_allocated += n - k
+            self.misses += n - k
+            self.in_flight += n - k
         if self.in_flight > self.peak_in_flight:
             self.peak_in_flight = self.in_flight
         return pages

@@ -108,6 +108,7 @@ class Disk:
         "dd_done_runs",
         "dd_left",
         "dd_start",
+        "ind_per_req",
         "indirect",
         "inflight",
         "label",
@@ -117,6 +118,9 @@ class Disk:
         "pager",
         "quantum",
         "queue_depth",
+        "rand_bits",
+        "rand_rate",
+        "rand_top",
         "rate_carry",
         "remaining",
         "ring",
@@ -178,10 +182,19 @@ class Disk:
         self.burst_at = 0  # periodic: when the current burst was due
         self.indirect = True  # False: NBD requests carry no indirect descriptor pages
         self.pager: Host | None = None  # set when pool pages are swappable (faults, drops)
+        self.ind_per_req = 0  # indirect pages of a request of more than 11 segments: start()
+        self.rand_rate = 0.0  # random I/O, fixed by start(): requests per quantum (mean),
+        self.rand_top = 1  # and the size draw: 1..rand_top pages
+        self.rand_bits = 1
 
     # -- workload ---------------------------------------------------------------------------
     def start(self) -> None:
-        """Schedule the workload's first activity."""
+        """Schedule the workload's first activity (``indirect`` and the rest are set)."""
+        self.ind_per_req = (
+            0
+            if self.max_segs <= SEGS_DIRECT or not self.indirect
+            else -(-self.max_segs // SEGS_PER_INDIRECT_PAGE)
+        )
         kind = self.wl.kind
         if kind == "dd":
             self.loop.at(0, _begin_burst, self)
@@ -192,11 +205,19 @@ class Disk:
         elif kind == "periodic":
             self.loop.at(self.burst_at + self._jitter(), _begin_burst, self)
         elif kind == "random":
-            self.loop.at(int(self.rng.uniform(0, 0.01) * NS_PER_S), _random_tick, self)
+            self._start_random(self.wl.iops)
         elif kind != "idle":
             raise ValueError(f"unknown workload {kind!r}")
         if kind in ("dd", "bursty", "periodic") and self.wl.background_iops > 0:
-            self.loop.at(int(self.rng.uniform(0, 0.01) * NS_PER_S), _random_tick, self)
+            self._start_random(self.wl.background_iops)
+
+    def _start_random(self, iops: float) -> None:
+        """Fix the random I/O's constants and schedule its first tick."""
+        self.rand_rate = iops * self.quantum / NS_PER_S  # requests per quantum (mean)
+        top = max(1, min(self.wl.random_max_segments, self.max_segs))
+        self.rand_top = top
+        self.rand_bits = top.bit_length()
+        self.loop.at(int(self.rng.uniform(0, 0.01) * NS_PER_S), Disk.random_tick, self)
 
     def begin_burst(self, now: int) -> None:
         if self.wl.kind == "dd":
@@ -240,7 +261,7 @@ class Disk:
         if self.tick_at >= 0 and self.tick_at <= when:
             return  # an earlier (or equal) tick is already queued
         self.tick_at = when
-        self.loop.at(when, _tick, self)
+        self.loop.at(when, Disk.tick, self)
 
     def tick(self, now: int) -> None:
         if now != self.tick_at:
@@ -259,38 +280,50 @@ class Disk:
         if submitted:
             pager = self.pager
             if pager is None:
-                freed = ring.loop_pass(now, had_io=True)
+                freed = ring.loop_pass(now)  # had_io
             else:
                 freed = pager.pool_pass(ring, now, had_io=True)
             if freed:
-                self.cpu_free = max(self.cpu_free, now) + freed * self.cost.free_ns
+                cpu = self.cpu_free
+                self.cpu_free = (cpu if cpu > now else now) + freed * self.cost.free_ns
         # 3. next tick
         if self.stream_out:
             nxt = inflight[0][0]
-            if self.remaining > 0 and nxt < now + self.quantum:
+            soon = now + self.quantum
+            if self.remaining > 0 and nxt < soon:
                 # wait a quantum, or until half the queue has completed if that is sooner
-                half = inflight[min(len(inflight), self.queue_depth // 2) - 1][0]
-                nxt = max(nxt, min(now + self.quantum, half))
-            self.schedule_tick(max(nxt, now + 1))
+                n = len(inflight)
+                half = self.queue_depth // 2
+                half = inflight[(n if n < half else half) - 1][0]
+                if half < soon:
+                    soon = half
+                if soon > nxt:
+                    nxt = soon
+            self.schedule_tick(nxt if nxt > now else now + 1)
         elif self.remaining > 0:
             self.schedule_tick(now + self.quantum)  # allocation failed: back off and retry
         elif self.busy:
             self.burst_done(now)
 
     def _complete(self, now: int) -> None:
-        """Every request whose completion time has come: pages back to the pool."""
+        """Every request whose completion time has come: pages back to the pool.
+
+        The caller has checked that the first one has come.
+        """
         inflight = self.inflight
-        returned: list[int] = []
-        nbytes = 0
-        stream = 0
-        while inflight and inflight[0][0] <= now:
-            _t, pages, n, s = inflight.popleft()
-            returned += pages
-            nbytes += n
-            stream += s
+        stream: int  # requests of the stream (True counts 1)
+        _t, returned, nbytes, stream = inflight.popleft()
+        if inflight and inflight[0][0] <= now:
+            returned = list(returned)  # more than one: gather them, one put as ever
+            while inflight and inflight[0][0] <= now:
+                _t, pages, n, s = inflight.popleft()
+                returned += pages
+                nbytes += n
+                stream += s
         self.ring.put_pages(returned)
         self.stats.bytes_done += nbytes
-        self.stream_out -= stream
+        if stream:
+            self.stream_out -= stream
 
     def _submit_stream(self, now: int, slots: int) -> int:
         """Submit up to ``slots`` requests of the current stream; return how many went in.
@@ -300,13 +333,19 @@ class Disk:
         one by one until one fails, as ``xen_blkbk_map`` fails a single request.
         """
         max_bytes = self.max_segs * PAGE_SIZE
-        ind_per_req = (
-            0
-            if self.max_segs <= SEGS_DIRECT or not self.indirect
-            else -(-self.max_segs // SEGS_PER_INDIRECT_PAGE)
-        )
-        sizes: list[int] = []
+        ind_per_req = self.ind_per_req
         remaining = self.remaining
+        if slots == 1 or remaining <= max_bytes:  # one request: _map_one, same retry
+            nbytes = max_bytes if remaining >= max_bytes else remaining
+            try:
+                return self._map_one(now, nbytes, True)
+            except MemoryError:
+                try:
+                    return self._map_one(now, nbytes, True)
+                except MemoryError:
+                    self.stats.failed_submits += 1
+                    return 0
+        sizes: list[int] = []
         while len(sizes) < slots and remaining > 0:
             nbytes = max_bytes if remaining >= max_bytes else remaining
             sizes.append(nbytes)
@@ -338,7 +377,10 @@ class Disk:
         pages = ring.get_pages(total, now)  # on MemoryError the pages taken are back in the pool
         cost = self.cost
         map_ns = cost.map_ns
-        cpu = max(self.cpu_free, now) + (pool.misses - misses) * cost.alloc_ns
+        cpu = self.cpu_free
+        if cpu < now:
+            cpu = now
+        cpu += (pool.misses - misses) * cost.alloc_ns
         vol_free = self.vol_free
         lat = self.vol_lat
         ns_per_byte = self.vol_ns_per_byte
@@ -379,38 +421,95 @@ class Disk:
         Arrivals are counted per quantum (the rate jittered by +-50 %); requests that find
         the queue full wait for the next quantum. The queue's occupancy, and so the pages in
         flight, fluctuates: the pool holds the difference up to ``max_buffer_pages``.
+
+        The draws are those of ``rng.uniform(0.5, 1.5)`` and ``rng.randint(1, top)``, made
+        inline: the same calls of ``random()`` and ``getrandbits``, so the same numbers
+        (``uniform(a, b)`` is ``a + (b - a) * random()``; ``randint(1, top)`` is ``1 +
+        getrandbits(top.bit_length())``, drawn again while ``>= top``, as Python 3.11's).
         """
-        ring = self.ring
         inflight = self.inflight
         if inflight and inflight[0][0] <= now:
             self._complete(now)
         rng = self.rng
-        iops = self.wl.iops if self.wl.kind == "random" else self.wl.background_iops
-        self.rate_carry += iops * self.quantum / NS_PER_S * rng.uniform(0.5, 1.5)
-        k = min(int(self.rate_carry), self.queue_depth - len(inflight))
+        carry = self.rate_carry + self.rand_rate * (0.5 + rng.random())
+        k = int(carry)
+        free = self.queue_depth - len(inflight)
+        if k > free:
+            k = free
         if k > 0:
-            self.rate_carry -= k
-            top = max(1, min(self.wl.random_max_segments, self.max_segs))
-            sizes = [rng.randint(1, top) * PAGE_SIZE for _ in range(k)]
-            ind = (
-                0
-                if self.max_segs <= SEGS_DIRECT or not self.indirect
-                else -(-self.max_segs // SEGS_PER_INDIRECT_PAGE)
-            )
+            self.rate_carry = carry - k
+            top = self.rand_top
+            bits = self.rand_bits
+            getrandbits = rng.getrandbits
             try:
-                n = self._map_batch(now, sizes, ind, stream=False)
+                if k == 1:
+                    r = getrandbits(bits)
+                    while r >= top:
+                        r = getrandbits(bits)
+                    self._map_one(now, (r + 1) * PAGE_SIZE, False)
+                else:
+                    sizes = []
+                    for _ in range(k):
+                        r = getrandbits(bits)
+                        while r >= top:
+                            r = getrandbits(bits)
+                        sizes.append((r + 1) * PAGE_SIZE)
+                    self._map_batch(now, sizes, self.ind_per_req, stream=False)
             except MemoryError:
                 self.stats.failed_submits += 1
-                n = 0
-            if n:
+            else:
                 pager = self.pager
                 if pager is None:
-                    freed = ring.loop_pass(now, had_io=True)
+                    freed = self.ring.loop_pass(now)  # had_io
                 else:
-                    freed = pager.pool_pass(ring, now, had_io=True)
+                    freed = pager.pool_pass(self.ring, now, had_io=True)
                 if freed:
-                    self.cpu_free = max(self.cpu_free, now) + freed * self.cost.free_ns
-        self.loop.at(now + self.quantum, _random_tick, self)
+                    cpu = self.cpu_free
+                    self.cpu_free = (cpu if cpu > now else now) + freed * self.cost.free_ns
+        else:
+            self.rate_carry = carry
+        self.loop.after_fixed(self.quantum, _random_tick, self)
+
+    def _map_one(self, now: int, nbytes: int, stream: bool) -> int:
+        """``_map_batch(now, [nbytes], self.ind_per_req, stream=stream)``, for one request."""
+        ring = self.ring
+        pool = ring.pool
+        segs = -(-nbytes // PAGE_SIZE)
+        total = segs + self.ind_per_req if segs > SEGS_DIRECT else segs
+        misses = pool.misses
+        if self.pager is not None:
+            self.pager.pool_get(ring, total)  # swapped pool pages fault in first
+        pages = ring.get_pages(total, now)  # on MemoryError the pages taken are back in the pool
+        cost = self.cost
+        cpu = self.cpu_free
+        if cpu < now:
+            cpu = now
+        misses = pool.misses - misses
+        if misses:
+            cpu += misses * cost.alloc_ns
+        cpu += segs * cost.map_ns
+        vol_free = self.vol_free
+        if cpu > vol_free:
+            vol_free = cpu
+        if self.vol_burst > 0:
+            self.vol_burst -= nbytes
+            vol_free += int(nbytes * self.vol_burst_ns_per_byte)
+        else:
+            vol_free += int(nbytes * self.vol_ns_per_byte)
+        if total > segs:
+            indirect = pages[segs:]
+            del pages[segs:]
+            self.inflight.append((vol_free + self.vol_lat, pages, nbytes, stream))
+            ring.put_pages(indirect)  # parsed: the indirect descriptor pages go back at once
+        else:
+            self.inflight.append((vol_free + self.vol_lat, pages, nbytes, stream))
+        if stream:
+            self.remaining -= nbytes
+            self.stream_out += 1
+        self.cpu_free = cpu
+        self.vol_free = vol_free
+        self.stats.requests += 1
+        return 1
 
     def drain(self) -> None:
         """Complete everything in flight at once (end of a run): pages back to the pool."""
@@ -427,9 +526,4 @@ def _begin_burst(disk: Disk, now: int) -> None:
     disk.begin_burst(now)
 
 
-def _tick(disk: Disk, now: int) -> None:
-    disk.tick(now)
-
-
-def _random_tick(disk: Disk, now: int) -> None:
-    disk.random_tick(now)
+_random_tick = Disk.random_tick

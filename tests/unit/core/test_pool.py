@@ -95,6 +95,47 @@ def test_allocation_failure_returns_the_partial_batch() -> None:
     assert alloc.live_pages == 5
 
 
+class BulkAllocator(CountingAllocator):
+    """``alloc_many`` that hands out at most ``bulk`` pages per call (the rest: ``alloc``)."""
+
+    def __init__(self, bulk: int, limit: int | None = None) -> None:
+        super().__init__(limit)
+        self.bulk = bulk
+        self.bulk_calls = 0
+
+    def alloc_many(self, n: int) -> list[int]:
+        self.bulk_calls += 1
+        return [self.alloc() for _ in range(min(n, self.bulk))]
+
+
+def pool_state(pool: PagePool) -> tuple[object, ...]:
+    return (pool.free_page_ids(), pool.counters(), pool.in_flight)
+
+
+@pytest.mark.parametrize("bulk", [0, 3, 100])
+def test_alloc_many_may_hand_out_part_and_the_rest_come_one_by_one(bulk: int) -> None:
+    plain, fast = PagePool(CountingAllocator()), PagePool(BulkAllocator(bulk))
+    for pool in (plain, fast):
+        pool.put(pool.get_many(4))
+    for n in (0, 2, 9, 1, 12):
+        assert fast.get_many(n) == plain.get_many(n)
+        assert pool_state(fast) == pool_state(plain)
+    assert isinstance(fast.allocator, BulkAllocator)
+    assert fast.allocator.bulk_calls == 4  # the calls that needed fresh pages (not 0, 2)
+
+
+@pytest.mark.parametrize("bulk", [0, 3])
+def test_allocation_failure_after_a_partial_bulk_matches_page_by_page(bulk: int) -> None:
+    plain, fast = PagePool(CountingAllocator(limit=6)), PagePool(BulkAllocator(bulk, limit=6))
+    for pool in (plain, fast):
+        pool.put(pool.get_many(2))
+        with pytest.raises(MemoryError):
+            pool.get_many(10)  # 2 from the pool, 4 fresh (bulk, then one by one), then none
+    assert pool_state(fast) == pool_state(plain)
+    assert len(fast) == 6 and fast.in_flight == 0
+    assert fast.allocator.live_pages == plain.allocator.live_pages == 6
+
+
 @pytest.mark.parametrize(("target", "batch"), [(-1, 10), (0, 0)])
 def test_shrink_rejects_bad_arguments(target: int, batch: int) -> None:
     with pytest.raises(ValueError):

@@ -58,3 +58,35 @@ def test_sim_reads_no_wall_clock() -> None:
         if bad:
             offenders[path.name] = sorted(bad)
     assert offenders == {}
+
+
+def test_fixed_delay_events_run_in_the_order_of_the_heap() -> None:
+    """``after_fixed`` (a FIFO merged with the heap) orders events exactly as ``after``."""
+    import random
+
+    def scenario(fixed: bool) -> list[tuple[int, int]]:
+        loop = EventLoop()
+        rng = random.Random(4)
+        seen: list[tuple[int, int]] = []
+
+        def cb(tag: int, now: int) -> None:
+            seen.append((now, tag))
+            if len(seen) > 3000:
+                return
+            # a tick every 5 (from many sources, the ties included), plus other delays
+            if tag % 3 == 0:
+                (loop.after_fixed if fixed else loop.after)(5, cb, tag)
+            else:
+                loop.after(rng.choice((0, 1, 5, 7)), cb, tag + 1)
+            if rng.random() < 0.1:
+                (loop.after_fixed if fixed else loop.after)(rng.choice((5, 3)), cb, 3 * tag)
+
+        for tag in range(12):
+            loop.at(rng.randrange(6), cb, tag)
+        loop.run_until(40)
+        loop.run_until(41)  # an end in between: the first event not due stays queued
+        assert loop.pending()
+        loop.run_until(10_000)
+        return seen
+
+    assert scenario(fixed=True) == scenario(fixed=False)
