@@ -144,6 +144,7 @@ class Host:
         # pool_swappable: swapped pages at the bottom of each ring's pool, and their total
         self.pool_swapped: dict[Ring, int] = {}
         self.pool_swapped_total = 0
+        self._faulting: Ring | None = None  # the ring whose pool pages are faulting in
         self.rings: list[Ring] = []  # set by the scenario (reclaim looks for idle pools)
         self._report_acc = 0
         self.reports = 0
@@ -293,7 +294,10 @@ class Host:
         """Swap out free pool pages, from the ring idle longest; return how many."""
         got = 0
         swapped = self.pool_swapped
+        faulting = self._faulting
         for ring in sorted(self.rings, key=_last_io):
+            if ring is faulting:
+                continue
             s = swapped.get(ring, 0)
             k = min(len(ring.pool) - s, want - got)
             if k > 0:
@@ -313,9 +317,15 @@ class Host:
             faults = min(n, size) - (size - s)
             if faults <= 0:
                 return
-            # MemoryError: nothing changed, the request waits. The charge's reclaim may swap
-            # out more of this very pool: those pages fault too, on the next round.
-            self.charge(faults, fail=True)
+            # MemoryError: nothing changed, the request waits. The charge's reclaim does not
+            # take this ring's pool pages meanwhile (the kernel's page lock keeps reclaim off
+            # a page under fault); without that, a host whose only reclaimable memory was
+            # this pool swapped out what it faulted in, round after round, for ever.
+            self._faulting = ring
+            try:
+                self.charge(faults, fail=True)
+            finally:
+                self._faulting = None
             swapped[ring] -= faults
             self.pool_swapped_total -= faults
             self._swapped_in(faults)

@@ -119,3 +119,36 @@ def test_before_has_no_shrinker() -> None:
     assert res["shrinker_calls"] == 0
     assert sim.bus.reports == 0
     assert res["kswapd_wakeups"] > 0
+
+
+_SWAPPABLE_POOL_UNDER_PRESSURE = """
+from blkback.sim.scenario import SimHost
+from blkback.sim.sweep import make_scenario
+
+sc = make_scenario({"variant": "before", "duration": 10, "devices": 30, "memory": 700},
+                   seed=5, sim_seconds=3)
+sc.host.pool_swappable = True
+sc.host.memcg = True
+sc.host.file_mib = sc.host.file_min_mib  # no page cache left to reclaim
+sc.host.ram_mib = 640
+r = SimHost(sc).run()
+assert r["pswpin"] > 0 and r["pswpout"] > 0, r
+print("ok")
+"""
+
+
+def test_faulting_in_a_swapped_pool_does_not_swap_out_the_same_pool_for_ever() -> None:
+    # With swappable pool pages and nothing else to reclaim, the charge of a pool's page
+    # faults used to swap out that very pool, round after round: the host never finished.
+    # In a subprocess, so that a regression fails on the timeout instead of hanging the suite.
+    import subprocess
+    import sys
+
+    proc = subprocess.run(
+        [sys.executable, "-c", _SWAPPABLE_POOL_UNDER_PRESSURE],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-2000:]
