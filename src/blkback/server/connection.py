@@ -500,9 +500,10 @@ class Connection:
                                 start += length
                             else:
                                 start = end = self._receive_payload(view, start, end, length, [v])
+                            # Data first, then the mark (see AnonMemoryStorage.mark).
+                            mem[offset : offset + length] = v
                             used[offset >> PAGE_SHIFT] = 1
                             used[(offset + length - 1) >> PAGE_SHIFT] = 1
-                            mem[offset : offset + length] = v
                             stats.wr_req += 1
                             stats.wr_bytes += length
                             out.append(simple(SIMPLE_REPLY_MAGIC, 0, cookie))
@@ -543,12 +544,12 @@ class Connection:
                             small_recv = length >= LARGE_PAYLOAD
                         if mem is not None:
                             assert mark is not None
-                            mark(offset, length)
                             p = offset
                             for v in views:
                                 n = len(v)
                                 mem[p : p + n] = v
                                 p += n
+                            mark(offset, length)  # after the data (AnonMemoryStorage.mark)
                         else:
                             try:
                                 if pwritev(plain_fd, views, offset) != length:

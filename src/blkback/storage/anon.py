@@ -90,15 +90,25 @@ class AnonMemoryStorage(Capabilities):
         check_write_range(self.size, offset, length, "write")
         if not length:
             return
-        self.mark(offset, length)
         mem = self.mem
+        pos = offset
         for b in bufs:
             n = len(b)
-            mem[offset : offset + n] = b
-            offset += n
+            mem[pos : pos + n] = b
+            pos += n
+        self.mark(offset, length)
 
     def mark(self, offset: int, length: int) -> None:
-        """Record that ``[offset, offset + length)`` may hold data (call before writing)."""
+        """Record that ``[offset, offset + length)`` may hold data (call after writing it).
+
+        The order matters when a write and a trim of the same pages run on two connections
+        at once. A write copies, then marks; a trim (:meth:`_punch`) clears the marks, then
+        drops the pages. In every interleaving of those four steps a page left unmarked is
+        a page that reads as zeroes, so block status never reports ``HOLE|ZERO`` for data.
+        (With the former order, mark then copy against drop then unmark, the sequence drop,
+        mark, copy, unmark left data unmarked.) A page may stay marked and read as zeroes:
+        that only reports a zero page as data, which NBD allows.
+        """
         first = offset // PAGE
         last = (offset + length - 1) // PAGE
         self._used[first : last + 1] = b"\x01" * (last - first + 1)
@@ -136,8 +146,9 @@ class AnonMemoryStorage(Capabilities):
             mem[offset:first_full] = bytes(first_full - offset)
         if last_full < end:
             mem[last_full:end] = bytes(end - last_full)
-        self._map.madvise(mmap.MADV_DONTNEED, first_full, last_full - first_full)
+        # Unmark, then drop: see mark() for why this order.
         self._used[first_full // PAGE : last_full // PAGE] = bytes((last_full - first_full) // PAGE)
+        self._map.madvise(mmap.MADV_DONTNEED, first_full, last_full - first_full)
 
     def extents(self, offset: int, length: int) -> list[tuple[int, int]]:
         """Runs of data and holes from the page map, covering ``[offset, offset + length)``."""
