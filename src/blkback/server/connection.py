@@ -56,6 +56,7 @@ from blkback.protocol.constants import (
 from blkback.protocol.handshake import HandshakeState, Negotiated, ServerHandshake
 from blkback.protocol.transmission import REQUEST, REQUEST_SIZE, Transmission
 from blkback.server.tls import TlsSocket, start_tls
+from blkback.storage.base import os_error
 
 if TYPE_CHECKING:
     from blkback.server.exports import Export
@@ -615,13 +616,17 @@ class Connection:
         time.sleep(self._alloc_backoff_ns / 1e9)
 
     def _io_error_reply(self, cookie: int, exc: OSError | RequestError) -> bytes:
-        """The error reply of a fast-path request whose storage I/O failed (EIO by default)."""
+        """The error reply of a fast-path request whose storage I/O failed.
+
+        A raw ``OSError`` (from the plain descriptor) is mapped by the storage layer's
+        :func:`os_error`, so the client sees what the slow path would have sent.
+        """
+        err = os_error(exc, "fast-path I/O") if isinstance(exc, OSError) else exc
         ring = self.ring
         if ring is not None:
             ring.stats.errors += 1
-        code = exc.errno or errno.EIO
-        log.warning("%s: I/O error: %s", self.peer, exc)
-        return self.codec.error_reply(cookie, code, str(exc))
+        log.warning("%s: I/O error: %s", self.peer, err)
+        return self.codec.error_reply(cookie, err.errno, str(err))
 
     def _fill_short_read(self, views: list[memoryview], offset: int, length: int) -> None:
         """A plain read came back short: redo it through the storage layer (which loops)."""
