@@ -107,16 +107,6 @@ class PagePool:
         raises, it has allocated nothing.
         """
         free = self._free
-        if 0 < n <= len(free):  # the common case: every page from the pool
-            pages = free[-n:]
-            del free[-n:]
-            pages.reverse()
-            self.hits += n
-            in_flight = self.in_flight + n
-            self.in_flight = in_flight
-            if in_flight > self.peak_in_flight:
-                self.peak_in_flight = in_flight
-            return pages
         k = n if n <= len(free) else len(free)
         if k:
             pages = free[-k:]
