@@ -43,6 +43,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--seconds", type=float, default=None, help="measured seconds per run (60; 15 quick)"
     )
     parser.add_argument("--devices", type=int, default=None, help="guest devices (64)")
+    parser.add_argument(
+        "--guests",
+        choices=("vm", "nbd"),
+        default=None,
+        help="vm: real QEMU guests whose virtio disks are the exports (default where "
+        "possible); nbd: libnbd programs on the host",
+    )
+    parser.add_argument(
+        "--accel",
+        choices=("auto", "kvm", "tcg"),
+        default="auto",
+        help="VM accelerator (auto: KVM if a KVM guest boots here, else TCG)",
+    )
+    parser.add_argument("--vms", type=int, default=2, help="VM guests sharing the devices (2)")
     parser.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     parser.add_argument(
         "--from-results",

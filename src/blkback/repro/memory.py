@@ -25,9 +25,10 @@ from __future__ import annotations
 import contextlib
 import os
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from blkback.repro.testbed import GuestProcess, Sampler, ServerProcess
 
@@ -67,8 +68,39 @@ class Config:
     label: str = ""
 
 
+class Guests(Protocol):
+    """The guests of one run: connected once constructed, then go, finish (or stop)."""
+
+    def go(self) -> None: ...
+    def finish(self) -> dict[str, Any]: ...
+    def stop(self) -> None: ...
+
+
+# (server, export names, sizing, workdir) -> connected guests
+GuestFactory = Callable[[ServerProcess, list[str], "Sizing", Path], Guests]
+
+
+def nbd_guests(server: ServerProcess, names: list[str], sizing: Sizing, workdir: Path) -> Guests:
+    """libnbd programs on the host, one connection per ring (``--guests nbd``)."""
+    return GuestProcess(
+        server,
+        names,
+        connections=sizing.connections,
+        burst=sizing.burst,
+        request=sizing.request,
+        period=sizing.period_s,
+        seconds=sizing.seconds + 60,
+    )
+
+
 def run_once(
-    config: Config, sizing: Sizing, workdir: Path, *, tag: str, log: Any = None
+    config: Config,
+    sizing: Sizing,
+    workdir: Path,
+    *,
+    tag: str,
+    guests: GuestFactory = nbd_guests,
+    log: Any = None,
 ) -> dict[str, Any]:
     """One run of the memory-pressure test bed; everything it made is gone on return."""
     from blkback.hostenv.cgroup import MemoryCgroup
@@ -93,15 +125,7 @@ def run_once(
         )
         cg.started.add(server.pid)
         stack.callback(server.stop)
-        guest = GuestProcess(
-            server,
-            names,
-            connections=sizing.connections,
-            burst=sizing.burst,
-            request=sizing.request,
-            period=sizing.period_s,
-            seconds=sizing.seconds + 60,
-        )
+        guest = guests(server, names, sizing, workdir)
         stack.callback(guest.stop)
         time.sleep(0.5)
         base = cg.usage_bytes()

@@ -131,25 +131,46 @@ def dd_loop(mnt: Path, *, runs: int, count: int, log: Any = None) -> list[dict[s
         t2 = time.monotonic()
         if p.returncode != 0:
             raise EnvironmentProblem(f"dd failed: {p.stderr.strip()}")
-        m = DD_RE.search(p.stderr)
-        nbytes = count * 4096
-        lines = [ln for ln in p.stderr.splitlines() if ln.strip()]
-        run = {
-            "dd_output": lines,
-            "dd_line": lines[-1] if lines else "",
-            "bytes": nbytes,
-            "dd_s": float(m.group(2)) if m else t1 - t0,
-            "dd_mb_s": float(m.group(3)) * UNIT[m.group(4)] if m else nbytes / 1e6 / (t1 - t0),
-            "sync_s": t2 - t1,
-            "total_s": t2 - t0,
-            "mb_s": nbytes / 1e6 / (t2 - t0),
-        }
+        run = dd_record(p.stderr.splitlines(), count * 4096, dd_wall_s=t1 - t0, total_s=t2 - t0)
         if log is not None:
-            for ln in lines:
-                log(ln)
-            log(f"  (dd+sync: {run['total_s']:.3f} s, {run['mb_s']:.1f} MB/s)")
+            log_dd(run, log)
         out.append(run)
     return out
+
+
+def dd_record(
+    output: list[str], nbytes: int, *, dd_wall_s: float, total_s: float
+) -> dict[str, Any]:
+    """One run of the loop: dd's lines as printed, dd's MB/s, and dd + sync's MB/s."""
+    text = "\n".join(output)
+    m = DD_RE.search(text)
+    lines = [ln for ln in output if ln.strip()]
+    return {
+        "dd_output": lines,
+        "dd_line": lines[-1] if lines else "",
+        "bytes": nbytes,
+        "dd_s": float(m.group(2)) if m else dd_wall_s,
+        "dd_mb_s": float(m.group(3)) * UNIT[m.group(4)] if m else nbytes / 1e6 / dd_wall_s,
+        "sync_s": total_s - dd_wall_s,
+        "total_s": total_s,
+        "mb_s": nbytes / 1e6 / total_s,
+    }
+
+
+def log_dd(run: dict[str, Any], log: Any) -> None:
+    """dd's lines as the seed printed them, then this run's dd + sync figure."""
+    for ln in run["dd_output"]:
+        log(ln)
+    log(f"  (dd+sync: {run['total_s']:.3f} s, {run['mb_s']:.1f} MB/s)")
+
+
+def log_loop_header(kind: str, setting: int, runs: int, count: int, log: Any) -> None:
+    """The two command lines the seed showed before each loop."""
+    log(f"[dom0]# blkback ctl set max_buffer_pages {setting}   ({kind} volume)")
+    log(
+        f"[instance]$ for i in {{1..{runs}}}; do dd if=/dev/zero of=file bs=4k "
+        f"count={count}; sync; done"
+    )
 
 
 def run_volume(
@@ -178,14 +199,10 @@ def run_volume(
                     on_step(f"overhead {kind}: max_buffer_pages={setting}")
                 server.set("max_buffer_pages", setting)
                 if log is not None:
-                    log(f"[dom0]# blkback ctl set max_buffer_pages {setting}   ({kind} volume)")
-                    log(
-                        f"[instance]$ for i in {{1..{runs}}}; do dd if=/dev/zero of=file bs=4k "
-                        f"count={count}; sync; done"
-                    )
-                before = _pool_totals(server.stats())
+                    log_loop_header(kind, setting, runs, count, log)
+                before = pool_totals(server.stats())
                 result["runs"][str(setting)] = dd_loop(disk.mnt, runs=runs, count=count, log=log)
-                after = _pool_totals(server.stats())
+                after = pool_totals(server.stats())
                 result["pools"][str(setting)] = {k: after[k] - before[k] for k in after} | {
                     "pool_pages_end": after["pool_pages"]
                 }
@@ -198,7 +215,7 @@ def run_volume(
     return result
 
 
-def _pool_totals(stats: dict[str, Any]) -> dict[str, int]:
+def pool_totals(stats: dict[str, Any]) -> dict[str, int]:
     rings = [r for d in stats["devices"] for r in d["rings"]]
     return {
         "pool_pages": sum(r["pool_pages"] for r in rings),

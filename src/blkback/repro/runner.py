@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from blkback.repro.guests import GuestChoice, choose_guests
 from blkback.repro.memory import Config, Sizing, run_once, sizing_dict
 from blkback.repro.testbed import Progress, median, sigterm_as_interrupt, spread
 
@@ -45,6 +46,14 @@ CONFIGS: dict[str, tuple[dict[str, int | str], str]] = {
         "squeeze 10 ms, graded policy",
     ),
 }
+# The sweep as the seed's v2 patch ran it: one global deadline, no wake-up of idle rings.
+KERNEL_FAITHFUL: dict[str, int | str] = {"squeeze_scope": "global", "squeeze_wake": 0}
+for _ms in ("1", "10", "100"):
+    CONFIGS[f"k{_ms}"] = (
+        {"buffer_squeeze_duration_ms": int(_ms), **KERNEL_FAITHFUL},
+        f"squeeze {_ms} ms, as the seed ran it (global deadline, no wake-up)",
+    )
+SWEEP = ("1", "10", "100")
 
 
 class Runner:
@@ -67,6 +76,9 @@ class Runner:
         self.dd_runs = 2 if self.quick else 5
         self.dd_count = 256 * 64 if self.quick else 256 * 512
         self.log_lines: list[str] = []
+        self.guests_wanted: str = args.guests
+        self.accel_wanted: str = args.accel
+        self.vms: int = args.vms
 
     # -- what runs ------------------------------------------------------------------------
     def memory_configs(self) -> list[str]:
@@ -74,7 +86,8 @@ class Runner:
         if self.experiment in ("memory-pressure", "all"):
             names += ["off", "10", "wake-off", "graded"]
         if self.experiment in ("duration-sweep", "all"):
-            names += [n for n in ("1", "10", "100") if n not in names]
+            names += [n for n in SWEEP if n not in names]
+            names += [f"k{n}" for n in SWEEP]
         return names
 
     def log(self, line: str) -> None:
@@ -99,6 +112,8 @@ class Runner:
         results["config"]["pid"] = os.getpid()
         with sigterm_as_interrupt(), contextlib.ExitStack() as stack:
             stack.callback(shutil.rmtree, work, True)
+            guests = choose_guests(self.guests_wanted, self.accel_wanted, self.vms, work, self.log)
+            results["config"]["guests"] = guests.describe(self.sizing.devices)
             if configs:
                 swap = stack.enter_context(TemporarySwap(2048))
                 results["config"]["swap"] = {
@@ -106,10 +121,10 @@ class Runner:
                     "swaps": active_swaps(),
                 }
                 results["host"]["idle_swap_traffic"] = idle_swap_traffic(3.0)
-                runs = self.memory_runs(configs, work, progress)
+                runs = self.memory_runs(configs, work, progress, guests)
                 results.update(aggregate_memory(runs, configs))
             if do_overhead:
-                results["overhead"] = self.overhead(work, progress)
+                results["overhead"] = self.overhead(work, progress, guests)
         results["host"]["after"] = host_snapshot()
         results["elapsed_s"] = time.monotonic() - t0
         results["complete"] = True
@@ -118,7 +133,7 @@ class Runner:
         return results
 
     def memory_runs(
-        self, configs: list[str], work: Path, progress: Progress
+        self, configs: list[str], work: Path, progress: Progress, guests: GuestChoice
     ) -> dict[str, list[dict[str, Any]]]:
         runs: dict[str, list[dict[str, Any]]] = {c: [] for c in configs}
         # Round robin over configurations, so that host noise spreads over all of them.
@@ -127,7 +142,11 @@ class Runner:
                 progress.step(f"memory pressure: {name} (run {rep + 1}/{self.repeats})")
                 params, label = CONFIGS[name]
                 r = run_once(
-                    Config(name, params, label), self.sizing, work / "mp", tag=f"{name}-{rep}"
+                    Config(name, params, label),
+                    self.sizing,
+                    work / "mp",
+                    tag=f"{name}-{rep}",
+                    guests=guests.factory(),
                 )
                 r["repeat"] = rep
                 runs[name].append(r)
@@ -137,26 +156,30 @@ class Runner:
                 )
         return runs
 
-    def overhead(self, work: Path, progress: Progress) -> dict[str, Any]:
+    def overhead(self, work: Path, progress: Progress, guests: GuestChoice) -> dict[str, Any]:
         from blkback.repro.overhead import run_volume
+        from blkback.repro.vmoverhead import run_volume_vm
 
         raw: dict[str, Any] = {}
-        out: dict[str, Any] = {}
+        out: dict[str, Any] = {"where": "vm" if guests.setup is not None else "host"}
         for kind in ("slow", "fast"):
 
             def step(what: str) -> None:
                 progress.advance(what)
 
-            progress.step(f"overhead: {kind} volume (mkfs)")
-            r = run_volume(
-                kind,
-                work,
-                runs=self.dd_runs,
-                count=self.dd_count,
-                size="1G",
-                rate="40M",
-                log=self.log,
-                on_step=step,
+            progress.step(f"overhead: {kind} volume (mkfs, {out['where']})")
+            opts: dict[str, Any] = {
+                "runs": self.dd_runs,
+                "count": self.dd_count,
+                "size": "1G",
+                "rate": "40M",
+                "log": self.log,
+                "on_step": step,
+            }
+            r = (
+                run_volume_vm(kind, work, guests.setup, **opts)
+                if guests.setup is not None
+                else run_volume(kind, work, **opts)
             )
             raw[kind] = r
             out[kind] = {k: [x["mb_s"] for x in v] for k, v in r["runs"].items()}
@@ -310,15 +333,16 @@ def aggregate_memory(runs: dict[str, list[dict[str, Any]]], configs: list[str]) 
                 if n in per
             },
         }
-    if all(n in per for n in ("1", "10", "100")):
-        out["duration_sweep"] = {
-            n: {
-                "pswpin": per[n]["pswpin"],
-                "pswpout": per[n]["pswpout"],
-                "spread": per[n]["spread"],
+    for key, prefix in (("duration_sweep", ""), ("duration_sweep_kernel", "k")):
+        if all(prefix + n in per for n in SWEEP):
+            out[key] = {
+                n: {
+                    "pswpin": per[prefix + n]["pswpin"],
+                    "pswpout": per[prefix + n]["pswpout"],
+                    "spread": per[prefix + n]["spread"],
+                }
+                for n in SWEEP
             }
-            for n in ("1", "10", "100")
-        }
     return out
 
 

@@ -1,0 +1,152 @@
+"""The memory-pressure test's guests as real VMs (``--guests vm``).
+
+:class:`VmGuests` has the interface of :class:`~blkback.repro.testbed.GuestProcess` (ready
+once constructed, :meth:`go`, :meth:`finish`, :meth:`stop`), so the test bed runs either.
+The exports are split evenly over ``vms`` guests; every export is one virtio disk of its
+guest (one NBD connection, one ring). At :meth:`go` each guest runs ``bursts.sh`` (in the
+image): every disk gets one O_DIRECT burst every period, staggered, and idles in between.
+The guests run outside dom0's cgroup, as Xen's guests are outside dom0.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from blkback.repro.testbed import ServerProcess, median
+from blkback.repro.vm import Accel, Vm, nbd_uri
+from blkback.repro.vmimage import GuestImage
+
+MIB = 1 << 20
+
+
+@dataclass(frozen=True)
+class VmSetup:
+    """Which image, accelerator and how many guests (the run's constants)."""
+
+    image: GuestImage
+    accel: Accel
+    vms: int = 2
+    memory_mib: int = 256
+
+
+def split(names: list[str], parts: int) -> list[list[str]]:
+    """``names`` in ``parts`` contiguous groups whose sizes differ by at most one."""
+    parts = max(1, min(parts, len(names)))
+    q, r = divmod(len(names), parts)
+    out, i = [], 0
+    for p in range(parts):
+        n = q + (1 if p < r else 0)
+        out.append(names[i : i + n])
+        i += n
+    return out
+
+
+def parse_bursts(lines: list[str]) -> list[tuple[int, float]]:
+    """``burst DISK START_CS END_CS`` lines -> (disk, seconds) per burst."""
+    out = []
+    for line in lines:
+        parts = line.split()
+        if len(parts) == 4 and parts[0] == "burst":
+            out.append((int(parts[1]), (int(parts[3]) - int(parts[2])) / 100))
+    return out
+
+
+class VmGuests:
+    """``setup.vms`` QEMU guests whose virtual disks are the server's exports ``names``."""
+
+    def __init__(
+        self,
+        server: ServerProcess,
+        names: list[str],
+        setup: VmSetup,
+        workdir: Path,
+        *,
+        burst: int,
+        period: float,
+        seconds: float,
+    ) -> None:
+        self.burst_mib = max(1, burst // MIB)
+        self.period_cs = round(period * 100)
+        self.seconds = seconds
+        self.groups = split(names, setup.vms)
+        self.vms: list[Vm] = []
+        t0 = time.monotonic()
+        try:
+            # Start every QEMU first, then wait: the guests boot in parallel.
+            for i, group in enumerate(self.groups):
+                uris = [nbd_uri(server.sock, n) for n in group]
+                self.vms.append(
+                    Vm(
+                        setup.image,
+                        uris,
+                        workdir,
+                        accel=setup.accel.name,
+                        tag=f"guest{i}",
+                        memory_mib=setup.memory_mib,
+                    )
+                )
+            for vm in self.vms:
+                vm.wait_ready()
+        except BaseException:
+            self.stop()
+            raise
+        self.boot_s = time.monotonic() - t0
+
+    def go(self) -> None:
+        for vm in self.vms:
+            vm.send(f"bursts.sh {self.period_cs} {self.burst_mib} {round(self.seconds)}")
+
+    def finish(self, timeout_s: float = 120.0) -> dict[str, Any]:
+        """Wait for every guest's workload to end; the bursts' totals and timing."""
+        per_vm: list[dict[str, Any]] = []
+        durations: list[float] = []
+        for vm in self.vms:
+            rc, lines = vm.collect(timeout_s)
+            bursts = parse_bursts(lines)
+            durations += [s for _, s in bursts]
+            per_vm.append({"tag": vm.tag, "disks": vm.disks, "bursts": len(bursts), "rc": rc})
+        self.stop()
+        durations.sort()
+        n = len(durations)
+        return {
+            "kind": "vm",
+            "vms": len(self.vms),
+            "connections": sum(vm.disks for vm in self.vms),
+            "bursts": n,
+            "bytes": n * self.burst_mib * MIB,
+            "errors": sum(1 for v in per_vm if v["rc"] != 0),
+            "seconds": self.seconds,
+            "boot_s": self.boot_s,
+            "burst_s_median": median(durations) if durations else None,
+            "burst_s_p95": durations[int(n * 0.95)] if durations else None,
+            "burst_s_max": durations[-1] if durations else None,
+            "per_vm": per_vm,
+        }
+
+    def stop(self) -> None:
+        for vm in self.vms:
+            with contextlib.suppress(Exception):
+                vm.stop()
+
+
+def vm_guests(setup: VmSetup) -> Any:
+    """A :data:`~blkback.repro.memory.GuestFactory` that boots ``setup.vms`` VMs per run."""
+    from blkback.repro.memory import Sizing
+
+    def make(server: ServerProcess, names: list[str], sizing: Sizing, workdir: Path) -> VmGuests:
+        # The guests' workload covers the whole measured window (it starts at go).
+        return VmGuests(
+            server,
+            names,
+            setup,
+            workdir,
+            burst=sizing.burst,
+            period=sizing.period_s,
+            seconds=sizing.seconds + 2,
+        )
+
+    return make
