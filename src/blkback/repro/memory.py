@@ -30,10 +30,23 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+from blkback.repro.shrinkerfeed import ShrinkerFeed
 from blkback.repro.testbed import GuestProcess, Sampler, ServerProcess
 
 MIB = 1 << 20
 CG_COUNTERS = ("pgmajfault", "workingset_refault_anon", "pgpgin", "pgpgout", "pgfault")
+# Host-wide reclaim activity (dom0 is the only one reclaiming during a run): how often the
+# kernel's reclaim ran, i.e. how often it would have called a registered shrinker.
+RECLAIM_COUNTERS = (
+    "pgscan_direct",
+    "pgscan_kswapd",
+    "pgsteal_direct",
+    "pgsteal_kswapd",
+    "allocstall_normal",
+    "allocstall_movable",
+    "pageoutrun",
+    "slabs_scanned",
+)
 
 
 @dataclass(frozen=True)
@@ -66,6 +79,9 @@ class Config:
     name: str
     params: dict[str, int | str] = field(default_factory=dict)
     label: str = ""
+    # The seed's signal: pressure reports at reclaim's pace instead of the kernel's pressure
+    # signals (see blkback.repro.shrinkerfeed).
+    shrinker_feed: bool = False
 
 
 class Guests(Protocol):
@@ -105,7 +121,7 @@ def run_once(
     """One run of the memory-pressure test bed; everything it made is gone on return."""
     from blkback.hostenv.cgroup import MemoryCgroup
     from blkback.hostenv.hog import MemoryHog
-    from blkback.hostenv.procfs import swap_counters
+    from blkback.hostenv.procfs import read_vmstat, swap_counters
 
     workdir.mkdir(parents=True, exist_ok=True)
     names = [f"vol{i}" for i in range(sizing.devices)]
@@ -121,6 +137,7 @@ def run_once(
             params=dict(config.params),
             cgroup_procs=os.path.join(cg.path, "cgroup.procs"),
             workers=sizing.workers,
+            pressure="off" if config.shrinker_feed else "auto",
             tag=tag,
         )
         cg.started.add(server.pid)
@@ -144,9 +161,16 @@ def run_once(
             "server_pid": server.pid,
         }
         sw0 = swap_counters()
+        vm0 = read_vmstat()
+        fail0 = int(cg.read("memory.failcnt"))
         st0 = cg.stat()
         sampler = Sampler(server, cg.path, interval_s=sizing.sample_ms / 1000)
         sampler.start()
+        feed = None
+        if config.shrinker_feed:
+            feed = ShrinkerFeed(os.path.join(cg.path, "memory.failcnt"), server.control)
+            feed.start()
+            stack.callback(feed.stop)
         t_go = time.monotonic()
         guest.go()
         while time.monotonic() - t_go < sizing.seconds:
@@ -157,9 +181,13 @@ def run_once(
                 raise RuntimeError(f"server died: {server.log_tail()}")
             time.sleep(0.2)
         sw1 = swap_counters()
+        vm1 = read_vmstat()
+        fail1 = int(cg.read("memory.failcnt"))
         st1 = cg.stat()
         elapsed = time.monotonic() - t_go
         sampler.stop()
+        if feed is not None:
+            result["shrinker_feed"] = feed.stop()
         with contextlib.suppress(Exception):
             sampler.samples.append(sampler.sample())
         final = server.stats()  # before the guests leave: their rings' counters
@@ -169,11 +197,16 @@ def run_once(
         result["pswpout"] = sw1.pswpout - sw0.pswpout
         result["cgroup"] = {k: st1.get(k, 0) - st0.get(k, 0) for k in CG_COUNTERS}
         result["cgroup"]["failcnt"] = int(cg.read("memory.failcnt"))
+        result["reclaim"] = {k: vm1.get(k, 0) - vm0.get(k, 0) for k in RECLAIM_COUNTERS} | {
+            "cgroup_failcnt": fail1 - fail0,
+            "seconds": elapsed,
+        }
         result["cgroup"]["max_swap_bytes"] = max(
             (s.get("cg_swap", 0) for s in sampler.samples), default=0
         )
         result["hog_alive"] = hog.alive()
         result["server"] = _summary(final)
+        result["pressure_monitor"] = final["pressure"]
         result["samples"] = sampler.samples
         result["sampler_errors"] = sampler.errors
     return result

@@ -51,9 +51,11 @@ KERNEL_FAITHFUL: dict[str, int | str] = {"squeeze_scope": "global", "squeeze_wak
 for _ms in ("1", "10", "100"):
     CONFIGS[f"k{_ms}"] = (
         {"buffer_squeeze_duration_ms": int(_ms), **KERNEL_FAITHFUL},
-        f"squeeze {_ms} ms, as the seed ran it (global deadline, no wake-up)",
+        f"squeeze {_ms} ms, as the seed ran it (global deadline, no wake-up, reports at "
+        "reclaim's pace)",
     )
 SWEEP = ("1", "10", "100")
+SHRINKER_FED = {f"k{ms}" for ms in SWEEP}
 
 
 class Runner:
@@ -142,7 +144,7 @@ class Runner:
                 progress.step(f"memory pressure: {name} (run {rep + 1}/{self.repeats})")
                 params, label = CONFIGS[name]
                 r = run_once(
-                    Config(name, params, label),
+                    Config(name, params, label, shrinker_feed=name in SHRINKER_FED),
                     self.sizing,
                     work / "mp",
                     tag=f"{name}-{rep}",

@@ -19,7 +19,8 @@ from blkback.repro.testbed import ServerProcess
 from blkback.repro.vm import Vm, nbd_uri
 from blkback.repro.vmguests import VmSetup
 
-MKFS = "/sbin/mke2fs -t ext4 -q -F -E lazy_itable_init=0,lazy_journal_init=0 /dev/vda"  # e2fsprogs (busybox has an mke2fs applet too, without ext4)
+# e2fsprogs' mke2fs by its path: busybox's shell would run its own applet (no ext4).
+MKFS = "/sbin/mke2fs -t ext4 -q -F -E lazy_itable_init=0,lazy_journal_init=0 /dev/vda"
 
 
 def parse_loop(output: list[str], nbytes: int) -> list[dict[str, Any]]:

@@ -1,0 +1,99 @@
+"""Pressure reports at the rate the kernel would call a shrinker: the seed's only signal.
+
+The seed's patch registers a shrinker whose ``count_objects`` re-arms the squeeze deadline,
+and reclaim calls every shrinker on each of its passes: in dom0 under pressure, hundreds to
+thousands of times per second, so a 10 ms deadline stays armed for as long as reclaim goes
+on and lapses 10 ms after it stops. blkback in userspace hears the kernel's pressure
+*signals* instead (vmpressure, PSI), a few per second (see ``reclaim`` and
+``pressure_monitor`` in each run of results.json): with one global deadline and no wake-up,
+a 1, 10 or 100 ms window armed a few times per second is one that an idle ring's 100 ms pass
+rarely meets, whatever its length, which is not the kernel's behaviour.
+
+:class:`ShrinkerFeed` restores the kernel's cadence for the kernel-faithful configurations:
+it watches dom0's ``memory.failcnt`` (one increment per charge that hit the limit, each
+followed by a reclaim pass that would call the shrinker) every ``interval_s`` and, whenever
+it moved, reports pressure to the server over one control connection, as ``count_objects``
+would have been called. The server then runs with ``--pressure off``: the feed is its only
+signal, as the shrinker was the patch's.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import threading
+import time
+from typing import Any
+
+
+class ShrinkerFeed:
+    """A thread: poll ``failcnt_path``; on every increase, one pressure report."""
+
+    def __init__(self, failcnt_path: str, control_path: str, *, interval_s: float = 0.001) -> None:
+        self.failcnt_path = failcnt_path
+        self.control_path = control_path
+        self.interval_s = interval_s
+        self.polls = 0
+        self.reports = 0
+        self.failcnt = 0
+        self.errors = 0
+        self.gaps: list[float] = []  # seconds between consecutive reports
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._t0 = 0.0
+
+    def start(self) -> None:
+        self._t0 = time.monotonic()
+        self._thread = threading.Thread(target=self._run, name="shrinker-feed", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> dict[str, Any]:
+        """Stop and return what it did."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+        seconds = time.monotonic() - self._t0
+        gaps = sorted(self.gaps)
+        return {
+            "interval_ms": self.interval_s * 1000,
+            "seconds": seconds,
+            "polls": self.polls,
+            "reports": self.reports,
+            "reports_per_s": self.reports / seconds if seconds else 0.0,
+            "failcnt_delta": self.failcnt,
+            "errors": self.errors,
+            "gap_ms_median": 1000 * gaps[len(gaps) // 2] if gaps else None,
+            "gap_ms_p90": 1000 * gaps[int(len(gaps) * 0.9)] if gaps else None,
+        }
+
+    def _run(self) -> None:
+        fd = os.open(self.failcnt_path, os.O_RDONLY)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.connect(self.control_path)
+            reader = sock.makefile("rb")
+            request = json.dumps({"op": "pressure", "level": "medium"}).encode() + b"\n"
+            last = int(os.pread(fd, 64, 0))
+            last_report = 0.0
+            while not self._stop.wait(self.interval_s):
+                now_count = int(os.pread(fd, 64, 0))
+                self.polls += 1
+                if now_count == last:
+                    continue
+                self.failcnt += now_count - last
+                last = now_count
+                sock.sendall(request)
+                if not reader.readline():
+                    self.errors += 1
+                    return
+                now = time.monotonic()
+                if last_report:
+                    self.gaps.append(now - last_report)
+                last_report = now
+                self.reports += 1
+        except OSError:
+            self.errors += 1
+        finally:
+            sock.close()
+            os.close(fd)
