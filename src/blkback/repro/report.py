@@ -60,14 +60,7 @@ def write_report(results: dict[str, Any], path: Path) -> None:
             "monitor listens to this cgroup's vmpressure, plus PSI) and a hog of "
             f"{sz['hog_mib']} MiB of anonymous memory that it keeps touching."
         )
-        add(
-            f"- Guests, outside the cgroup: {sz['devices']} devices x {sz['connections']} "
-            f"connection(s) = {sz['devices'] * sz['connections']} rings over real NBD "
-            f"connections (libnbd aio). Every ring writes a burst of {sz['burst'] // MIB} MiB "
-            f"({sz['burst'] // sz['request']} x {sz['request'] // MIB} MiB in flight) every "
-            f"{sz['period_s']:g} s, staggered, and idles in between. Exports: "
-            f"`null:1G,rate={sz['rate']}` (emulated network volumes, no local footprint)."
-        )
+        add(_guests_text(cfg, per))
         add(
             f"- Sizing: idle pools retain P = rings x 1024 pages = {sz['pools_mib']:.0f} MiB "
             f"> slack = {sz['slack_mib']} MiB, so without the squeeze the pools push dom0 "
@@ -146,6 +139,9 @@ def write_report(results: dict[str, Any], path: Path) -> None:
         add("")
         add(_config_table(per, ["1", "10", "100"]))
         add("")
+    dk = results.get("duration_sweep_kernel")
+    if ds and dk:
+        add(_kernel_sweep_text(seed, ds, dk, per))
     if mp and mp.get("beyond"):
         add("## 4. Beyond the seed: lazy squeeze and graded policy")
         add("")
@@ -162,14 +158,29 @@ def write_report(results: dict[str, Any], path: Path) -> None:
         add("")
     ov = results.get("overhead")
     if ov:
-        add("## 3. Performance overhead (dd on ext4 over nbdfuse + loop)")
+        in_vm = ov.get("where") == "vm"
+        where = (
+            "inside a VM guest, on its virtio disk served by blkback"
+            if in_vm
+            else "over nbdfuse + loop"
+        )
+        add(f"## 3. Performance overhead (dd on ext4 {where})")
         add("")
         add(
             "The seed's loop, `for i in {1..N}; do dd if=/dev/zero of=file bs=4k "
             f"count=...; sync; done`, here `{cfg['overhead']['dd']}` x "
-            f"{cfg['overhead']['runs']}. MB/s = bytes / (dd + sync): dd alone only copies "
-            "into this host's large page cache (its own figure is kept in results.json and in "
-            "the log below); the sync is what reaches the volume."
+            f"{cfg['overhead']['runs']}. MB/s = bytes / (dd + sync)"
+            + (
+                " by the guest's clock. The guest (one VM, 256 MiB, its ext4 made by its own "
+                "mke2fs on a `memory:1G` export through QEMU's NBD client and virtio-blk) runs "
+                "coreutils' dd, so its lines below are the guest's own, printed as the seed's "
+                "guest printed them; `max_buffer_pages` is set on the host through "
+                "`blkback ctl` between the loops."
+                if in_vm
+                else ": dd alone only copies into this host's large page cache (its own figure "
+                "is kept in results.json and in the log below); the sync is what reaches the "
+                "volume."
+            )
         )
         add("")
         add("| volume | max_buffer_pages | MB/s per run | median | vs 1024 |")
@@ -185,7 +196,10 @@ def write_report(results: dict[str, Any], path: Path) -> None:
                 )
         add("| seed (~40 MB/s) | 1024 / 0 | 45.8, 38.7, 38.7, 38.7, 38.7 (both) | 38.7 | 0% |")
         add("")
-        add("dd output as the seed printed it:")
+        add(
+            "dd output as the seed printed it"
+            + (" (the guest's own lines; `(dd+sync ...)`: ours):" if in_vm else ":")
+        )
         add("")
         add("```")
         out.extend(results.get("dd_log", []))
@@ -217,7 +231,102 @@ CONF_LABEL = {
     "100": "squeeze 100 ms",
     "wake-off": "10 ms, lazy (squeeze_wake=0)",
     "graded": "10 ms, graded",
+    "k1": "1 ms as the seed ran it",
+    "k10": "10 ms as the seed ran it",
+    "k100": "100 ms as the seed ran it",
 }
+
+
+def _guests_text(cfg: dict[str, Any], per: dict[str, Any]) -> str:
+    sz = cfg["sizing"]
+    g = cfg.get("guests") or {"kind": "nbd"}
+    rings = sz["devices"] * sz["connections"]
+    if g["kind"] != "vm":
+        return (
+            f"- Guests, outside the cgroup: {sz['devices']} devices x {sz['connections']} "
+            f"connection(s) = {rings} rings over real NBD connections (libnbd aio). Every ring "
+            f"writes a burst of {sz['burst'] // MIB} MiB ({sz['burst'] // sz['request']} x "
+            f"{sz['request'] // MIB} MiB in flight) every {sz['period_s']:g} s, staggered, and "
+            f"idles in between. Exports: `null:1G,rate={sz['rate']}` (emulated network "
+            "volumes, no local footprint)."
+            + (f" (VM guests were not used: {g.get('reason')}.)" if g.get("reason") else "")
+        )
+    img = g.get("image", {})
+    bursts = [r["guest"] for o in per.values() for r in o["runs"] if r.get("guest")]
+    med = sorted(b["burst_s_median"] for b in bursts if b.get("burst_s_median") is not None)
+    p95 = sorted(b["burst_s_p95"] for b in bursts if b.get("burst_s_p95") is not None)
+    boot = sorted(b["boot_s"] for b in bursts if b.get("boot_s") is not None)
+    timing = (
+        f" Burst time seen by the guests (dd start to end, /proc/uptime): median over runs "
+        f"{med[len(med) // 2]:.2f} s (runs {med[0]:.2f}-{med[-1]:.2f} s), p95 "
+        f"{p95[len(p95) // 2]:.2f} s; boot of the {g['vms']} guests in parallel "
+        f"{boot[len(boot) // 2]:.1f} s (not measured)."
+        if med and p95 and boot
+        else ""
+    )
+    return (
+        f"- Guests, outside the cgroup: **{g['vms']} Linux VMs** (QEMU, {g['accel']}: "
+        f"{g.get('accel_reason', '')}; {img.get('kernel_package', '?')} "
+        f"{img.get('kernel_version', '')}, a busybox-static initramfs, "
+        f"{g.get('memory_mib', '?')} MiB, 1 vCPU) with {rings // max(1, g['vms'])} virtio "
+        f"disks each behind PCI bridges, {rings} in all: each disk is QEMU's NBD client on "
+        f"one export (`null:1G,rate={sz['rate']}`, an emulated network volume with no local "
+        "footprint), so one ring per virtual disk, as blkfront has one ring per virtual "
+        f"device. Inside each guest, every disk gets one {sz['burst'] // MIB} MiB O_DIRECT "
+        f"`dd` burst every {sz['period_s']:g} s, the disks staggered over the period, and "
+        f"idles in between (`bursts.sh`, run by the guest's /init at the host's go).{timing}"
+    )
+
+
+def _kernel_sweep_text(
+    seed: dict[str, Any], ds: dict[str, Any], dk: dict[str, Any], per: dict[str, Any]
+) -> str:
+    rows = [
+        "### The sweep as the seed ran it, beside blkback's default",
+        "",
+        "`squeeze_scope=global squeeze_wake=0` (the seed's v2 patch: one global deadline, "
+        "idle rings see it only at their next 100 ms pass) with the server's pressure monitor "
+        "off and its only signal the shrinker feed (`blkback.repro.shrinkerfeed`): one "
+        "report each time dom0's reclaim ran (its `memory.failcnt` moved, polled every ~1 ms),"
+        " the pace at which reclaim would call the patch's shrinker. blkback's default: "
+        "per-device deadlines, idle rings woken, the kernel's pressure signals.",
+        "",
+        "| duration | seed pswpin | seed pswpout | default pswpin | default pswpout | "
+        "as the seed ran it pswpin | as the seed ran it pswpout | its range pswpout |",
+        "|---:|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for d in ("1", "10", "100"):
+        s = seed["duration_sweep"][d]
+        rows.append(
+            f"| {d} ms | {_n(s['pswpin'])} | {_n(s['pswpout'])} | {_n(ds[d]['pswpin'])} | "
+            f"{_n(ds[d]['pswpout'])} | {_n(dk[d]['pswpin'])} | {_n(dk[d]['pswpout'])} | "
+            f"{_range(dk[d]['spread']['pswpout'])} |"
+        )
+    rows += ["", _config_table(per, ["k1", "k10", "k100"]), ""]
+    rows += [
+        "Pressure signals against reclaim (medians per run): how often dom0's reclaim ran "
+        "(`memory.failcnt` increments: each charge that hit the limit, followed by a reclaim "
+        "pass that would call every registered shrinker) and how often pressure reached the "
+        "server.",
+        "",
+        "| configuration | seconds | reclaim passes | per s | pressure reports to the server "
+        "| per s | passes per report |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for n in ("1", "10", "100", "k1", "k10", "k100"):
+        if n not in per:
+            continue
+        o = per[n]
+        secs = o.get("seconds") or 0.0
+        passes = o.get("reclaim_passes", 0)
+        reports = o["feed_reports"] if n.startswith("k") else o["pressure_reports"]
+        rows.append(
+            f"| {CONF_LABEL[n]} | {secs:.0f} | {_n(passes)} | "
+            f"{passes / secs if secs else 0:.0f} | {_n(reports)} | "
+            f"{reports / secs if secs else 0:.1f} | {passes / max(1, reports):.0f} |"
+        )
+    rows.append("")
+    return "\n".join(rows)
 
 
 def _runs(o: dict[str, Any]) -> str:

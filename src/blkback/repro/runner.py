@@ -309,6 +309,15 @@ def aggregate_memory(runs: dict[str, list[dict[str, Any]]], configs: list[str]) 
                 _min_after_squeeze(r, "rings_nonempty") for r in all_rs
             ),
             "rings": all_rs[0]["server"]["rings"],
+            # How often reclaim ran (each would have called a kernel shrinker) against how
+            # often pressure reached the server (kernel signals, or the shrinker feed).
+            "reclaim_passes": int(
+                median([r.get("reclaim", {}).get("cgroup_failcnt", 0) for r in all_rs])
+            ),
+            "feed_reports": int(
+                median([r.get("shrinker_feed", {}).get("reports", 0) for r in all_rs])
+            ),
+            "seconds": median([r["elapsed_s"] for r in all_rs]),
             "guest_burst_s_median": median(
                 [r["guest"].get("burst_s_median") or 0.0 for r in all_rs]
             ),
