@@ -85,8 +85,9 @@ class Config:
 
 
 class Guests(Protocol):
-    """The guests of one run: connected once constructed, then go, finish (or stop)."""
+    """The guests of one run: connected once constructed; ready, go, finish (or stop)."""
 
+    def wait_ready(self) -> None: ...
     def go(self) -> None: ...
     def finish(self) -> dict[str, Any]: ...
     def stop(self) -> None: ...
@@ -144,6 +145,7 @@ def run_once(
         stack.callback(server.stop)
         guest = guests(server, names, sizing, workdir)
         stack.callback(guest.stop)
+        _wait_for_rings(server, sizing.devices * sizing.connections)
         time.sleep(0.5)
         base = cg.usage_bytes()
         limit = base + (sizing.hog_mib + sizing.slack_mib) * MIB
@@ -153,6 +155,7 @@ def run_once(
         while time.monotonic() < deadline and cg.usage_bytes() < base + sizing.hog_mib * MIB * 0.9:
             time.sleep(0.05)
         time.sleep(sizing.settle_s)
+        guest.wait_ready()  # VMs boot meanwhile (their disks connected when QEMU started)
         result["sizes"] = {
             "baseline_bytes": base,
             "limit_bytes": limit,
@@ -210,6 +213,18 @@ def run_once(
         result["samples"] = sampler.samples
         result["sampler_errors"] = sampler.errors
     return result
+
+
+def _wait_for_rings(server: ServerProcess, rings: int, timeout_s: float = 60.0) -> None:
+    """Until every guest connection is a ring in the server (the baseline counts them)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        have = sum(len(d["rings"]) for d in server.stats()["devices"])
+        if have >= rings:
+            return
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"only {have} of {rings} guest connections arrived")
+        time.sleep(0.1)
 
 
 def _summary(stats: dict[str, Any]) -> dict[str, Any]:

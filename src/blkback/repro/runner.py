@@ -160,30 +160,30 @@ class Runner:
 
     def overhead(self, work: Path, progress: Progress, guests: GuestChoice) -> dict[str, Any]:
         from blkback.repro.overhead import run_volume
-        from blkback.repro.vmoverhead import run_volume_vm
+        from blkback.repro.vmoverhead import run_volumes_vm
 
-        raw: dict[str, Any] = {}
         out: dict[str, Any] = {"where": "vm" if guests.setup is not None else "host"}
-        for kind in ("slow", "fast"):
 
-            def step(what: str) -> None:
-                progress.advance(what)
+        def step(what: str) -> None:
+            progress.advance(what)
 
-            progress.step(f"overhead: {kind} volume (mkfs, {out['where']})")
-            opts: dict[str, Any] = {
-                "runs": self.dd_runs,
-                "count": self.dd_count,
-                "size": "1G",
-                "rate": "40M",
-                "log": self.log,
-                "on_step": step,
-            }
-            r = (
-                run_volume_vm(kind, work, guests.setup, **opts)
-                if guests.setup is not None
-                else run_volume(kind, work, **opts)
-            )
-            raw[kind] = r
+        opts: dict[str, Any] = {
+            "runs": self.dd_runs,
+            "count": self.dd_count,
+            "size": "1G",
+            "rate": "40M",
+            "log": self.log,
+            "on_step": step,
+        }
+        raw: dict[str, Any] = {}
+        if guests.setup is not None:
+            progress.step("overhead: one guest, slow and fast volumes (mkfs)")
+            raw = run_volumes_vm(work, guests.setup, **opts)
+        else:
+            for kind in ("slow", "fast"):
+                progress.step(f"overhead: {kind} volume (mkfs)")
+                raw[kind] = run_volume(kind, work, **opts)
+        for kind, r in raw.items():
             out[kind] = {k: [x["mb_s"] for x in v] for k, v in r["runs"].items()}
         out["dd_mb_s"] = {
             kind: {k: [x["dd_mb_s"] for x in v] for k, v in raw[kind]["runs"].items()}
@@ -317,7 +317,7 @@ def aggregate_memory(runs: dict[str, list[dict[str, Any]]], configs: list[str]) 
             "feed_reports": int(
                 median([r.get("shrinker_feed", {}).get("reports", 0) for r in all_rs])
             ),
-            "seconds": median([r["elapsed_s"] for r in all_rs]),
+            "seconds": median([r.get("elapsed_s", 0.0) for r in all_rs]),
             "guest_burst_s_median": median(
                 [r["guest"].get("burst_s_median") or 0.0 for r in all_rs]
             ),

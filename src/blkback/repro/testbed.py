@@ -231,6 +231,9 @@ class GuestProcess:
             self.stop()
             raise EnvironmentProblem(f"guest load generator failed to connect: {err[-500:]}")
 
+    def wait_ready(self) -> None:
+        """Nothing to wait for: connected once constructed."""
+
     def go(self) -> None:
         assert self.proc.stdin is not None
         self.proc.stdin.write("go\n")

@@ -56,8 +56,10 @@ def qemu_argv(
     memory_mib: int,
     console_log: Path,
     control_sock: Path,
+    serials: list[str] | None = None,
 ) -> list[str]:
-    """The QEMU command line: the guest image, the control port, one virtio disk per URI."""
+    """The QEMU command line: the guest image, the control port, one virtio disk per URI
+    (with ``serials``, disk i shows ``serials[i]`` in the guest's /sys/block/vdX/serial)."""
     argv = [
         QEMU,
         "-nodefaults",
@@ -92,11 +94,12 @@ def qemu_argv(
         argv += ["-device", f"pci-bridge,id=br{b},chassis_nr={b + 1}"]
     for i, uri in enumerate(disk_uris):
         bridge, slot = divmod(i, DISKS_PER_BRIDGE)
+        serial = f",serial={serials[i]}" if serials else ""
         argv += [
             "-drive",
             f"file={uri},if=none,id=d{i},format=raw,cache=none",
             "-device",
-            f"virtio-blk-pci,drive=d{i},bus=br{bridge},addr={slot:x}.0",  # slot in hex
+            f"virtio-blk-pci,drive=d{i},bus=br{bridge},addr={slot:x}.0{serial}",  # slot: hex
         ]
     return argv
 
@@ -113,6 +116,7 @@ class Vm:
         accel: str,
         tag: str,
         memory_mib: int = 256,
+        serials: list[str] | None = None,
     ) -> None:
         workdir.mkdir(parents=True, exist_ok=True)
         self.tag = tag
@@ -129,6 +133,7 @@ class Vm:
             memory_mib=memory_mib,
             console_log=self.console_log,
             control_sock=self.control_sock,
+            serials=serials,
         )
         self._log: IO[str] = open(self.qemu_log, "w")  # noqa: SIM115 (closed in stop)
         self.proc = subprocess.Popen(
@@ -269,17 +274,27 @@ def choose_accel(image: GuestImage, workdir: Path, want: str = "auto") -> Accel:
     try:
         vm = Vm(image, [], workdir, accel="kvm", tag="kvm-probe")
         vm.wait_ready(KVM_PROBE_TIMEOUT_S)
-    except EnvironmentProblem as exc:
-        first = str(exc).splitlines()[0][:160]
-        return Accel(
-            "tcg",
-            f"a KVM guest did not reach its init within {KVM_PROBE_TIMEOUT_S:.0f} s here "
-            f"(nested virtualisation; {first})",
-        )
+    except EnvironmentProblem:
+        return Accel("tcg", "KVM tried first: " + _kvm_failure(workdir / "kvm-probe.qemu.log"))
     finally:
         if vm is not None:
             vm.stop()
     return Accel("kvm", f"a KVM guest booted in {time.monotonic() - t0:.1f} s")
+
+
+def _kvm_failure(qemu_log: Path) -> str:
+    """Why the KVM probe failed: QEMU's own error, else the boot deadline."""
+    try:
+        lines = qemu_log.read_text(errors="replace").splitlines()
+    except OSError:
+        lines = []
+    errors = [ln.strip() for ln in lines if ln.strip() and "info: QEMU waiting" not in ln]
+    if errors:
+        return "QEMU failed: " + "; ".join(errors)[:240]
+    return (
+        f"the guest did not reach its init within {KVM_PROBE_TIMEOUT_S:.0f} s (a Linux guest "
+        "hangs at boot under KVM here: nested virtualisation)"
+    )
 
 
 def missing_vm_facilities() -> list[str]:

@@ -76,7 +76,8 @@ class VmGuests:
         self.vms: list[Vm] = []
         t0 = time.monotonic()
         try:
-            # Start every QEMU first, then wait: the guests boot in parallel.
+            # Start every QEMU (each connects its disks at once); they boot in parallel while
+            # the caller goes on (wait_ready).
             for i, group in enumerate(self.groups):
                 uris = [nbd_uri(server.sock, n) for n in group]
                 self.vms.append(
@@ -89,14 +90,26 @@ class VmGuests:
                         memory_mib=setup.memory_mib,
                     )
                 )
-            for vm in self.vms:
-                vm.wait_ready()
         except BaseException:
             self.stop()
             raise
-        self.boot_s = time.monotonic() - t0
+        self._t0 = t0
+        self.boot_s: float | None = None
+
+    def wait_ready(self) -> None:
+        """Until every guest's init is up with all its disks (they boot in parallel)."""
+        try:
+            for vm in self.vms:
+                if not vm.ready_line:
+                    vm.wait_ready()
+        except BaseException:
+            self.stop()
+            raise
+        if self.boot_s is None:
+            self.boot_s = time.monotonic() - self._t0
 
     def go(self) -> None:
+        self.wait_ready()
         for vm in self.vms:
             vm.send(f"bursts.sh {self.period_cs} {self.burst_mib} {round(self.seconds)}")
 
@@ -146,7 +159,7 @@ def vm_guests(setup: VmSetup) -> Any:
             workdir,
             burst=sizing.burst,
             period=sizing.period_s,
-            seconds=sizing.seconds + 2,
+            seconds=sizing.seconds + 1,
         )
 
     return make

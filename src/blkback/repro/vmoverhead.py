@@ -1,12 +1,13 @@
 """Experiment 3 inside a real guest (``--guests vm``): the seed's dd loop on the guest's ext4.
 
-One VM whose single virtual disk (virtio-blk, QEMU's NBD client) is a blkback ``memory``
-export, ``rate=40M`` for the seed's ~40 MB/s volume and unfiltered for fast storage. The
-guest makes ext4 on it with its own ``mke2fs`` and mounts it; then, for ``max_buffer_pages``
-1024 and 0, set on the host through the control socket as the seed wrote the module
-parameter, it runs the seed's loop (``ddloop.sh``) and its dd lines come back as dd printed
-them. The compared figure is bytes / (dd + sync) by the guest's clock, as on the host.
-The server and the VM are outside the memory-limited cgroup, as in the host variant.
+One VM with two virtual disks (virtio-blk, QEMU's NBD client), each a blkback ``memory``
+export of one server: ``slow`` with ``rate=40M`` (the seed's ~40 MB/s volume) and ``fast``
+unfiltered. The guest finds each by its virtio serial, makes ext4 on it with its own
+``mke2fs`` and mounts it; then, per volume and for ``max_buffer_pages`` 1024 and 0, set on
+the host through the control socket as the seed wrote the module parameter, it runs the
+seed's loop (``ddloop.sh``) and its dd lines come back as dd printed them. The compared
+figure is bytes / (dd + sync) by the guest's clock, as on the host. The server and the VM
+are outside the memory-limited cgroup, as in the host variant.
 """
 
 from __future__ import annotations
@@ -19,8 +20,9 @@ from blkback.repro.testbed import ServerProcess
 from blkback.repro.vm import Vm, nbd_uri
 from blkback.repro.vmguests import VmSetup
 
+KINDS = ("slow", "fast")
 # e2fsprogs' mke2fs by its path: busybox's shell would run its own applet (no ext4).
-MKFS = "/sbin/mke2fs -t ext4 -q -F -E lazy_itable_init=0,lazy_journal_init=0 /dev/vda"
+MKFS = "/sbin/mke2fs -t ext4 -q -F -E lazy_itable_init=0,lazy_journal_init=0"
 
 
 def parse_loop(output: list[str], nbytes: int) -> list[dict[str, Any]]:
@@ -37,8 +39,16 @@ def parse_loop(output: list[str], nbytes: int) -> list[dict[str, Any]]:
     return runs
 
 
-def run_volume_vm(
-    kind: str,
+def mount_by_serial(serial: str) -> str:
+    """Guest shell: ext4 on the virtio disk whose serial is ``serial``, at /mnt/SERIAL."""
+    return (
+        f'for d in /sys/block/vd*; do [ "$(cat $d/serial)" = {serial} ] && '
+        f'dev=/dev/${{d##*/}}; done; [ -n "$dev" ] && {MKFS} $dev && '
+        f"mkdir -p /mnt/{serial} && mount -t ext4 $dev /mnt/{serial}"
+    )
+
+
+def run_volumes_vm(
     workdir: Path,
     setup: VmSetup,
     *,
@@ -49,47 +59,70 @@ def run_volume_vm(
     settings: tuple[int, ...] = (1024, 0),
     log: Any = None,
     on_step: Any = None,
-) -> dict[str, Any]:
-    """One volume in one guest: mkfs + mount, then the dd loop per setting."""
-    spec = f"memory:{size}" + (f",rate={rate}" if kind == "slow" else "")
-    wd = workdir / f"overhead-vm-{kind}"
+) -> dict[str, dict[str, Any]]:
+    """Both volumes in one guest: mkfs + mount, then per volume the dd loop per setting."""
+    specs = {"slow": f"memory:{size},rate={rate}", "fast": f"memory:{size}"}
+    wd = workdir / "overhead-vm"
     wd.mkdir(parents=True, exist_ok=True)
-    result: dict[str, Any] = {"export": spec, "runs": {}, "pools": {}, "where": "vm"}
-    server = ServerProcess(wd, [f"disk={spec}"], workers=16, pressure="off", tag="srv")
+    results: dict[str, dict[str, Any]] = {
+        kind: {"export": specs[kind], "runs": {}, "pools": {}, "where": "vm"} for kind in KINDS
+    }
+    server = ServerProcess(
+        wd, [f"{k}={specs[k]}" for k in KINDS], workers=16, pressure="off", tag="srv"
+    )
     try:
         vm = Vm(
             setup.image,
-            [nbd_uri(server.sock, "disk")],
+            [nbd_uri(server.sock, k) for k in KINDS],
             wd,
             accel=setup.accel.name,
-            tag=f"dd-{kind}",
+            tag="dd-guest",
             memory_mib=setup.memory_mib,
+            serials=list(KINDS),
         )
         try:
             vm.wait_ready()
-            vm.run(f"{MKFS} && mount -t ext4 /dev/vda /mnt", timeout_s=300)
-            for setting in settings:
-                if on_step is not None:
-                    on_step(f"overhead {kind} (vm): max_buffer_pages={setting}")
-                server.set("max_buffer_pages", setting)
-                if log is not None:
-                    log_loop_header(kind, setting, runs, count, log)
-                before = pool_totals(server.stats())
-                out = vm.run(f"ddloop.sh /mnt {runs} {count}", timeout_s=runs * 600)
-                loop = parse_loop(out, count * 4096)
-                if len(loop) != runs:
-                    raise RuntimeError(f"dd loop in the guest: {runs} runs expected: {out[-5:]}")
-                for run in loop:
-                    if log is not None:
-                        log_dd(run, log)
-                result["runs"][str(setting)] = loop
-                after = pool_totals(server.stats())
-                result["pools"][str(setting)] = {k: after[k] - before[k] for k in after} | {
-                    "pool_pages_end": after["pool_pages"]
-                }
-            vm.run("umount /mnt", timeout_s=120)
+            for kind in KINDS:
+                vm.run(mount_by_serial(kind), timeout_s=300)
+            for kind in KINDS:
+                for setting in settings:
+                    if on_step is not None:
+                        on_step(f"overhead {kind} (vm): max_buffer_pages={setting}")
+                    results[kind]["runs"][str(setting)] = _loop(
+                        server, vm, kind, setting, runs, count, log, results[kind]["pools"]
+                    )
+            vm.run("umount /mnt/slow /mnt/fast", timeout_s=120)
         finally:
             vm.stop()
     finally:
         server.stop()
-    return result
+    return results
+
+
+def _loop(
+    server: ServerProcess,
+    vm: Vm,
+    kind: str,
+    setting: int,
+    runs: int,
+    count: int,
+    log: Any,
+    pools: dict[str, Any],
+) -> list[dict[str, Any]]:
+    """Set max_buffer_pages on the host, run the seed's loop in the guest, parse its lines."""
+    server.set("max_buffer_pages", setting)
+    if log is not None:
+        log_loop_header(kind, setting, runs, count, log)
+    before = pool_totals(server.stats())
+    out = vm.run(f"ddloop.sh /mnt/{kind} {runs} {count}", timeout_s=runs * 600)
+    loop = parse_loop(out, count * 4096)
+    if len(loop) != runs:
+        raise RuntimeError(f"dd loop in the guest: {runs} runs expected: {out[-5:]}")
+    if log is not None:
+        for run in loop:
+            log_dd(run, log)
+    after = pool_totals(server.stats())
+    pools[str(setting)] = {k: after[k] - before[k] for k in after} | {
+        "pool_pages_end": after["pool_pages"]
+    }
+    return loop

@@ -77,6 +77,9 @@ def _results(tmp: Path) -> dict[str, Any]:
         "100": (50, 2000, 200),
         "wake-off": (9000, 14000, 3000),
         "graded": (9000, 13000, 2000),
+        "k1": (20000, 40000, 800),
+        "k10": (3000, 6000, 700),
+        "k100": (2900, 5900, 600),
     }
     runs = {
         n: [_run(n, pi - r, po + r, sq, r) for r in range(3)] for n, (pi, po, sq) in numbers.items()
@@ -106,6 +109,15 @@ def _results(tmp: Path) -> dict[str, Any]:
             "configurations": {n: {"params": CONFIGS[n][0]} for n in numbers},
             "overhead": {"runs": 5, "dd": "dd ..."},
             "swap": {"created_swapfile": True, "swaps": [{"filename": "/x", "size_kib": "1024"}]},
+            "guests": {
+                "kind": "vm",
+                "accel": "tcg",
+                "vms": 2,
+                "disks": 64,
+                "accel_reason": "KVM tried first: QEMU failed",
+                "memory_mib": 256,
+                "image": {"kernel_package": "linux-image-6.1.0-9-cloud-amd64"},
+            },
         },
         "host": {"before": {"loadavg": [1.0, 1.0, 1.0]}, "after": {"loadavg": [2.0, 2.0, 2.0]}},
         "elapsed_s": 60.0,
@@ -144,6 +156,14 @@ def test_aggregate_checks_report_and_plots(tmp_path: Path) -> None:
     text = (tmp_path / "report.md").read_text()
     assert "| before (squeeze off) | 76,672 | 185,799 | 69,999 | 110,001 |" in text
     assert "## 2. Squeeze duration sweep" in text and "## Host noise" in text
+    # The kernel-faithful sweep beside the default one, and the VM guests described.
+    assert res["duration_sweep_kernel"]["10"] == {
+        "pswpin": 3000 - 1,
+        "pswpout": 6000 + 1,
+        "spread": res["configurations"]["k10"]["spread"],
+    }
+    assert "| 10 ms | 212 | 3,325 | 1,499 | 4,001 | 2,999 | 6,001 |" in text
+    assert "**2 Linux VMs** (QEMU, tcg: KVM tried first: QEMU failed;" in text
     json.dumps(res)  # everything is JSON-able
 
 
