@@ -343,10 +343,12 @@ class Server:
     def detach_ring(self, conn: Connection) -> None:
         """Free the ring's pool and remove it (``xen_blkbk_free_caches`` on disconnect)."""
         ring = conn.ring
+        export = conn.export
         assert ring is not None
+        assert export is not None
         with self.bus_lock, conn.ring_lock:
             ring.waker = None
-            ring.device.remove_ring(ring)
+            export.device.remove_ring(ring)
 
     def warn_once(self, message: str) -> None:
         """Log a warning the first time it is seen."""
