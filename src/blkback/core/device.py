@@ -27,7 +27,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 
-from blkback.core.clock import NS_PER_MS
+from blkback.clock import NS_PER_MS
 from blkback.core.pages import PageAllocator
 from blkback.core.params import Params
 from blkback.core.policy import (

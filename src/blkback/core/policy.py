@@ -28,7 +28,7 @@ import enum
 from dataclasses import dataclass, replace
 from typing import Protocol
 
-from blkback.core.clock import NS_PER_MS, NS_PER_S
+from blkback.clock import NS_PER_MS, NS_PER_S
 from blkback.core.params import Params
 
 

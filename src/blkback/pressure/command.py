@@ -68,11 +68,11 @@ def _probe(args: argparse.Namespace) -> int:
 
 
 def _watch(args: argparse.Namespace) -> int:
+    from blkback.clock import MonotonicClock
     from blkback.core.policy import PressureLevel
     from blkback.pressure.fusion import Decision
     from blkback.pressure.monitor import PressureMonitor
     from blkback.pressure.sources import SourceEvent
-    from blkback.sysclock import MonotonicClock
 
     clock = MonotonicClock()
     start = clock.now_ns()

@@ -29,7 +29,7 @@ import os
 import threading
 from collections.abc import Callable
 
-from blkback.core.clock import NS_PER_MS, Clock
+from blkback.clock import NS_PER_MS, Clock, MonotonicClock
 from blkback.core.policy import PressureLevel
 from blkback.errors import ConfigError, EnvironmentProblem
 from blkback.pressure.cgroups import CgroupLayout, read_layout
@@ -45,7 +45,6 @@ from blkback.pressure.sources import (
     SourceEvent,
     VmpressureSource,
 )
-from blkback.sysclock import MonotonicClock
 
 log = logging.getLogger(__name__)
 

@@ -20,12 +20,11 @@ import ssl
 import stat
 import struct
 import threading
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from blkback.core.clock import NS_PER_MS, NS_PER_S, Clock
+from blkback.clock import NS_PER_MS, NS_PER_S, Clock, MonotonicClock
 from blkback.core.device import Bus
 from blkback.core.params import Params
 from blkback.core.policy import PressureLevel
@@ -35,7 +34,6 @@ from blkback.protocol.handshake import ExportInfo
 from blkback.server.connection import Connection
 from blkback.server.exports import Catalog, Export, tflags_for
 from blkback.storage.base import Storage
-from blkback.sysclock import MonotonicClock
 
 log = logging.getLogger("blkback.server")
 
@@ -270,13 +268,13 @@ class Server:
             conns = list(self.connections)
         for conn in conns:
             conn.stop_reading()
-        deadline = time.monotonic() + timeout_s
+        clock = self.clock
+        deadline_ns = clock.now_ns() + round(timeout_s * NS_PER_S)
         for conn in conns:
-            conn.closed.wait(max(0.0, deadline - time.monotonic()))
-            if not conn.closed.is_set():
+            if not clock.wait_until(deadline_ns, conn.closed):
                 with contextlib.suppress(OSError):
                     conn.sock.shutdown(socket.SHUT_RDWR)
-                conn.closed.wait(1.0)
+                clock.wait_until(clock.now_ns() + NS_PER_S, conn.closed)
         if self.monitor is not None:
             self.monitor.stop()
         if self.control is not None:
