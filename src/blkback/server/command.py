@@ -34,6 +34,7 @@ import threading
 from types import FrameType
 from typing import TYPE_CHECKING
 
+from blkback.clock import NS_PER_S, NS_PER_US
 from blkback.core.params import Params
 from blkback.errors import ConfigError
 
@@ -206,10 +207,10 @@ def run(args: argparse.Namespace) -> int:
         metrics=args.metrics,
         workers=args.workers,
         max_connections=args.max_connections,
-        poll_us=args.poll_us,
-        handshake_timeout_s=args.handshake_timeout,
-        idle_timeout_ns=int(args.idle_timeout * 1e9),
-        io_timeout_ms=int(args.io_timeout * 1000),
+        poll_ns=args.poll_us * NS_PER_US,
+        handshake_timeout_ns=round(args.handshake_timeout * NS_PER_S),
+        idle_timeout_ns=round(args.idle_timeout * NS_PER_S),
+        io_timeout_ns=round(args.io_timeout * NS_PER_S),
         mlock=args.mlock,
         max_block=max_block,
         tls=args.tls,

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from blkback.clock import NS_PER_MS, NS_PER_S, Clock, MonotonicClock
+from blkback.clock import NS_PER_MS, NS_PER_S, NS_PER_US, Clock, MonotonicClock
 from blkback.core.device import Bus
 from blkback.core.params import Params
 from blkback.core.policy import PressureLevel
@@ -42,7 +42,11 @@ DEFAULT_TCP = "tcp:127.0.0.1:10809"
 
 @dataclass
 class ServerConfig:
-    """Settings fixed at start-up (runtime parameters live in :class:`Params`)."""
+    """Settings fixed at start-up (runtime parameters live in :class:`Params`).
+
+    Durations are integer nanoseconds, as every time inside blkback; the edges (command-line
+    flags, JSON) carry their own unit in their names and convert once.
+    """
 
     listen: list[str] = field(default_factory=lambda: [DEFAULT_TCP])
     control_path: str | None = None
@@ -50,9 +54,9 @@ class ServerConfig:
     workers: int = 16
     max_requests_per_ring: int = 512
     max_connections: int = 1024
-    handshake_timeout_s: float = 10.0
-    idle_timeout_ns: int = 0
-    io_timeout_ms: int = 60_000
+    handshake_timeout_ns: int = 10 * NS_PER_S
+    idle_timeout_ns: int = 0  # 0: never
+    io_timeout_ns: int = 60 * NS_PER_S
     chunk_pages: int = 256
     mlock: bool = False
     max_block: int = 32 * 1024 * 1024
@@ -62,7 +66,7 @@ class ServerConfig:
     max_options: int = 1000  # options per connection before it is dropped
     # Busy polling: after serving a batch, a ring polls its socket this long before it
     # sleeps in recv (Linux's net.core.busy_read, whose recommended value is 50 us).
-    poll_us: int = 50
+    poll_ns: int = 50 * NS_PER_US
     # At most this many rings poll at once, and none while the server has more connections
     # than that. Default: half the CPUs (at least 1), so that polling rings never take every
     # core from their clients, nor the GIL from many other rings.
