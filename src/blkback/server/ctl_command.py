@@ -12,10 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import socket
 from typing import Any
-
-from blkback.errors import ConfigError, EnvironmentProblem
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -35,54 +32,31 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--status", action="store_true", help="show pressure sources instead")
 
 
-def request(path: str, payload: dict[str, Any], timeout_s: float = 30.0) -> dict[str, Any]:
-    """Send one control request and return the answer (raises on a refusal)."""
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    sock.settimeout(timeout_s)
-    try:
-        sock.connect(path)
-    except (FileNotFoundError, ConnectionRefusedError) as exc:
-        sock.close()
-        raise EnvironmentProblem(f"no server listens on control socket {path}") from exc
-    except PermissionError as exc:
-        sock.close()
-        raise EnvironmentProblem(f"not allowed to use control socket {path}") from exc
-    with sock, sock.makefile("rwb") as f:
-        f.write(json.dumps(payload).encode() + b"\n")
-        f.flush()
-        line = f.readline()
-    if not line:
-        raise EnvironmentProblem(f"the server at {path} closed the control connection")
-    answer: dict[str, Any] = json.loads(line)
-    if not answer.pop("ok", False):
-        raise ConfigError(answer.get("error", "request refused"))
-    return answer
-
-
 def run(args: argparse.Namespace) -> int:
     """Do one control action and print its result."""
+    from blkback.server.control_client import ControlClient
     from blkback.server.server import default_control_path
 
-    path = args.control or default_control_path()
+    client = ControlClient(args.control or default_control_path())
     if args.action == "params":
-        for name, value in request(path, {"op": "params"})["params"].items():
+        for name, value in client.params().items():
             print(f"{name}={_show(value)}")
     elif args.action == "get":
-        print(_show(request(path, {"op": "get", "name": args.name})["value"]))
+        print(_show(client.get(args.name)))
     elif args.action == "set":
-        a = request(path, {"op": "set", "name": args.name, "value": args.value})
+        a = client.set(args.name, args.value)
         print(f"{a['name']}: {_show(a['old'])} -> {_show(a['value'])}")
     elif args.action == "stats":
-        stats = request(path, {"op": "stats"})
+        stats = client.stats()
         if args.json:
             print(json.dumps(stats))
         else:
             print(format_stats(stats))
     elif args.action == "pressure":
         if args.status:
-            print(json.dumps(request(path, {"op": "pressure-status"})["monitor"], indent=2))
+            print(json.dumps(client.pressure_status(), indent=2))
         else:
-            a = request(path, {"op": "pressure", "level": args.level})
+            a = client.report_pressure(args.level)
             print(f"pressure {a['level']} reported to {a['devices']} devices")
     return 0
 

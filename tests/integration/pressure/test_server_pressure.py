@@ -23,7 +23,7 @@ from blkback.clients import HOLD_SCRIPT, libnbd_python
 from blkback.hostenv.cgroup import MemoryCgroup
 from blkback.hostenv.hog import MemoryHog
 from blkback.hostenv.procfs import process_memory
-from blkback.server.ctl_command import request
+from blkback.server.control_client import request
 
 pytestmark = pytest.mark.root
 

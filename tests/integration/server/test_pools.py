@@ -10,7 +10,7 @@ from contextlib import contextmanager
 from support import wait_until
 
 from blkback.clients import HOLD_SCRIPT, libnbd_python
-from blkback.server.ctl_command import request
+from blkback.server.control_client import request
 
 MiB = 2**20
 
