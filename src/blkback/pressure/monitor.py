@@ -48,7 +48,7 @@ from blkback.pressure.sources import (
 
 log = logging.getLogger(__name__)
 
-Deliver = Callable[[PressureLevel, str], None]
+Deliver = Callable[[PressureLevel, str], object]  # what it returns is not used
 EventHook = Callable[[SourceEvent, Decision], None]
 
 SOURCE_NAMES: tuple[str, ...] = (

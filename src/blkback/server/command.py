@@ -32,15 +32,10 @@ import signal
 import sys
 import threading
 from types import FrameType
-from typing import TYPE_CHECKING
 
 from blkback.clock import NS_PER_S, NS_PER_US
 from blkback.core.params import Params
 from blkback.errors import ConfigError
-
-if TYPE_CHECKING:
-    from blkback.core.policy import PressureLevel
-    from blkback.server.server import Server
 
 log = logging.getLogger("blkback.serve")
 
@@ -228,7 +223,7 @@ def run(args: argparse.Namespace) -> int:
         raise
     server.start()
     if args.pressure != "off":
-        _start_pressure(server, args.pressure)
+        server.start_pressure_monitor(args.pressure)  # logs which sources work and why not
     for uri in server.uris():
         print(uri)
     assert server.control is not None
@@ -241,20 +236,3 @@ def run(args: argparse.Namespace) -> int:
         log.info("stopping: finishing in-flight requests")
         server.stop()
     return 0
-
-
-def _start_pressure(server: Server, mode: str) -> None:
-    """Listen to the kernel's memory pressure signals and report them to every device.
-
-    This is the xenbus backend shrinker's role: the monitor's ``deliver`` walks the bus and
-    calls each device's ``reclaim_memory``. Sources that do not work here are reported once
-    (see ``blkback pressure probe``); with ``auto`` the server serves on regardless.
-    """
-    from blkback.pressure.monitor import PressureMonitor
-
-    def deliver(level: PressureLevel, source: str) -> None:
-        server.report_pressure(level, source)
-
-    monitor = PressureMonitor(deliver, mode=mode, clock=server.clock)
-    monitor.start()  # logs which sources are active and why the others are not
-    server.monitor = monitor

@@ -30,6 +30,7 @@ from blkback.core.params import Params
 from blkback.core.policy import PressureLevel
 from blkback.core.ring import Ring
 from blkback.errors import ConfigError
+from blkback.pressure.monitor import PressureMonitor
 from blkback.protocol.handshake import ExportInfo
 from blkback.server.connection import Connection
 from blkback.server.exports import Catalog, Export, tflags_for
@@ -176,7 +177,8 @@ class Server:
         self._warned: set[str] = set()
         self.control: ControlServer | None = None
         self.metrics_server: Any = None
-        self.monitor: Any = None
+        #: The kernel's pressure signals, when :meth:`start_pressure_monitor` started them.
+        self.monitor: PressureMonitor | None = None
         self.pressure_events: dict[str, int] = {}
         self.squeeze_latency_ns: collections.deque[int] = collections.deque(maxlen=10_000)
         self.connections_total = 0
@@ -359,6 +361,27 @@ class Server:
             log.warning("%s", message)
 
     # -- pressure -------------------------------------------------------------------------
+    def start_pressure_monitor(self, mode: str) -> PressureMonitor:
+        """Listen to the kernel's memory pressure signals (``serve --pressure MODE``).
+
+        This is the xenbus backend shrinker's role: the monitor fuses and coalesces the
+        signals and calls :meth:`report_pressure`, which walks the bus and calls each
+        device's ``reclaim_memory``. Sources that do not work here are logged once (see
+        ``blkback pressure probe``); with ``auto`` the server serves on regardless.
+        """
+        monitor = PressureMonitor(self.report_pressure, mode=mode, clock=self.clock)
+        monitor.start()
+        self.monitor = monitor
+        return monitor
+
+    def report_pressure_by_hand(self, level: PressureLevel) -> None:
+        """``ctl pressure``: through the monitor when one runs (counted and coalesced like
+        the kernel's reports), else straight to :meth:`report_pressure`."""
+        if self.monitor is not None:
+            self.monitor.report(level, "manual")
+        else:
+            self.report_pressure(level, "manual")
+
     def report_pressure(self, level: PressureLevel, source: str = "manual") -> int:
         """A pressure report (the backend shrinker's count): tell every device.
 
@@ -514,10 +537,7 @@ class ControlServer:
             return server.stats()
         if op == "pressure":
             level = PressureLevel.parse(request.get("level", "critical"))
-            if server.monitor is not None:
-                server.monitor.report(level, "manual")  # counted and coalesced like the rest
-            else:
-                server.report_pressure(level, "manual")
+            server.report_pressure_by_hand(level)
             return {"level": level.name.lower(), "devices": len(server.bus.devices)}
         if op == "pressure-status":
             mon = server.monitor
