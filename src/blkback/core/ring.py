@@ -89,6 +89,10 @@ class RingOwner(Protocol):
         """The pool size the squeeze in force allows a ring whose last I/O was at ``last_io_ns``."""
         ...
 
+    def squeezed(self, now_ns: int) -> bool:
+        """Whether ``now_ns`` is inside the device's squeeze window."""
+        ...
+
     def emit_stats(self, line: str) -> None:
         """Deliver a ``log_stats`` line."""
         ...

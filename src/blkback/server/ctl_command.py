@@ -14,6 +14,8 @@ import argparse
 import json
 from typing import Any
 
+from blkback.server.control_client import request
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Register ``ctl``'s options and actions."""
@@ -34,29 +36,28 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Do one control action and print its result."""
-    from blkback.server.control_client import ControlClient
     from blkback.server.server import default_control_path
 
-    client = ControlClient(args.control or default_control_path())
+    path = args.control or default_control_path()
     if args.action == "params":
-        for name, value in client.params().items():
+        for name, value in request(path, {"op": "params"})["params"].items():
             print(f"{name}={_show(value)}")
     elif args.action == "get":
-        print(_show(client.get(args.name)))
+        print(_show(request(path, {"op": "get", "name": args.name})["value"]))
     elif args.action == "set":
-        a = client.set(args.name, args.value)
+        a = request(path, {"op": "set", "name": args.name, "value": args.value})
         print(f"{a['name']}: {_show(a['old'])} -> {_show(a['value'])}")
     elif args.action == "stats":
-        stats = client.stats()
+        stats = request(path, {"op": "stats"})
         if args.json:
             print(json.dumps(stats))
         else:
             print(format_stats(stats))
     elif args.action == "pressure":
         if args.status:
-            print(json.dumps(client.pressure_status(), indent=2))
+            print(json.dumps(request(path, {"op": "pressure-status"})["monitor"], indent=2))
         else:
-            a = client.report_pressure(args.level)
+            a = request(path, {"op": "pressure", "level": args.level})
             print(f"pressure {a['level']} reported to {a['devices']} devices")
     return 0
 
