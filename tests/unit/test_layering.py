@@ -15,8 +15,34 @@ from pathlib import Path
 
 import pytest
 
-SRC = Path(__file__).resolve().parents[2] / "src" / "blkback"
+ROOT = Path(__file__).resolve().parents[2]
+SRC = ROOT / "src" / "blkback"
+DESIGN = ROOT / "docs" / "design.md"
 FORBIDDEN = {"asyncio", "socket", "select", "selectors", "threading", "time", "random"}
+
+# The package map (docs/design.md, "Package map"): what each package or top-level module may
+# import of blkback. Each layer may import the layers below it, never one above or beside it.
+LEAVES = frozenset({"errors", "clock"})
+BOTTOM = LEAVES | {"core", "protocol", "storage", "clients"}
+SERVING = BOTTOM | {"pressure", "server"}
+PACKAGE_MAP: dict[str, frozenset[str]] = {
+    "errors": frozenset(),
+    "clock": frozenset(),
+    "core": LEAVES,
+    "protocol": LEAVES,
+    "storage": LEAVES,
+    "clients": LEAVES,
+    "pressure": LEAVES | {"core"},
+    "server": LEAVES | {"core", "protocol", "storage", "pressure"},
+    "hostenv": SERVING,
+    "sim": SERVING,
+    "bench": SERVING | {"hostenv"},
+    "repro": SERVING | {"hostenv"},
+    # The command line loads every command module by name (importlib), at the very top.
+    "cli": LEAVES,
+    "__main__": frozenset({"cli"}),
+    "__init__": frozenset(),
+}
 
 
 def _unit(path: Path) -> str:
@@ -159,6 +185,56 @@ def test_the_squeeze_flows_down_in_core() -> None:
     assert {"blkback.core.ring", "blkback.core.policy"} <= graph["blkback.core.device"]
     assert "blkback.core.device" not in graph["blkback.core.ring"] | graph["blkback.core.policy"]
     assert "blkback.core.ring" not in graph["blkback.core.policy"]
+
+
+def violations(
+    graph: dict[str, set[str]], allowed: dict[str, frozenset[str]]
+) -> dict[str, list[str]]:
+    """Imports the map does not allow, by importer; an importer missing from the map is one."""
+    out: dict[str, list[str]] = {}
+    for unit, imported in graph.items():
+        if unit not in allowed:
+            out[unit] = ["<not in the package map: add it to docs/design.md and PACKAGE_MAP>"]
+        elif bad := sorted(imported - allowed[unit]):
+            out[unit] = bad
+    return out
+
+
+def test_every_package_imports_only_what_the_map_allows() -> None:
+    """The package map, enforced (TYPE_CHECKING and function-level imports count too)."""
+    graph = package_graph()
+    assert {"core", "protocol", "storage", "pressure", "server"} <= set(graph)
+    assert violations(graph, PACKAGE_MAP) == {}
+
+
+def test_no_import_circle_between_packages() -> None:
+    assert cycles(package_graph()) == []
+
+
+def test_the_map_check_detects_a_violation() -> None:
+    graph = {"core": {"clock", "server"}, "newpkg": set()}
+    assert violations(graph, PACKAGE_MAP) == {
+        "core": ["server"],
+        "newpkg": ["<not in the package map: add it to docs/design.md and PACKAGE_MAP>"],
+    }
+
+
+def design_map() -> dict[str, frozenset[str]]:
+    """The table under "Package map" in docs/design.md: ``| `pkg` | `a`, `b` |`` rows."""
+    text = DESIGN.read_text()
+    section = text.split("## Package map", 1)[1].split("\n## ", 1)[0]
+    table: dict[str, frozenset[str]] = {}
+    for line in section.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) >= 2 and cells[0].startswith("`"):
+            names = {c.strip().strip("`") for c in cells[1].split(",")} - {"nothing", ""}
+            table[cells[0].strip("`")] = frozenset(names)
+    return table
+
+
+def test_the_design_document_shows_the_enforced_map() -> None:
+    """docs/design.md's table and PACKAGE_MAP are the same map."""
+    assert design_map() == PACKAGE_MAP
 
 
 def test_cycles_are_found() -> None:
