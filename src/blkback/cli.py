@@ -16,6 +16,11 @@ from collections.abc import Sequence
 from blkback import __version__
 from blkback.errors import BlkbackError
 
+VERBOSE_HELP = (
+    "more log output: -v an operator's view (connections, refused exports, errors returned "
+    "to clients, squeezes, log_stats lines), -vv every request too"
+)
+
 # name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "serve": ("blkback.server.command", "serve block devices over NBD"),
@@ -38,9 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
         ),
     )
     parser.add_argument("--version", action="version", version=f"blkback {__version__}")
-    parser.add_argument(
-        "-v", "--verbose", action="count", default=0, help="more log output (repeatable)"
-    )
+    parser.add_argument("-v", "--verbose", action="count", default=0, help=VERBOSE_HELP)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, (module_name, help_text) in COMMANDS.items():
         module = importlib.import_module(module_name)
@@ -50,19 +53,30 @@ def build_parser() -> argparse.ArgumentParser:
             description=module.__doc__,
             formatter_class=argparse.RawDescriptionHelpFormatter,
         )
+        # Also after the command (`blkback serve -v`), counted apart so that `-v serve -v`
+        # adds up: a subcommand's namespace would otherwise overwrite the top-level count.
+        p.add_argument(
+            "-v", "--verbose", dest="verbose_after", action="count", default=0, help=VERBOSE_HELP
+        )
         module.add_arguments(p)
         p.set_defaults(_module=module)
     return parser
+
+
+def setup_logging(verbosity: int) -> None:
+    """blkback's own loggers at WARNING, INFO (-v) or DEBUG (-vv) on stderr; libraries'
+    loggers (dask, matplotlib, ...) stay at WARNING whatever the verbosity."""
+    logging.basicConfig(
+        level=logging.WARNING, format="blkback: %(levelname)s: %(message)s", stream=sys.stderr
+    )
+    logging.getLogger("blkback").setLevel(logging.WARNING - 10 * min(verbosity, 2))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; return the exit code (never calls sys.exit)."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    level = logging.WARNING - 10 * min(args.verbose, 2)
-    logging.basicConfig(
-        level=level, format="blkback: %(levelname)s: %(message)s", stream=sys.stderr
-    )
+    setup_logging(args.verbose + args.verbose_after)
     try:
         code: int = args._module.run(args)
     except BlkbackError as exc:

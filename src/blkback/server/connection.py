@@ -55,6 +55,7 @@ from blkback.protocol.constants import (
 )
 from blkback.protocol.handshake import HandshakeState, Negotiated, ServerHandshake
 from blkback.protocol.transmission import REQUEST, REQUEST_SIZE, Transmission
+from blkback.server import oplog
 from blkback.server.tls import TlsSocket, start_tls
 from blkback.storage.base import os_error
 
@@ -125,6 +126,7 @@ class Connection:
         self.peer = peer
         self.ring: Ring | None = None
         self.export: Export | None = None
+        self.trace = False  # -vv: log every request (and serve all by the general path)
         self.allocator: MmapAllocator | None = None
         self.send_lock = threading.Lock()
         self.ring_lock = threading.Lock()
@@ -190,6 +192,7 @@ class Connection:
                 log.exception("%s: internal error while closing the connection", self.peer)
 
     def _close(self) -> None:
+        oplog.closed(self.peer, self.export, self.ring)
         try:
             self._stop_workers()
             if self.ring is not None:
@@ -239,7 +242,7 @@ class Connection:
         timeout_s = server.config.handshake_timeout_s
         sock.settimeout(timeout_s)
         hs = ServerHandshake(
-            server.catalog,
+            oplog.RefusalLog(server.catalog, self.peer),
             tls=server.config.tls,
             max_option_len=server.config.max_option_bytes,
             max_options=server.config.max_options,
@@ -303,6 +306,8 @@ class Connection:
         )
         self.ring = server.attach_ring(self, export)
         self.ring.waker = self.wake_pass
+        oplog.connected(self.peer, neg)
+        self.trace = oplog.tracing()
         if not self.storage.inline:
             self._start_workers(server.config.workers)
         self.sock.settimeout(None)  # blocking; waits are bounded by SO_RCVTIMEO below
@@ -348,7 +353,7 @@ class Connection:
         idle_timeout_ns = server.config.idle_timeout_ns
         last_request_ns = now_ns()
         storage = self.storage
-        fast = storage.inline and (self.mem is not None or self.plain_fd >= 0)
+        fast = storage.inline and (self.mem is not None or self.plain_fd >= 0) and not self.trace
         stats = ring.stats
         lock = self.ring_lock
         get_pages = ring.get_pages
@@ -582,6 +587,8 @@ class Connection:
         magic, flags, cmd, cookie, offset, length = REQUEST.unpack_from(view, start)
         if magic != REQUEST_MAGIC:
             raise ProtocolError(f"bad request magic 0x{magic:08x}")
+        if self.trace:
+            oplog.request(self.peer, cmd, flags, offset, length)
         out: list[bytes | memoryview] = []
         held: list[int] = []
         try:
@@ -625,7 +632,7 @@ class Connection:
         ring = self.ring
         if ring is not None:
             ring.stats.errors += 1
-        log.warning("%s: I/O error: %s", self.peer, err)
+        oplog.error_reply(self.peer, err.errno, str(err))
         return self.codec.error_reply(cookie, err.errno, str(err))
 
     def _fill_short_read(self, views: list[memoryview], offset: int, length: int) -> None:
@@ -677,12 +684,14 @@ class Connection:
                         pages = ring.get_pages((length + PAGE_SIZE_MASK) >> PAGE_SHIFT, now)
         except RequestError as exc:
             stats.errors += 1
+            oplog.error_reply(self.peer, exc.errno, str(exc), cmd, offset, length)
             out.append(codec.error_reply(cookie, exc.errno, str(exc)))
             return start, max(end, start)
         except MemoryError:
             # The pool could not grow: fail this request as the kernel does (the pages
             # gathered so far already went back to the pool in get_many).
             stats.errors += 1
+            oplog.error_reply(self.peer, errno.ENOMEM, "out of memory for buffers", cmd)
             if cmd == C_WRITE:
                 start = self._discard_payload(view, start, end, length)
             out.append(codec.error_reply(cookie, errno.ENOMEM, "out of memory for buffers"))
@@ -762,6 +771,7 @@ class Connection:
             return [codec.simple_reply(cookie)]
         except RequestError as exc:
             stats.errors += 1
+            oplog.error_reply(self.peer, exc.errno, str(exc), cmd, offset, length)
             return [codec.error_reply(cookie, exc.errno, str(exc))]
 
     def _block_status(self, flags: int, cookie: int, offset: int, length: int) -> bytes:
