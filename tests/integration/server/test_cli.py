@@ -42,6 +42,8 @@ def _serve_fails(*args: str) -> str:
         (("--listen", "tcp:127.0.0.1:99999"), "port"),
         (("--export", "a=memory:1M", "--export", "a=memory:1M"), "defined twice"),
         (("--poll-us", "-1"), "--poll-us"),
+        (("--export", "disk=memory:1M,delay=10"), "bad delay '10': give a unit"),
+        (("--export", "disk=memory:1M,readonly=maybe"), "readonly= takes yes/no"),
     ],
 )
 def test_bad_arguments_end_with_one_clear_line(
