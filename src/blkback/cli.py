@@ -33,6 +33,27 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
+def _accept_verbose(parser: argparse.ArgumentParser, depth: int = 1) -> None:
+    """Accept ``-v`` after a command and after its actions (``blkback pressure watch -v``).
+
+    Each level counts into its own ``verbose_<depth>``, summed by :func:`verbosity`: a
+    subcommand's namespace overwrites its parent's values of the same name, so one shared
+    count would lose the ``-v`` given before the command.
+    """
+    parser.add_argument(
+        "-v", "--verbose", dest=f"verbose_{depth}", action="count", default=0, help=VERBOSE_HELP
+    )
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                _accept_verbose(sub, depth + 1)
+
+
+def verbosity(args: argparse.Namespace) -> int:
+    """How many ``-v`` were given, wherever they stand on the command line."""
+    return sum(v for k, v in vars(args).items() if k.startswith("verbose") and isinstance(v, int))
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The full argument parser (all subcommands registered)."""
     parser = argparse.ArgumentParser(
@@ -53,12 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
             description=module.__doc__,
             formatter_class=argparse.RawDescriptionHelpFormatter,
         )
-        # Also after the command (`blkback serve -v`), counted apart so that `-v serve -v`
-        # adds up: a subcommand's namespace would otherwise overwrite the top-level count.
-        p.add_argument(
-            "-v", "--verbose", dest="verbose_after", action="count", default=0, help=VERBOSE_HELP
-        )
         module.add_arguments(p)
+        _accept_verbose(p)
         p.set_defaults(_module=module)
     return parser
 
@@ -76,7 +93,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; return the exit code (never calls sys.exit)."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    setup_logging(args.verbose + args.verbose_after)
+    setup_logging(verbosity(args))
     try:
         code: int = args._module.run(args)
     except BlkbackError as exc:
