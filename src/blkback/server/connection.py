@@ -192,9 +192,9 @@ class Connection:
                 log.exception("%s: internal error while closing the connection", self.peer)
 
     def _close(self) -> None:
-        oplog.closed(self.peer, self.export, self.ring)
         try:
             self._stop_workers()
+            oplog.closed(self.peer, self.export, self.ring)  # its counters are final now
             if self.ring is not None:
                 self._reclaim_abandoned_pages()
                 self.server.detach_ring(self)
