@@ -13,6 +13,7 @@ every other number of a ring or device snapshot a gauge ``blkback_ring_<key>`` /
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
@@ -22,6 +23,8 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from blkback.errors import ConfigError
+
+log = logging.getLogger("blkback.server")
 
 if TYPE_CHECKING:
     from wsgiref.simple_server import WSGIServer
@@ -258,4 +261,8 @@ def start_metrics(server: Server, address: str) -> WSGIServer:
         )
     except OSError as exc:
         raise ConfigError(f"cannot serve metrics on {address}: {exc.strerror or exc}") from exc
+    bound = httpd.server_address
+    host_text = bound[0].decode() if isinstance(bound[0], bytes) else str(bound[0])
+    shown = f"[{host_text}]" if ":" in host_text else host_text
+    log.info("metrics on http://%s:%d/metrics", shown, bound[1])
     return httpd

@@ -17,7 +17,7 @@ import errno
 import logging
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING
 
 from blkback.protocol.constants import Cmd
@@ -108,6 +108,13 @@ class RefusalLog:
     def names(self) -> list[str]:
         """Every export's name."""
         return self.catalog.names()
+
+
+def started(addresses: Iterable[str], exports: Iterable[Export]) -> None:
+    """The server listens: where, and what each export is made of."""
+    log.info("listening on %s", ", ".join(addresses))
+    for export in exports:
+        log.info("export %r: %r", export.name, export.storage)
 
 
 def connected(peer: str, neg: Negotiated) -> None:

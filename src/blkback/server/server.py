@@ -201,6 +201,7 @@ class Server:
         except BaseException:
             self.stop()
             raise
+        oplog.started(self.addresses, self.catalog.exports.values())
         for lsock in self.listeners:
             t = threading.Thread(target=self._accept_loop, args=(lsock,), daemon=True)
             t.start()
