@@ -371,13 +371,8 @@ class Server:
             n = self.bus.reclaim_memory(t0, level)
             if self.params.squeeze_wake:
                 self.squeeze_latency_ns.append(self.clock.now_ns() - t0)
-            oplog.squeezed(
-                before,
-                oplog.squeeze_counts(self.bus),
-                level,
-                source,
-                wake=bool(self.params.squeeze_wake),
-            )
+            after = oplog.squeeze_counts(self.bus)
+        oplog.squeezed(before, after, level, source, wake=bool(self.params.squeeze_wake))
         return n
 
     # -- stats ----------------------------------------------------------------------------
