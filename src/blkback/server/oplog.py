@@ -110,11 +110,19 @@ class RefusalLog:
         return self.catalog.names()
 
 
-def started(addresses: Iterable[str], exports: Iterable[Export]) -> None:
+def started(addresses: Iterable[str], exports: Iterable[Export], log_stats: bool) -> None:
     """The server listens: where, and what each export is made of."""
     log.info("listening on %s", ", ".join(addresses))
     for export in exports:
         log.info("export %r: %r", export.name, export.storage)
+    if log_stats:
+        param_changed("log_stats", False, True)
+
+
+def param_changed(name: str, old: object, new: object) -> None:
+    """A parameter listener: say where ``log_stats`` lines go if nobody would see them."""
+    if name == "log_stats" and new and not log.isEnabledFor(logging.INFO):
+        log.warning("log_stats is on, but its lines are INFO: they show with 'serve -v'")
 
 
 def connected(peer: str, neg: Negotiated) -> None:

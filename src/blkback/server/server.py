@@ -201,7 +201,8 @@ class Server:
         except BaseException:
             self.stop()
             raise
-        oplog.started(self.addresses, self.catalog.exports.values())
+        oplog.started(self.addresses, self.catalog.exports.values(), self.params.log_stats)
+        self.params.subscribe(oplog.param_changed)
         for lsock in self.listeners:
             t = threading.Thread(target=self._accept_loop, args=(lsock,), daemon=True)
             t.start()

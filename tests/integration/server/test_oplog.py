@@ -58,3 +58,9 @@ def test_default_verbosity_keeps_connections_quiet(serve: Callable[..., Served])
     assert s.stop() == 0
     assert "connected to export" not in s.stderr_text
     assert "INFO" not in s.stderr_text
+
+
+def test_log_stats_without_v_says_where_its_lines_went(serve: Callable[..., Served]) -> None:
+    s = serve("disk=memory:8M", params=("log_stats=1",))
+    assert s.stop() == 0
+    assert "log_stats is on, but its lines are INFO: they show with 'serve -v'" in s.stderr_text
