@@ -80,12 +80,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _warnings_unless_ours(record: logging.LogRecord) -> bool:
+    """Let a record through if it is blkback's, or a library's warning or worse."""
+    return record.levelno >= logging.WARNING or record.name.split(".")[0] == "blkback"
+
+
 def setup_logging(verbosity: int) -> None:
     """blkback's own loggers at WARNING, INFO (-v) or DEBUG (-vv) on stderr; libraries'
-    loggers (dask, matplotlib, ...) stay at WARNING whatever the verbosity."""
-    logging.basicConfig(
-        level=logging.WARNING, format="blkback: %(levelname)s: %(message)s", stream=sys.stderr
-    )
+    records (dask, matplotlib, ...) only from WARNING up, whatever level they set for
+    themselves (distributed sets its own loggers to INFO)."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("blkback: %(levelname)s: %(message)s"))
+    handler.addFilter(_warnings_unless_ours)
+    logging.basicConfig(level=logging.WARNING, handlers=[handler])
     logging.getLogger("blkback").setLevel(logging.WARNING - 10 * min(verbosity, 2))
 
 
