@@ -4,14 +4,29 @@ With no arguments: one 1 GiB in-memory export named ``disk`` on 127.0.0.1:10809
 (``nbd://127.0.0.1/disk``), the default runtime parameters, and a control socket for
 ``blkback ctl``.
 
-Export specs (``--export NAME=SPEC``):
+Export specs (``--export NAME=SPEC``): a backend, then options after commas.
   memory:SIZE              sparse RAM disk in the server's memory (pages on first write)
   memfd:SIZE               the same in a memfd (shmem; every access is a syscall)
   file:PATH[:SIZE]         a file (created sparse at SIZE if missing) or block device
   null:SIZE                writes discarded, reads zero: an emulated remote volume
-followed by options: ``,readonly``, and filters stacked in order, like nbdkit's:
-``,delay=10ms`` ``,delay-read=`` ``,delay-write=`` ``,rate=40M`` (bytes/s)
-``,error=0.01`` ``,error-range=OFF-END`` ``,error-ops=read,write``.
+Backend options:
+  readonly, ro             refuse writes; also readonly=BOOL (yes/no, true/false, on/off, 1/0)
+  direct=auto|BOOL         file: only: O_DIRECT; auto (default) uses it where the file
+                           system allows it
+Filters, stacked in the order given (each wraps what is left of it), like nbdkit's:
+  delay=DUR                added latency of every read and write; DUR needs a unit:
+                           10ms, 500us, 2s (only 0 may go without)
+  delay-read=DUR           added latency of reads only (overrides delay= for reads)
+  delay-write=DUR          added latency of writes only
+  rate=SIZE[/s]            bandwidth limit in bytes per second (40M = 40 MiB/s)
+  rate-burst=SIZE          bytes that may pass at once above the rate (default: 0.1 s of
+                           rate, at least 64K)
+  error=P                  fail a matching request with EIO with probability P (0 to 1)
+  error-range=OFF-END      only requests touching bytes OFF to END (END excluded) fail
+  error-ops=OP[,OP...]     only these operations fail: read, write, trim, zero, flush,
+                           cache, extents, or all (default all)
+  error-seed=N             seed (integer) of the error filter's draws (default 0)
+SIZE is bytes, or a number with a binary suffix: K, M, G, T (1K = 1024 bytes).
 
 Runtime parameters (``--param NAME=VALUE``, later ``blkback ctl set``):
   max_buffer_pages (1024), buffer_squeeze_duration_ms (10), lru_interval_ms (100),

@@ -32,6 +32,7 @@ from blkback.core.ring import Ring
 from blkback.errors import ConfigError
 from blkback.pressure.monitor import PressureMonitor
 from blkback.protocol.handshake import ExportInfo
+from blkback.server import oplog
 from blkback.server.connection import Connection
 from blkback.server.exports import Catalog, Export, tflags_for
 from blkback.storage.base import Storage
@@ -147,7 +148,7 @@ class Server:
         self.params = params or Params()
         self.clock: Clock = clock or MonotonicClock()
         self.bus = Bus(self.params)
-        self.bus.stats_sink = lambda line: log.warning("stats %s", line)
+        self.bus.stats_sink = lambda line: log.info("stats %s", line)  # pr_info, as the kernel
         self.bus_lock = threading.Lock()
         pollers = self.config.max_pollers or max(1, (os.cpu_count() or 2) // 2)
         #: One lock per polling slot: a ring polls only while it holds one (non-blocking
@@ -204,6 +205,8 @@ class Server:
         except BaseException:
             self.stop()
             raise
+        oplog.started(self.addresses, self.catalog.exports.values(), self.params.log_stats)
+        self.params.subscribe(oplog.param_changed)
         for lsock in self.listeners:
             t = threading.Thread(target=self._accept_loop, args=(lsock,), daemon=True)
             t.start()
@@ -391,10 +394,13 @@ class Server:
         key = f"{source}:{level.name.lower()}"
         with self.bus_lock:
             self.pressure_events[key] = self.pressure_events.get(key, 0) + 1
+            before = oplog.squeeze_counts(self.bus)
             t0 = self.clock.now_ns()
             n = self.bus.reclaim_memory(t0, level)
             if self.params.squeeze_wake:
                 self.squeeze_latency_ns.append(self.clock.now_ns() - t0)
+            after = oplog.squeeze_counts(self.bus)
+        oplog.squeezed(before, after, level, source, wake=bool(self.params.squeeze_wake))
         return n
 
     # -- stats ----------------------------------------------------------------------------
