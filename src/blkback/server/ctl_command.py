@@ -20,7 +20,11 @@ from blkback.errors import ConfigError, EnvironmentProblem
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Register ``ctl``'s options and actions."""
-    parser.add_argument("--control", metavar="PATH", help="the server's control socket")
+    parser.add_argument(
+        "--control",
+        metavar="PATH",
+        help="the server's control socket (default: the one server running; 'serve' prints it)",
+    )
     sub = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
     sub.add_parser("params", help="print all runtime parameters")
     g = sub.add_parser("get", help="print one parameter")
@@ -61,9 +65,9 @@ def request(path: str, payload: dict[str, Any], timeout_s: float = 30.0) -> dict
 
 def run(args: argparse.Namespace) -> int:
     """Do one control action and print its result."""
-    from blkback.server.server import default_control_path
+    from blkback.server.server import find_control_path
 
-    path = args.control or default_control_path()
+    path = args.control or find_control_path()
     if args.action == "params":
         for name, value in request(path, {"op": "params"})["params"].items():
             print(f"{name}={_show(value)}")

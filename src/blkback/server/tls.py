@@ -41,6 +41,8 @@ from blkback.errors import ConfigError
 __all__ = ["TlsConfig", "TlsSocket", "make_server_context", "start_tls"]
 
 _TIMEVAL = struct.Struct("ll")
+#: How long closing a TLS connection may wait to send its close_notify alert.
+CLOSE_NOTIFY_TIMEOUT_S = 1.0
 
 
 @dataclass(frozen=True)
@@ -192,8 +194,39 @@ class TlsSocket:
         socket.socket.shutdown(self._tls, how)
 
     def close(self) -> None:
-        """Close the connection (no TLS close_notify: the peer may be gone)."""
-        self._tls.close()
+        """End the TLS session with a close_notify, then close the socket.
+
+        The spec asks the server to "shut down the TLS session" after ``NBD_CMD_DISC``; a
+        client that checks (gnutls, nbd-tester-client) sees a truncation attack otherwise.
+        Sending it is bounded by :data:`CLOSE_NOTIFY_TIMEOUT_S`: a client that vanished or
+        stopped reading costs that much at most, and the ring is detached before this runs.
+        The peer's own close_notify is not waited for (as ``SSL_shutdown``'s first call).
+        """
+        try:
+            self._send_close_notify(time.monotonic() + CLOSE_NOTIFY_TIMEOUT_S)
+        finally:
+            self._tls.close()
+
+    def _send_close_notify(self, deadline: float) -> None:
+        while True:
+            with self._lock:
+                try:
+                    self._tls.unwrap()
+                except ssl.SSLWantReadError:
+                    return  # ours is sent; the peer's has not come: do not wait for it
+                except ssl.SSLWantWriteError:
+                    want = select.POLLOUT
+                except (OSError, ValueError):
+                    return  # the peer is gone (reset, EOF): nothing to notify
+                else:
+                    return
+            left_ms = (deadline - time.monotonic()) * 1000
+            if left_ms <= 0:
+                return
+            poller = select.poll()
+            poller.register(self._fd, want)
+            with contextlib.suppress(InterruptedError):
+                poller.poll(left_ms)
 
     def recv(self, n: int) -> bytes:
         """Receive up to ``n`` bytes; ``b""`` at end-of-file."""
