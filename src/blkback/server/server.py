@@ -79,7 +79,11 @@ class ServerConfig:
 
 
 def control_dir() -> Path:
-    """The directory of default control sockets: ``/run/blkback`` for root, else per user."""
+    """The directory of default control sockets: ``$BLKBACK_CONTROL_DIR`` if set, else
+    ``/run/blkback`` for root, else per user."""
+    env = os.environ.get("BLKBACK_CONTROL_DIR")
+    if env:
+        return Path(env)
     if os.geteuid() == 0:
         return Path("/run/blkback")
     runtime = os.environ.get("XDG_RUNTIME_DIR")
