@@ -276,6 +276,10 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError("--single and --run exclude each other")
     stdin_sock = _stdin_socket() if args.single else None
     options = resolve_options(args)
+    if args.single and args.control is None:
+        # One process per connection: a control socket from the config file would be
+        # shared by all of them; only an explicit --control gives one.
+        options.control = None
     with contextlib.ExitStack() as cleanup:
         private = PrivateDir(cleanup)
         activated = [] if args.single else _listen_fds()
