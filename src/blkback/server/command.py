@@ -276,30 +276,9 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError("--single and --run exclude each other")
     stdin_sock = _stdin_socket() if args.single else None
     options = resolve_options(args)
-    if args.single and args.control is None:
-        # One process per connection: a control socket from the config file would be
-        # shared by all of them; only an explicit --control gives one.
-        options.control = None
     with contextlib.ExitStack() as cleanup:
-        private = PrivateDir(cleanup)
-        activated = [] if args.single else _listen_fds()
-        if activated and options.listen:
-            log.info("socket activation: serving the %d inherited sockets", len(activated))
-        if args.single or activated:
-            options.listen = []
-        elif not options.listen:
-            options.listen = _default_listen(args, private)
-        if args.run and options.control is None and not os.environ.get("BLKBACK_CONTROL"):
-            options.control = str(private() / "control.sock")
-        server = build_server(options, listen_fds=activated, single=args.single)
-        server.start()
-        cleanup.callback(server.stop)
-        if options.pressure != "off":
-            _start_pressure(server, options.pressure)
-        if args.pidfile:
-            _write_pidfile(args.pidfile, cleanup)
-        if args.single:
-            assert stdin_sock is not None
+        server = _start(args, options, cleanup)
+        if stdin_sock is not None:
             conn = server.serve_connected(stdin_sock, "stdin")
             while not stop.is_set() and not conn.closed.wait(1.0):
                 pass
@@ -311,6 +290,35 @@ def run(args: argparse.Namespace) -> int:
             pass
         log.info("stopping: finishing in-flight requests")
     return 0
+
+
+def _start(
+    args: argparse.Namespace, options: ServeOptions, cleanup: contextlib.ExitStack
+) -> Server:
+    """Decide the listeners and control socket of this way of running, then build and
+    start the server, its pressure monitor and pidfile; ``cleanup`` undoes all of it."""
+    private = PrivateDir(cleanup)
+    activated = [] if args.single else _listen_fds()
+    if args.single and args.control is None:
+        # One process per connection: a control socket from the config file would be
+        # shared by all of them; only an explicit --control gives one.
+        options.control = None
+    if activated and options.listen:
+        log.info("socket activation: serving the %d inherited sockets", len(activated))
+    if args.single or activated:
+        options.listen = []
+    elif not options.listen:
+        options.listen = _default_listen(args, private)
+    if args.run and options.control is None and not os.environ.get("BLKBACK_CONTROL"):
+        options.control = str(private() / "control.sock")
+    server = build_server(options, listen_fds=activated, single=args.single)
+    server.start()
+    cleanup.callback(server.stop)
+    if options.pressure != "off":
+        _start_pressure(server, options.pressure)
+    if args.pidfile:
+        _write_pidfile(args.pidfile, cleanup)
+    return server
 
 
 def resolve_options(args: argparse.Namespace) -> ServeOptions:
