@@ -283,7 +283,10 @@ def run(args: argparse.Namespace) -> int:
             while not stop.is_set() and not conn.closed.wait(1.0):
                 pass
             return 0
-        _announce(server, print_uri=args.print_uri, quiet=bool(args.run))
+        # Captive and socket-activated servers share stdout with the program that started
+        # them (nbdinfo -- [ blkback serve ] prints JSON there): they print nothing.
+        quiet = bool(args.run) or bool(server.config.listen_fds)
+        _announce(server, print_uri=args.print_uri, quiet=quiet)
         if args.run:
             return _run_captive(args.run, server, stop)
         while not stop.wait(1.0):
@@ -552,6 +555,8 @@ def _announce(server: Server, *, print_uri: bool, quiet: bool) -> None:
         if server.control is not None:
             print(f"control: {server.control.path}")
     sys.stdout.flush()
+    for uri in uris:
+        log.info("serving %s", uri)
     if server.control is not None:
         log.info("control socket: %s", server.control.path)
 
