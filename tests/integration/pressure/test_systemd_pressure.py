@@ -14,6 +14,7 @@ import json
 import os
 import socket
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -21,6 +22,8 @@ import pytest
 from support import blkback_cmd, child_env, need_tool, wait_for_socket, wait_until
 
 from blkback.core.policy import PressureLevel
+from blkback.hostenv.cgroup import MemoryCgroup
+from blkback.hostenv.hog import MemoryHog
 from blkback.pressure.monitor import PressureMonitor
 
 PSI = "/proc/pressure/memory"
@@ -153,3 +156,42 @@ def test_a_socket_watch_squeezes_a_running_server(
         proc.terminate()
         proc.communicate(timeout=30)
     assert proc.returncode == 0
+
+
+@pytest.mark.root
+@pytest.mark.slow
+def test_real_stall_on_the_psi_file_fires_the_units_trigger(
+    psi: str, tmp_path: Path, pressure_cgroup: MemoryCgroup
+) -> None:
+    """A hog in a memory-limited cgroup with swap stalls on memory; the global PSI file sees
+    it, and the unit's trigger (10 ms of "some" stall per 2 s) reaches the server."""
+    sock = str(tmp_path / "nbd.sock")
+    control = str(tmp_path / "ctl.sock")
+    env = {
+        **child_env(),
+        "MEMORY_PRESSURE_WATCH": psi,
+        "MEMORY_PRESSURE_WRITE": _b64(b"some 10000 2000000\0"),
+    }
+    proc = subprocess.Popen(
+        blkback_cmd("serve", "-U", sock, "--control", control, "--pressure", "auto"),
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+    )  # fmt: skip
+
+    def systemd_events() -> int:
+        res = subprocess.run(
+            blkback_cmd("ctl", "--control", control, "stats", "--json"),
+            capture_output=True, text=True, env=child_env(), timeout=60, check=True,
+        )  # fmt: skip
+        monitor = json.loads(res.stdout)["pressure"]["monitor"]
+        assert monitor["active"] == ["systemd", "manual"], monitor
+        return int(monitor["sources"]["systemd"]["events"])
+
+    try:
+        wait_for_socket(control, proc)
+        time.sleep(2.5)  # a trigger may fire once right after arming, without a stall
+        before = systemd_events()
+        with MemoryHog(160, cgroup=pressure_cgroup):
+            wait_until(lambda: systemd_events() > before, 30, "a PSI event from the real stall")
+    finally:
+        proc.terminate()
+        proc.communicate(timeout=30)
