@@ -25,17 +25,24 @@ nbdkit's conventions, with nbdkit's names:
   -f                           foreground: accepted; blkback never forks
   -P FILE                      write the server's PID to FILE once it listens
   --print-uri                  print the default export's URI (only it) on stdout
-  -s, --single                 serve one client on stdin (inetd, systemd Accept=yes,
-                               libnbd's nbd_connect_systemd/command): stdin is the socket
+  -s, --single                 serve one client whose socket is stdin (inetd, systemd
+                               Accept=yes, libnbd's nbd_connect_command), then exit
   --run CMD                    captive mode: run CMD under /bin/sh with $uri, $unixsocket,
                                $port, $tls, $exportname set, stop when it exits, exit with
                                its status (a private Unix socket unless you give listeners)
   --exit-with-parent           stop when the parent process exits (PR_SET_PDEATHSIG)
 systemd: listening sockets passed with LISTEN_FDS/LISTEN_PID (socket activation) are served
 instead of --listen; $MEMORY_PRESSURE_WATCH/$MEMORY_PRESSURE_WRITE (MemoryPressureWatch=)
-are honoured by the pressure monitor. A TOML file (--config) can hold every setting;
-flags override it. The control socket defaults to one derived from the first listen address,
-so servers on different addresses never clash; it is printed at start.
+are honoured by the pressure monitor. The control socket defaults to one derived from the
+first listen address, so servers on different addresses never clash; it is printed at start.
+
+Config file (--config FILE, TOML; flags override it, --listen/--export replace its lists):
+  listen = [...], control, metrics, pressure = "auto" | [...]
+  [limits] workers, max_connections, poll_us, handshake_timeout, idle_timeout, io_timeout
+           (seconds), max_block, max_request (sizes), mlock
+  [tls]    mode (off|allow|require), certificates | cert, key, ca; verify_peer
+  [params] any runtime parameter
+  [[export]] name, backend = "SPEC", filters = ["delay=2ms", ...] (appended), readonly
 
 Exit status: 0 after a clean stop (SIGINT/SIGTERM, or --single's client left), the
 command's own with --run, 1 when serving failed at run time (address in use...), 2 for a
