@@ -10,15 +10,19 @@
 from __future__ import annotations
 
 import os
+import random
 import socket
 import ssl
+import struct
 from pathlib import Path
 
 import pytest
 from rsupport import (
     CMD_DISC,
+    CMD_FLUSH,
     CMD_READ,
     CMD_WRITE,
+    FLAG_FUA,
     OPT_STARTTLS,
     REP_ACK,
     connect,
@@ -120,3 +124,54 @@ def test_a_write_over_64_mib_with_its_payload_is_refused_and_skipped(serve) -> N
     sock.close()
     with socket.socket(socket.AF_UNIX) as probe:  # and the server still takes clients
         probe.connect(s.sock)
+
+
+def _random_chunks(rng: random.Random, total: int, largest: int) -> list[tuple[int, int]]:
+    """``total`` bytes cut into 4 KiB-aligned (offset, length) pieces of up to ``largest``."""
+    out = []
+    offset = 0
+    while offset < total:
+        length = min(total - offset, rng.randrange(1, largest // 4096 + 1) * 4096)
+        out.append((offset, length))
+        offset += length
+    rng.shuffle(out)
+    return out
+
+
+@pytest.mark.parametrize("backend", ["memory", "file"])
+def test_pipelined_huge_requests_keep_every_byte(serve, tmp_path: Path, backend: str) -> None:  # type: ignore[no-untyped-def]
+    # The shape of nbd-tester-client's integrityhuge run: a fresh 50 MiB export with flush
+    # and FUA, requests of up to ~48 MiB in flight at once, replies in any order (file
+    # exports answer from worker threads), every byte checked.
+    size = 52_428_800
+    spec = f"memory:{size}" if backend == "memory" else f"file:{tmp_path}/huge.img:{size}"
+    s = serve(f"disk={spec}")
+    sock, export_size = connect(s.sock, b"disk")
+    assert export_size == size
+    sock.settimeout(120)
+    rng = random.Random(20261127)
+    model = bytearray(os.urandom(size))
+    writes = _random_chunks(rng, size, 48 * MiB)
+    assert max(length for _, length in writes) > 32 * MiB  # beyond the advertised maximum
+    for cookie, (offset, length) in enumerate(writes, 1):
+        flags = FLAG_FUA if cookie % 3 == 0 else 0
+        sock.sendall(
+            request(CMD_WRITE, offset, length, cookie, flags) + model[offset : offset + length]
+        )
+    done = {simple_reply(sock)[:2] for _ in writes}
+    assert done == {(0, cookie) for cookie in range(1, len(writes) + 1)}
+    sock.sendall(request(CMD_FLUSH, 0, 0, cookie=999))
+    assert simple_reply(sock)[:2] == (0, 999)
+    reads = _random_chunks(rng, size, 48 * MiB)
+    for cookie, (offset, length) in enumerate(reads, 1000):
+        sock.sendall(request(CMD_READ, offset, length, cookie))
+    by_cookie = dict(enumerate(reads, 1000))
+    for _ in reads:
+        magic_err_cookie = recv_exact(sock, 16)
+        err, cookie = struct.unpack(">IIQ", magic_err_cookie)[1:]
+        assert err == 0
+        offset, length = by_cookie.pop(cookie)
+        assert recv_exact(sock, length) == model[offset : offset + length], (offset, length)
+    assert not by_cookie
+    sock.sendall(request(CMD_DISC, 0, 0))
+    sock.close()
