@@ -76,12 +76,12 @@ from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING, Any
 
+from blkback.clock import NS_PER_S, NS_PER_US
 from blkback.core.params import Params
 from blkback.errors import ConfigError, RuntimeFailure
 from blkback.server.config import ServeOptions, load_config, merge
 
 if TYPE_CHECKING:
-    from blkback.core.policy import PressureLevel
     from blkback.server.server import Server, ServerConfig
 
 log = logging.getLogger("blkback.serve")
@@ -325,7 +325,7 @@ def _start(
     server.start()
     cleanup.callback(server.stop)
     if options.pressure != "off":
-        _start_pressure(server, options.pressure)
+        server.start_pressure_monitor(options.pressure)  # logs which sources work and why not
     if args.pidfile:
         _write_pidfile(args.pidfile, cleanup)
     return server
@@ -448,10 +448,10 @@ def server_config(options: ServeOptions, *, listen_fds: list[int], single: bool)
         metrics=options.metrics,
         workers=options.workers,
         max_connections=options.max_connections,
-        poll_us=options.poll_us,
-        handshake_timeout_s=options.handshake_timeout,
-        idle_timeout_ns=int(options.idle_timeout * 1e9),
-        io_timeout_ms=int(options.io_timeout * 1000),
+        poll_ns=options.poll_us * NS_PER_US,
+        handshake_timeout_ns=round(options.handshake_timeout * NS_PER_S),
+        idle_timeout_ns=round(options.idle_timeout * NS_PER_S),
+        io_timeout_ns=round(options.io_timeout * NS_PER_S),
         mlock=options.mlock,
         max_block=sizes["max_block"],
         max_request=sizes["max_request"],
@@ -610,20 +610,3 @@ def _reaped(proc: subprocess.Popen[bytes]) -> Iterator[None]:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-
-
-def _start_pressure(server: Server, mode: str) -> None:
-    """Listen to the kernel's memory pressure signals and report them to every device.
-
-    This is the xenbus backend shrinker's role: the monitor's ``deliver`` walks the bus and
-    calls each device's ``reclaim_memory``. Sources that do not work here are reported once
-    (see ``blkback pressure probe``); with ``auto`` the server serves on regardless.
-    """
-    from blkback.pressure.monitor import PressureMonitor
-
-    def deliver(level: PressureLevel, source: str) -> None:
-        server.report_pressure(level, source)
-
-    monitor = PressureMonitor(deliver, mode=mode, clock=server.clock)
-    monitor.start()  # logs which sources are active and why the others are not
-    server.monitor = monitor
