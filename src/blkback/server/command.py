@@ -395,8 +395,14 @@ def build_server(options: ServeOptions, *, listen_fds: list[int], single: bool) 
     exports = []
     try:
         for text in options.exports:
-            name, spec = parse_export_arg(text)
-            exports.append((name, spec, open_storage(spec)))
+            try:
+                name, spec = parse_export_arg(text)
+                exports.append((name, spec, open_storage(spec)))
+            except ConfigError as exc:
+                where = options.origins.get("exports")  # set when the config file gave them
+                if where is None:
+                    raise
+                raise type(exc)(f"{where} {text.partition('=')[0]!r}: {exc}") from None
         return Server(exports, params=params, config=config)
     except BaseException:
         for _, _, storage in exports:

@@ -145,3 +145,14 @@ def test_a_bad_parameter_value_names_the_file_key(tmp_path: Path) -> None:
 def test_a_missing_file_is_one_clear_error(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"--config .*nope\.toml: No such file"):
         load_config(str(tmp_path / "nope.toml"))
+
+
+def test_a_bad_export_in_the_file_names_the_file_and_the_export(tmp_path: Path) -> None:
+    from blkback.server.command import build_server
+
+    path = _write(tmp_path, "[[export]]\nname = 'tapes'\nbackend = 'tape:1G'\n")
+    options = resolve_options(_args("--config", path))
+    with pytest.raises(ConfigError) as info:
+        build_server(options, listen_fds=[], single=False)
+    assert str(info.value).startswith(f"{path}: export 'tapes': ")
+    assert "tape" in str(info.value).removeprefix(f"{path}: export 'tapes': ")
