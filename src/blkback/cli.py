@@ -1,7 +1,9 @@
 """The ``blkback`` command line: ``serve | ctl | pressure | repro | bench | sim | microbench``.
 
 Each subcommand lives in its own module with ``add_arguments(parser)`` and ``run(args) -> int``;
-this file only wires them up and turns expected errors into one clear line and exit code 2.
+this file only wires them up and turns expected errors into one clear line and an exit code:
+2 for a usage error (:class:`ConfigError`), 1 for a failure at run time (any other
+:class:`BlkbackError`, e.g. no server at the control socket, an address in use).
 Command modules keep heavy imports inside ``run`` so that ``--help`` stays fast.
 """
 
@@ -14,7 +16,7 @@ import sys
 from collections.abc import Sequence
 
 from blkback import __version__
-from blkback.errors import BlkbackError
+from blkback.errors import BlkbackError, ConfigError
 
 VERBOSE_HELP = (
     "more log output: -v an operator's view (connections, refused exports, errors returned "
@@ -125,9 +127,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     setup_logging(verbosity(args))
     try:
         code: int = args._module.run(args)
-    except BlkbackError as exc:
+    except ConfigError as exc:
         print(f"blkback {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except BlkbackError as exc:
+        print(f"blkback {args.command}: error: {exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print(f"blkback {args.command}: interrupted", file=sys.stderr)
         return 130

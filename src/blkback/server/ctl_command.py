@@ -21,7 +21,7 @@ from blkback.server.control_client import request
 if TYPE_CHECKING:
     from rich.console import RenderableType
 
-CONTROL_HELP = "the server's control socket (default: as 'serve' chose it)"
+CONTROL_HELP = "the server's control socket (default: the one server running; 'serve' prints it)"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -52,9 +52,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     """Do one control action and print its result."""
     from blkback.server import ctl_output as out
-    from blkback.server.server import default_control_path
+    from blkback.server.server import find_control_path
 
-    path = args.control or default_control_path()
+    path = args.control or find_control_path()
     if args.action == "params":
         params = request(path, {"op": "params"})["params"]
         _print(json.dumps(params) if args.json else out.params_table(params))
