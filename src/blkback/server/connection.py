@@ -40,6 +40,7 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
+from blkback.clock import NS_PER_S, NS_PER_US
 from blkback.core.pages import PAGE_SIZE, MmapAllocator
 from blkback.core.ring import Ring
 from blkback.errors import ProtocolError, RequestError
@@ -55,6 +56,7 @@ from blkback.protocol.constants import (
 )
 from blkback.protocol.handshake import HandshakeState, Negotiated, ServerHandshake
 from blkback.protocol.transmission import REQUEST, REQUEST_SIZE, Transmission
+from blkback.server import oplog
 from blkback.server.tls import TlsSocket, start_tls
 from blkback.storage.base import os_error
 
@@ -125,6 +127,7 @@ class Connection:
         self.peer = peer
         self.ring: Ring | None = None
         self.export: Export | None = None
+        self.trace = False  # -vv: log every request (and serve all by the general path)
         self.allocator: MmapAllocator | None = None
         self.send_lock = threading.Lock()
         self.ring_lock = threading.Lock()
@@ -192,6 +195,7 @@ class Connection:
     def _close(self) -> None:
         try:
             self._stop_workers()
+            oplog.closed(self.peer, self.export, self.ring)  # its counters are final now
             if self.ring is not None:
                 self._reclaim_abandoned_pages()
                 self.server.detach_ring(self)
@@ -236,10 +240,10 @@ class Connection:
     def _handshake(self) -> tuple[Negotiated | None, bytes]:
         server = self.server
         sock = self.sock
-        timeout_s = server.config.handshake_timeout_s
+        timeout_s = server.config.handshake_timeout_ns / NS_PER_S
         sock.settimeout(timeout_s)
         hs = ServerHandshake(
-            server.catalog,
+            oplog.RefusalLog(server.catalog, self.peer),
             tls=server.config.tls,
             max_option_len=server.config.max_option_bytes,
             max_options=server.config.max_options,
@@ -303,6 +307,8 @@ class Connection:
         )
         self.ring = server.attach_ring(self, export)
         self.ring.waker = self.wake_pass
+        oplog.connected(self.peer, neg)
+        self.trace = oplog.tracing()
         if not self.storage.inline:
             self._start_workers(server.config.workers)
         self.sock.settimeout(None)  # blocking; waits are bounded by SO_RCVTIMEO below
@@ -313,8 +319,8 @@ class Connection:
         recv_us = max(1000, recv_ns // 1000)
         tv = struct.pack("ll", recv_us // 1_000_000, recv_us % 1_000_000)
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, tv)
-        send_ms = self.server.config.io_timeout_ms
-        tv = struct.pack("ll", send_ms // 1000, (send_ms % 1000) * 1000)
+        send_us = self.server.config.io_timeout_ns // NS_PER_US
+        tv = struct.pack("ll", send_us // 1_000_000, send_us % 1_000_000)
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, tv)
 
     def _loop(self, leftover: bytes) -> None:
@@ -348,7 +354,7 @@ class Connection:
         idle_timeout_ns = server.config.idle_timeout_ns
         last_request_ns = now_ns()
         storage = self.storage
-        fast = storage.inline and (self.mem is not None or self.plain_fd >= 0)
+        fast = storage.inline and (self.mem is not None or self.plain_fd >= 0) and not self.trace
         stats = ring.stats
         lock = self.ring_lock
         get_pages = ring.get_pages
@@ -381,7 +387,7 @@ class Connection:
         poll_ns = 0
         if isinstance(sock, socket.socket) and fast:
             poll_recv = sock.recv_into
-            poll_ns = server.config.poll_us * 1000
+            poll_ns = server.config.poll_ns
         poll_slots = server.poll_slots
         connections = server.connections
         served = False  # a batch was just served: poll before sleeping
@@ -401,7 +407,7 @@ class Connection:
                     dst = view[end:REQUEST_SIZE] if small_recv else view[end:]
                     n = -1
                     if served and poll_ns and len(connections) <= len(poll_slots):
-                        # Busy polling right after a batch (see ServerConfig.poll_us).
+                        # Busy polling right after a batch (see ServerConfig.poll_ns).
                         served = False
                         for slot in poll_slots:
                             if slot.acquire(False):
@@ -582,6 +588,8 @@ class Connection:
         magic, flags, cmd, cookie, offset, length = REQUEST.unpack_from(view, start)
         if magic != REQUEST_MAGIC:
             raise ProtocolError(f"bad request magic 0x{magic:08x}")
+        if self.trace:
+            oplog.request(self.peer, cmd, flags, offset, length)
         out: list[bytes | memoryview] = []
         held: list[int] = []
         try:
@@ -625,7 +633,7 @@ class Connection:
         ring = self.ring
         if ring is not None:
             ring.stats.errors += 1
-        log.warning("%s: I/O error: %s", self.peer, err)
+        oplog.error_reply(self.peer, err.errno, str(err))
         return self.codec.error_reply(cookie, err.errno, str(err))
 
     def _fill_short_read(self, views: list[memoryview], offset: int, length: int) -> None:
@@ -677,12 +685,14 @@ class Connection:
                         pages = ring.get_pages((length + PAGE_SIZE_MASK) >> PAGE_SHIFT, now)
         except RequestError as exc:
             stats.errors += 1
+            oplog.error_reply(self.peer, exc.errno, str(exc), cmd, offset, length)
             out.append(codec.error_reply(cookie, exc.errno, str(exc)))
             return start, max(end, start)
         except MemoryError:
             # The pool could not grow: fail this request as the kernel does (the pages
             # gathered so far already went back to the pool in get_many).
             stats.errors += 1
+            oplog.error_reply(self.peer, errno.ENOMEM, "out of memory for buffers", cmd)
             if cmd == C_WRITE:
                 start = self._discard_payload(view, start, end, length)
             out.append(codec.error_reply(cookie, errno.ENOMEM, "out of memory for buffers"))
@@ -762,6 +772,7 @@ class Connection:
             return [codec.simple_reply(cookie)]
         except RequestError as exc:
             stats.errors += 1
+            oplog.error_reply(self.peer, exc.errno, str(exc), cmd, offset, length)
             return [codec.error_reply(cookie, exc.errno, str(exc))]
 
     def _block_status(self, flags: int, cookie: int, offset: int, length: int) -> bytes:
@@ -816,7 +827,7 @@ class Connection:
         got = 0
         # When the current stall was first seen (a receive timeout expired with no data):
         # the payload may take as long as it likes while bytes keep coming, but no byte for
-        # io_timeout_ms (by the clock, not by counting timeouts, whose length varies after
+        # io_timeout_ns (by the clock, not by counting timeouts, whose length varies after
         # wake passes) ends the connection.
         stalled_ns: int | None = None
         clock = self.server.clock
@@ -832,7 +843,7 @@ class Connection:
                     self._pass(now, had_io=False, woken=False)
                 if stalled_ns is None:
                     stalled_ns = now
-                elif now - stalled_ns > self.server.config.io_timeout_ms * 1_000_000:
+                elif now - stalled_ns > self.server.config.io_timeout_ns:
                     raise TimeoutError("client stalled mid-request") from None
                 continue
             if n == 0:
