@@ -1,21 +1,28 @@
 """Reproduce the seed's three experiments on real memory pressure, and go beyond them.
 
   blkback repro [memory-pressure|duration-sweep|overhead|all] [--quick] [--out DIR]
+                [--guests vm|nbd] [--accel auto|kvm|tcg] [--vms N]
 
 memory-pressure  dom0 = a memory cgroup with a limit and swap, holding `blkback serve` and a
                  memory hog; guests outside it write bursts to many null-backed devices.
                  squeeze off (buffer_squeeze_duration_ms=0) vs on (10 ms): pswpin/pswpout,
                  beside the seed's 76,672 / 185,799 -> 212 / 3,325. Beyond the seed: the
                  kernel's lazy squeeze (squeeze_wake=0) and squeeze_policy=graded.
-duration-sweep   the same with buffer_squeeze_duration_ms 1, 10, 100.
-overhead         ext4 on nbdfuse + loop over a blkback export (outside the cgroup), the seed's
-                 dd loop with max_buffer_pages 1024 then 0, on a ~40 MB/s and a fast volume.
+duration-sweep   the same with buffer_squeeze_duration_ms 1, 10, 100; and again as the
+                 seed ran it (squeeze_scope=global squeeze_wake=0, pressure reported at
+                 reclaim's pace: blkback.repro.shrinkerfeed).
+overhead         ext4 on a blkback export (outside the cgroup), the seed's dd loop with
+                 max_buffer_pages 1024 then 0, on a ~40 MB/s and a fast volume: inside a VM
+                 guest (--guests vm), else over nbdfuse + loop on the host.
 all              everything (default).
 
-Needs root, a cgroup v1 memory controller and swap (the host's, or a temporary swapfile it
-makes); the overhead experiment also needs nbdfuse, losetup, mkfs.ext4 and /dev/fuse. It
-refuses to start, in one line, when one is missing. Everything it creates (cgroups,
-swapfile, mounts, loop devices, processes) is removed at the end, also on Ctrl-C.
+Guests: `vm` (default where possible) boots real Linux VMs (QEMU; KVM if a KVM guest boots
+here, else TCG) from an image built from Debian packages (blkback.repro.vmimage), each
+virtual disk one export; `nbd` runs libnbd programs on the host. Needs root, a cgroup v1
+memory controller and swap (the host's, or a temporary swapfile it makes); the overhead
+experiment also needs nbdfuse, losetup, mkfs.ext4 and /dev/fuse. It refuses to start, in one
+line, when one is missing. Everything it creates (cgroups, swapfile, VMs, sockets, mounts,
+loop devices, processes) is removed at the end, also on Ctrl-C.
 Writes DIR/report.md, DIR/results.json and PNG plots (default DIR: ./repro-results).
 """
 

@@ -78,6 +78,7 @@ class Runner:
         self.dd_runs = 2 if self.quick else 5
         self.dd_count = 256 * 64 if self.quick else 256 * 512
         self.log_lines: list[str] = []
+        self.t0 = 0.0
         self.guests_wanted: str = args.guests
         self.accel_wanted: str = args.accel
         self.vms: int = args.vms
@@ -106,7 +107,7 @@ class Runner:
         do_overhead = self.experiment in ("overhead", "all")
         steps = len(configs) * self.repeats + (4 if do_overhead else 0)
         progress = Progress(steps, "repro")
-        t0 = time.monotonic()
+        t0 = self.t0 = time.monotonic()
         results: dict[str, Any] = {"config": self.config_dict(configs), "complete": False}
         results["host"] = {"before": host_snapshot()}
         work = Path(tempfile.mkdtemp(prefix="blkback-repro-", dir="/tmp"))
@@ -123,7 +124,7 @@ class Runner:
                     "swaps": active_swaps(),
                 }
                 results["host"]["idle_swap_traffic"] = idle_swap_traffic(3.0)
-                runs = self.memory_runs(configs, work, progress, guests)
+                runs = self.memory_runs(configs, work, progress, guests, results)
                 results.update(aggregate_memory(runs, configs))
             if do_overhead:
                 results["overhead"] = self.overhead(work, progress, guests)
@@ -132,10 +133,27 @@ class Runner:
         results["complete"] = True
         results["checks"] = checks(results, quick=self.quick)
         self.write(results)
+        self.partial_path.unlink(missing_ok=True)
         return results
 
+    @property
+    def partial_path(self) -> Path:
+        return self.out / "partial-results.json"
+
+    def checkpoint(self, results: dict[str, Any], runs: dict[str, list[dict[str, Any]]]) -> None:
+        """The runs so far, for ``--from-results`` if the whole does not finish."""
+        partial = dict(results)
+        partial["configurations"] = {n: {"runs": rs} for n, rs in runs.items() if rs}
+        partial["elapsed_s"] = time.monotonic() - self.t0
+        self.partial_path.write_text(json.dumps(partial, default=str) + "\n")
+
     def memory_runs(
-        self, configs: list[str], work: Path, progress: Progress, guests: GuestChoice
+        self,
+        configs: list[str],
+        work: Path,
+        progress: Progress,
+        guests: GuestChoice,
+        results: dict[str, Any],
     ) -> dict[str, list[dict[str, Any]]]:
         runs: dict[str, list[dict[str, Any]]] = {c: [] for c in configs}
         # Round robin over configurations, so that host noise spreads over all of them.
@@ -152,6 +170,7 @@ class Runner:
                 )
                 r["repeat"] = rep
                 runs[name].append(r)
+                self.checkpoint(results, runs)
                 progress.advance(
                     f"{name}: pswpin {r['pswpin']:,} pswpout {r['pswpout']:,}"
                     f" (cgroup majfaults {r['cgroup']['pgmajfault']:,})"
