@@ -81,7 +81,8 @@ def qemu_argv(
         str(image.initrd),
         "-append",
         # Async probing: the disks' partition scans overlap (32 disks: ~9 s -> ~5.5 s boot).
-        f"console=ttyS0 panic=-1 quiet driver_async_probe=virtio_blk blkback.disks={len(disk_uris)}",
+        "console=ttyS0 panic=-1 quiet driver_async_probe=virtio_blk "
+        f"blkback.disks={len(disk_uris)}",
         "-chardev",
         f"file,id=con,path={console_log}",
         "-serial",
