@@ -94,7 +94,12 @@ class Runner:
         return names
 
     def log(self, line: str) -> None:
+        """A line of the dd log (kept for the report) and of stderr."""
         self.log_lines.append(line)
+        self.note(line)
+
+    def note(self, line: str) -> None:
+        """A line for stderr only."""
         sys.stderr.write(line + "\n")
         sys.stderr.flush()
 
@@ -115,7 +120,7 @@ class Runner:
         results["config"]["pid"] = os.getpid()
         with sigterm_as_interrupt(), contextlib.ExitStack() as stack:
             stack.callback(shutil.rmtree, work, True)
-            guests = choose_guests(self.guests_wanted, self.accel_wanted, self.vms, work, self.log)
+            guests = choose_guests(self.guests_wanted, self.accel_wanted, self.vms, work, self.note)
             results["config"]["guests"] = guests.describe(self.sizing.devices)
             if configs:
                 swap = stack.enter_context(TemporarySwap(2048))
