@@ -12,7 +12,7 @@ from blkback.storage import (
     RateFilter,
     describe,
     open_storage,
-    parse_duration,
+    parse_duration_ns,
     parse_size,
     parse_spec,
 )
@@ -57,16 +57,24 @@ def test_parse_size_errors(text, fragment):
 
 
 @pytest.mark.parametrize(
-    ("text", "seconds"),
-    [("10ms", 0.01), ("2", 2.0), ("0.5s", 0.5), ("200us", 0.0002), ("5ns", 5e-9)],
+    ("text", "ns"),
+    [
+        ("10ms", 10_000_000),
+        ("2", 2_000_000_000),
+        ("0.5s", 500_000_000),
+        ("200us", 200_000),
+        ("5ns", 5),
+        ("1.5ns", 2),  # rounded half to even
+        ("2e-05", 20_000),
+    ],
 )
-def test_parse_duration(text, seconds):
-    assert parse_duration(text) == pytest.approx(seconds)
+def test_parse_duration_ns(text, ns):
+    assert parse_duration_ns(text) == ns
 
 
 def test_parse_duration_error():
     with pytest.raises(ConfigError, match=r"expected e\.g\. 10ms"):
-        parse_duration("10 minutes")
+        parse_duration_ns("10 minutes")
 
 
 def test_backends_and_sizes():
