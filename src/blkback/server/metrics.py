@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 from prometheus_client import CollectorRegistry, ProcessCollector, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -29,7 +29,14 @@ log = logging.getLogger("blkback.server")
 if TYPE_CHECKING:
     from wsgiref.simple_server import WSGIServer
 
-    from blkback.server.server import Server
+
+class StatsSource(Protocol):
+    """What the exporter needs of a server (``Server`` is one): its ``ctl stats`` snapshot."""
+
+    def stats(self) -> dict[str, Any]:
+        """Everything ``ctl stats --json`` shows."""
+        ...
+
 
 Kind = Literal["gauge", "counter"]
 
@@ -234,7 +241,7 @@ def families(stats: Mapping[str, Any]) -> Iterator[Metric]:
 class ServerCollector(Collector):
     """Reads ``server.stats()`` at every scrape."""
 
-    def __init__(self, server: Server) -> None:
+    def __init__(self, server: StatsSource) -> None:
         self.server = server
 
     def collect(self) -> Iterable[Metric]:
@@ -242,7 +249,7 @@ class ServerCollector(Collector):
         return list(families(self.server.stats()))
 
 
-def registry_for(server: Server) -> CollectorRegistry:
+def registry_for(server: StatsSource) -> CollectorRegistry:
     """A registry with the server's series and the process collector."""
     registry = CollectorRegistry()
     ProcessCollector(registry=registry)
@@ -250,7 +257,7 @@ def registry_for(server: Server) -> CollectorRegistry:
     return registry
 
 
-def start_metrics(server: Server, address: str) -> WSGIServer:
+def start_metrics(server: StatsSource, address: str) -> WSGIServer:
     """Serve ``/metrics`` on ``HOST:PORT`` (``[v6]:PORT`` too) from a daemon thread."""
     host, sep, port = address.rpartition(":")
     if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
