@@ -115,10 +115,13 @@ def _server_line(stats: Mapping[str, Any]) -> str:
     return line
 
 
-def _device_line(dev: Mapping[str, Any]) -> str:
+def _device_line(dev: Mapping[str, Any], now_ms: float | None) -> str:
     if dev["squeezed"]:
         level = dev.get("squeeze_level")
         state = f"squeezed ({level})" if level else "squeezed"
+        end_ms = dev.get("squeeze_end_ms")
+        if end_ms is not None and now_ms is not None:
+            state += f" for {end_ms - now_ms:,.0f} ms more"
     else:
         state = "not squeezed"
     return (
@@ -155,7 +158,7 @@ def stats_view(stats: Mapping[str, Any]) -> Group:
     parts: list[RenderableType] = [Text(_server_line(stats))]
     any_ring = False
     for dev in stats["devices"]:
-        parts.append(Text(_device_line(dev)))
+        parts.append(Text(_device_line(dev, stats.get("now_ms"))))
         if dev["rings"]:
             any_ring = True
             parts.append(rings_table(dev["rings"]))

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 
 import pytest
 
 from blkback.core.pages import CountingAllocator
+from blkback.core.policy import PressureLevel
 from blkback.server.ctl_output import params_table, stats_view, to_text
 from blkback.server.server import Server
 from blkback.storage.null import NullStorage
@@ -50,3 +52,10 @@ def test_params_have_value_unit_default_and_meaning(server: Server) -> None:
     assert "After memory pressure is reported" in line
     [line] = [x for x in lines if x.startswith("squeeze_scope=device ")]
     assert "device|global" in line
+
+
+def test_a_squeezed_device_says_for_how_long(server: Server) -> None:
+    server.params.set("buffer_squeeze_duration_ms", 60_000)
+    server.report_pressure(PressureLevel.CRITICAL, "manual")
+    text = to_text(stats_view(server.stats()))
+    assert re.search(r"device vol: squeezed \(critical\) for [0-9,]+ ms more; 1 squeeze ", text)
