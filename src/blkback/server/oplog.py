@@ -16,8 +16,7 @@ from __future__ import annotations
 import errno
 import logging
 import threading
-import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING
 
 from blkback.protocol.constants import Cmd
@@ -41,36 +40,44 @@ def tracing() -> bool:
     return log.isEnabledFor(logging.DEBUG)
 
 
-class RateLimit:
-    """At most ``burst`` lines at once and ``per_s`` lines a second after that; the next
-    line let through says how many were dropped meanwhile (the kernel's printk_ratelimit)."""
+class RateLimit(logging.Filter):
+    """At most ``burst`` records at once and ``per_s`` a second after that; the next record
+    let through says how many were dropped meanwhile (the kernel's printk_ratelimit).
 
-    def __init__(
-        self, burst: int = 10, per_s: float = 1.0, clock: Callable[[], float] = time.monotonic
-    ) -> None:
+    A logging filter, timed by each record's own ``created`` stamp: the serving layers read
+    no clock of their own, and a wall clock stepping back only refills the bucket later.
+    """
+
+    def __init__(self, burst: int = 10, per_s: float = 1.0) -> None:
+        super().__init__()
         self.burst = burst
         self.per_s = per_s
-        self.clock = clock
         self.tokens = float(burst)
-        self.stamp = clock()
+        self.stamp: float | None = None
         self.dropped = 0
         self.lock = threading.Lock()
 
-    def admit(self) -> int | None:
-        """None: drop this line. Otherwise the number of lines dropped before it."""
+    def filter(self, record: logging.LogRecord) -> bool:
+        """Let the record through (noting earlier drops in it), or drop it."""
         with self.lock:
-            now = self.clock()
-            self.tokens = min(self.burst, self.tokens + (now - self.stamp) * self.per_s)
-            self.stamp = now
+            if self.stamp is not None:
+                elapsed = max(0.0, record.created - self.stamp)
+                self.tokens = min(float(self.burst), self.tokens + elapsed * self.per_s)
+            self.stamp = record.created
             if self.tokens < 1:
                 self.dropped += 1
-                return None
+                return False
             self.tokens -= 1
             dropped, self.dropped = self.dropped, 0
-            return dropped
+        if dropped:
+            record.msg = f"{record.getMessage()} ({dropped} more error lines dropped before this)"
+            record.args = None
+        return True
 
 
-_error_limit = RateLimit()
+#: Errors returned to clients go through their own logger, rate-limited.
+error_log = logging.getLogger("blkback.server.errors")
+error_log.addFilter(RateLimit())
 
 
 def _cmd_name(cmd: int) -> str:
@@ -163,15 +170,11 @@ def error_reply(
     """An error is being returned to the client: WARNING for storage failures, INFO for the
     client's own mistakes; at most a few lines a second in all (rate-limited)."""
     level = logging.WARNING if err in STORAGE_ERRNOS else logging.INFO
-    if not log.isEnabledFor(level):
-        return
-    dropped = _error_limit.admit()
-    if dropped is None:
+    if not error_log.isEnabledFor(level):
         return
     what = "request" if cmd is None else f"{_cmd_name(cmd)} {offset}+{length}"
-    suffix = f" ({dropped} more error lines dropped before this one)" if dropped else ""
     name = errno.errorcode.get(err, str(err))
-    log.log(level, "%s: %s answered %s: %s%s", peer, what, name, message, suffix)
+    error_log.log(level, "%s: %s answered %s: %s", peer, what, name, message)
 
 
 def request(peer: str, cmd: int, flags: int, offset: int, length: int) -> None:
