@@ -224,10 +224,15 @@ def families(stats: Mapping[str, Any]) -> Iterator[Metric]:
             value = pressure["squeeze_latency_ms"][field] / 1000
             out.add(latency, {"quantile": quantile}, value)
     param = Series("blkback_param", "gauge", "Numeric runtime parameters (see ctl params)")
+    choice = Series(
+        "blkback_param_choice", "gauge", "Runtime parameters that name a choice: 1 for the one set"
+    )
     for name, value in stats["params"].items():
         number = _number(value)
         if number is not None:
             out.add(param, {"name": name}, number)
+        elif isinstance(value, str):
+            out.add(choice, {"name": name, "value": value}, 1.0)
     yield from out.by_name.values()
 
 

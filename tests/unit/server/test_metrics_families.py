@@ -66,6 +66,8 @@ def test_scrape_has_blkback_series_and_process_metrics(server: Server) -> None:
     assert _value(samples, "blkback_pressure_events_total", source="manual", level="critical") == 1
     _, samples = parsed["blkback_param"]
     assert _value(samples, "blkback_param", name="max_buffer_pages") == 1024
+    _, samples = parsed["blkback_param_choice"]
+    assert _value(samples, "blkback_param_choice", name="squeeze_policy", value="kernel") == 1
     # The process collector, as every exporter has it.
     for name in ("process_cpu_seconds", "process_resident_memory_bytes", "process_open_fds"):
         assert name in parsed, sorted(parsed)
