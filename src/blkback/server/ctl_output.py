@@ -91,7 +91,8 @@ def params_table(params: Mapping[str, object]) -> Table:
             unit = f"pages ({format_size(value * PAGE_SIZE)})"
         default = "" if spec is None else show_value(spec.default)
         meaning = spec.help if spec is not None else "(unknown to this client)"
-        table.add_row(f"{name}={show_value(value)}", unit, default, meaning)
+        # Text, not str: a value or a help text with [brackets] is not rich markup.
+        table.add_row(Text(f"{name}={show_value(value)}"), Text(unit), Text(default), Text(meaning))
     return table
 
 
