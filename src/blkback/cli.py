@@ -1,7 +1,9 @@
 """The ``blkback`` command line: ``serve | ctl | pressure | repro | bench | sim | microbench``.
 
 Each subcommand lives in its own module with ``add_arguments(parser)`` and ``run(args) -> int``;
-this file only wires them up and turns expected errors into one clear line and exit code 2.
+this file only wires them up and turns expected errors into one clear line and an exit code:
+2 for a usage error (:class:`ConfigError`), 1 for a failure at run time (any other
+:class:`BlkbackError`, e.g. no server at the control socket, an address in use).
 Command modules keep heavy imports inside ``run`` so that ``--help`` stays fast.
 """
 
@@ -14,7 +16,7 @@ import sys
 from collections.abc import Sequence
 
 from blkback import __version__
-from blkback.errors import BlkbackError
+from blkback.errors import BlkbackError, ConfigError
 
 VERBOSE_HELP = (
     "more log output: -v an operator's view (connections, refused exports, errors returned "
@@ -25,11 +27,23 @@ VERBOSE_HELP = (
 COMMANDS: dict[str, tuple[str, str]] = {
     "serve": ("blkback.server.command", "serve block devices over NBD"),
     "ctl": ("blkback.server.ctl_command", "parameters, statistics and pressure of a server"),
-    "microbench": ("blkback.core.microbench", "measure the page pool's get/put/shrink speed"),
+    "microbench": ("blkback.bench.microbench", "measure the page pool's get/put/shrink speed"),
     "pressure": ("blkback.pressure.command", "probe and watch the memory-pressure signals"),
     "sim": ("blkback.sim.command", "simulate Xen hosts: the seed's experiments, sweeps, fleets"),
     "bench": ("blkback.bench.command", "benchmark blkback against nbdkit and qemu-nbd with fio"),
     "repro": ("blkback.repro.command", "reproduce the seed's experiments on real memory pressure"),
+}
+
+# Subcommands reached under another command's name that live higher in the package map
+# (docs/design.md): `pressure latency` is a benchmark, and pressure/ does not import bench/.
+# The parent module's add_arguments returns its subparsers for these to join.
+SUBCOMMANDS: dict[str, dict[str, tuple[str, str]]] = {
+    "pressure": {
+        "latency": (
+            "blkback.bench.latency",
+            "benchmark: how fast a report empties every idle ring (squeeze_wake on vs off)",
+        )
+    },
 }
 
 
@@ -74,9 +88,19 @@ def build_parser() -> argparse.ArgumentParser:
             description=module.__doc__,
             formatter_class=argparse.RawDescriptionHelpFormatter,
         )
-        module.add_arguments(p)
-        _accept_verbose(p)
+        subparsers = module.add_arguments(p)
         p.set_defaults(_module=module)
+        for sub_name, (sub_module_name, sub_help) in SUBCOMMANDS.get(name, {}).items():
+            sub_module = importlib.import_module(sub_module_name)
+            q = subparsers.add_parser(
+                sub_name,
+                help=sub_help,
+                description=sub_module.__doc__,
+                formatter_class=argparse.RawDescriptionHelpFormatter,
+            )
+            sub_module.add_arguments(q)
+            q.set_defaults(_module=sub_module)
+        _accept_verbose(p)
     return parser
 
 
@@ -103,9 +127,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     setup_logging(verbosity(args))
     try:
         code: int = args._module.run(args)
-    except BlkbackError as exc:
+    except ConfigError as exc:
         print(f"blkback {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except BlkbackError as exc:
+        print(f"blkback {args.command}: error: {exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print(f"blkback {args.command}: interrupted", file=sys.stderr)
         return 130

@@ -14,15 +14,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import socket
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
-from blkback.errors import ConfigError, EnvironmentProblem
+from blkback.server.control_client import request
 
 if TYPE_CHECKING:
     from rich.console import RenderableType
 
-CONTROL_HELP = "the server's control socket (default: as 'serve' chose it)"
+CONTROL_HELP = "the server's control socket (default: the one server running; 'serve' prints it)"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -50,36 +49,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="with --status: one JSON object")
 
 
-def request(path: str, payload: dict[str, Any], timeout_s: float = 30.0) -> dict[str, Any]:
-    """Send one control request and return the answer (raises on a refusal)."""
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    sock.settimeout(timeout_s)
-    try:
-        sock.connect(path)
-    except (FileNotFoundError, ConnectionRefusedError) as exc:
-        sock.close()
-        raise EnvironmentProblem(f"no server listens on control socket {path}") from exc
-    except PermissionError as exc:
-        sock.close()
-        raise EnvironmentProblem(f"not allowed to use control socket {path}") from exc
-    with sock, sock.makefile("rwb") as f:
-        f.write(json.dumps(payload).encode() + b"\n")
-        f.flush()
-        line = f.readline()
-    if not line:
-        raise EnvironmentProblem(f"the server at {path} closed the control connection")
-    answer: dict[str, Any] = json.loads(line)
-    if not answer.pop("ok", False):
-        raise ConfigError(answer.get("error", "request refused"))
-    return answer
-
-
 def run(args: argparse.Namespace) -> int:
     """Do one control action and print its result."""
     from blkback.server import ctl_output as out
-    from blkback.server.server import default_control_path
+    from blkback.server.server import find_control_path
 
-    path = args.control or default_control_path()
+    path = args.control or find_control_path()
     if args.action == "params":
         params = request(path, {"op": "params"})["params"]
         _print(json.dumps(params) if args.json else out.params_table(params))

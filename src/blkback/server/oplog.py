@@ -19,6 +19,7 @@ import threading
 from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING
 
+from blkback.clock import NS_PER_S, Clock, MonotonicClock
 from blkback.protocol.constants import Cmd, CmdFlag
 
 if TYPE_CHECKING:
@@ -40,44 +41,35 @@ def tracing() -> bool:
     return log.isEnabledFor(logging.DEBUG)
 
 
-class RateLimit(logging.Filter):
-    """At most ``burst`` records at once and ``per_s`` a second after that; the next record
-    let through says how many were dropped meanwhile (the kernel's printk_ratelimit).
+class RateLimit:
+    """At most ``burst`` lines at once and ``per_s`` lines a second after that; the next
+    line let through says how many were dropped meanwhile (the kernel's printk_ratelimit)."""
 
-    A logging filter, timed by each record's own ``created`` stamp: the serving layers read
-    no clock of their own, and a wall clock stepping back only refills the bucket later.
-    """
-
-    def __init__(self, burst: int = 10, per_s: float = 1.0) -> None:
-        super().__init__()
+    def __init__(self, burst: int = 10, per_s: float = 1.0, clock: Clock | None = None) -> None:
         self.burst = burst
         self.per_s = per_s
+        self.clock: Clock = clock or MonotonicClock()
         self.tokens = float(burst)
-        self.stamp: float | None = None
+        self.stamp_ns = self.clock.now_ns()
         self.dropped = 0
         self.lock = threading.Lock()
 
-    def filter(self, record: logging.LogRecord) -> bool:
-        """Let the record through (noting earlier drops in it), or drop it."""
+    def admit(self) -> int | None:
+        """None: drop this line. Otherwise the number of lines dropped before it."""
         with self.lock:
-            if self.stamp is not None:
-                elapsed = max(0.0, record.created - self.stamp)
-                self.tokens = min(float(self.burst), self.tokens + elapsed * self.per_s)
-            self.stamp = record.created
+            now_ns = self.clock.now_ns()
+            elapsed_s = (now_ns - self.stamp_ns) / NS_PER_S
+            self.tokens = min(self.burst, self.tokens + elapsed_s * self.per_s)
+            self.stamp_ns = now_ns
             if self.tokens < 1:
                 self.dropped += 1
-                return False
+                return None
             self.tokens -= 1
             dropped, self.dropped = self.dropped, 0
-        if dropped:
-            record.msg = f"{record.getMessage()} ({dropped} more error lines dropped before this)"
-            record.args = None
-        return True
+            return dropped
 
 
-#: Errors returned to clients go through their own logger, rate-limited.
-error_log = logging.getLogger("blkback.server.errors")
-error_log.addFilter(RateLimit())
+_error_limit = RateLimit()
 
 
 def _cmd_name(cmd: int) -> str:
@@ -170,11 +162,15 @@ def error_reply(
     """An error is being returned to the client: WARNING for storage failures, INFO for the
     client's own mistakes; at most a few lines a second in all (rate-limited)."""
     level = logging.WARNING if err in STORAGE_ERRNOS else logging.INFO
-    if not error_log.isEnabledFor(level):
+    if not log.isEnabledFor(level):
+        return
+    dropped = _error_limit.admit()
+    if dropped is None:
         return
     what = "request" if cmd is None else f"{_cmd_name(cmd)} {offset}+{length}"
+    suffix = f" ({dropped} more error lines dropped before this one)" if dropped else ""
     name = errno.errorcode.get(err, str(err))
-    error_log.log(level, "%s: %s answered %s: %s", peer, what, name, message)
+    log.log(level, "%s: %s answered %s: %s%s", peer, what, name, message, suffix)
 
 
 def _flag_names(flags: int) -> str:

@@ -19,11 +19,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-from blkback.errors import BlkbackError
+from blkback.errors import ConfigError
 
 
-class SimError(BlkbackError):
-    """A sim command was given something it cannot run."""
+class SimError(ConfigError):
+    """A sim command was given something it cannot run (a usage error: exit status 2)."""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -14,7 +14,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from support import blkback_cmd, child_env, need_tool, run, wait_for_socket
 
 
-def _serve_fails(*args: str) -> str:
+def _serve_fails(*args: str, status: int = 2) -> str:
+    """Run a serve that must fail with ``status`` (2: usage error, 1: runtime failure)."""
     res = subprocess.run(
         blkback_cmd("serve", *args),
         capture_output=True,
@@ -22,7 +23,7 @@ def _serve_fails(*args: str) -> str:
         env=child_env(),
         timeout=60,
     )
-    assert res.returncode == 2, res.stderr
+    assert res.returncode == status, res.stderr
     lines = [line for line in res.stderr.splitlines() if line.strip()]
     assert len(lines) == 1, res.stderr  # one clear line
     assert "Traceback" not in res.stderr
@@ -59,7 +60,9 @@ def test_port_in_use_is_one_clear_line(tmp_path: Path) -> None:
         busy.bind(("127.0.0.1", 0))
         busy.listen()
         port = busy.getsockname()[1]
-        line = _serve_fails("--listen", f"tcp:127.0.0.1:{port}", "--control", f"{tmp_path}/c")
+        line = _serve_fails(
+            "--listen", f"tcp:127.0.0.1:{port}", "--control", f"{tmp_path}/c", status=1
+        )
     assert "address in use" in line
 
 

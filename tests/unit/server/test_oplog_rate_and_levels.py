@@ -6,30 +6,21 @@ import logging
 
 import pytest
 
+from blkback.clock import ManualClock
 from blkback.server.oplog import RateLimit
 from blkback.server.server import Server
 from blkback.storage.null import NullStorage
 
 
-def _record(created: float, message: str = "write 0+4096 answered EPERM") -> logging.LogRecord:
-    record = logging.LogRecord(
-        "blkback.server.errors", logging.INFO, __file__, 1, message, None, None
-    )
-    record.created = created
-    return record
-
-
 def test_rate_limit_lets_a_burst_through_then_counts_what_it_drops() -> None:
-    limit = RateLimit(burst=3, per_s=1.0)
-    assert [limit.filter(_record(100.0)) for _ in range(5)] == [True, True, True, False, False]
-    late = _record(101.0)  # one token back
-    assert limit.filter(late)
-    assert (
-        late.getMessage() == "write 0+4096 answered EPERM (2 more error lines dropped before this)"
-    )
-    assert not limit.filter(_record(101.0))
-    assert [limit.filter(_record(161.0)) for _ in range(4)] == [True, True, True, False]
-    assert not limit.filter(_record(50.0))  # a clock stepping back refills nothing
+    clock = ManualClock(start_ns=100_000_000_000)
+    limit = RateLimit(burst=3, per_s=1.0, clock=clock)
+    assert [limit.admit() for _ in range(5)] == [0, 0, 0, None, None]
+    clock.advance_ms(1000)  # one token back
+    assert limit.admit() == 2  # the line let through says two were dropped
+    assert limit.admit() is None
+    clock.advance_ms(60_000)  # a long quiet time refills the burst, no more
+    assert [limit.admit() for _ in range(4)] == [1, 0, 0, None]
 
 
 def test_log_stats_lines_are_info(caplog: pytest.LogCaptureFixture) -> None:
