@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 
+from blkback.core.autotune import DurationController
 from blkback.core.clock import NS_PER_MS
 from blkback.core.pages import PageAllocator
 from blkback.core.params import Params
@@ -40,6 +41,8 @@ class Device:
         self.reclaims = 0  # reclaim_memory calls received
         self.squeezes = 0  # reports that started a new squeeze window
         self.squeeze_started_ns: int | None = None
+        #: The auto policy's duration controller, from the first report it handles.
+        self.auto: DurationController | None = None
         self._next_ring_id = 0
 
     # -- squeeze state --------------------------------------------------------------------
@@ -111,6 +114,10 @@ class Device:
         """Deliver a ``log_stats`` line to the bus's sink."""
         self.bus.emit_stats(line)
 
+    def auto_state(self) -> dict[str, object] | None:
+        """The auto policy's state for this device (duration in force, why), or None."""
+        return None if self.auto is None else self.auto.state()
+
     def snapshot(self, now_ns: int) -> dict[str, object]:
         """This device's state for ``ctl stats --json``."""
         end = self.squeeze_end_ns
@@ -123,6 +130,7 @@ class Device:
             else self.squeeze_level.name.lower(),
             "reclaims": self.reclaims,
             "squeezes": self.squeezes,
+            "auto": self.auto_state(),
             "rings": [ring.snapshot() for ring in self.rings],
         }
 

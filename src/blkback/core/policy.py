@@ -23,6 +23,7 @@ import enum
 import weakref
 from typing import TYPE_CHECKING, Protocol
 
+from blkback.core.autotune import AutoPolicy
 from blkback.core.clock import NS_PER_MS, NS_PER_S
 
 if TYPE_CHECKING:
@@ -168,7 +169,11 @@ class GradedPolicy:
         return full // 2 if idle else full
 
 
-POLICIES: dict[str, SqueezePolicy] = {"kernel": KernelPolicy(), "graded": GradedPolicy()}
+POLICIES: dict[str, SqueezePolicy] = {
+    "kernel": KernelPolicy(),
+    "graded": GradedPolicy(),
+    "auto": AutoPolicy(),
+}
 
 
 def policy_named(name: str) -> SqueezePolicy:
