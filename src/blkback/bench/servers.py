@@ -183,12 +183,12 @@ class RunningServer:
         """What ``ctl stats --json`` prints, fetched in-process from the control socket.
 
         Samples are taken inside fio's measured window, so they must be cheap: the bench uses
-        ``blkback.server.ctl_command.request`` (one JSON line on the Unix socket) rather than
+        ``blkback.server.control_client.request`` (one JSON line on the Unix socket) rather than
         starting a ``python -m blkback ctl`` process, which would cost ~0.1 s of CPU each time.
         """
         if self.control_path is None:
             raise BenchError(f"{self.spec.name}: has no control socket")
-        from blkback.server.ctl_command import request
+        from blkback.server.control_client import request
 
         try:
             return request(str(self.control_path), {"op": "stats"}, timeout_s=20.0)

@@ -29,7 +29,7 @@ import os
 import threading
 from collections.abc import Callable
 
-from blkback.core.clock import NS_PER_MS, Clock
+from blkback.clock import NS_PER_MS, Clock, MonotonicClock
 from blkback.core.policy import PressureLevel
 from blkback.errors import ConfigError, EnvironmentProblem
 from blkback.pressure.cgroups import CgroupLayout, read_layout
@@ -45,11 +45,10 @@ from blkback.pressure.sources import (
     SourceEvent,
     VmpressureSource,
 )
-from blkback.sysclock import MonotonicClock
 
 log = logging.getLogger(__name__)
 
-Deliver = Callable[[PressureLevel, str], None]
+Deliver = Callable[[PressureLevel, str], object]  # what it returns is not used
 EventHook = Callable[[SourceEvent, Decision], None]
 
 SOURCE_NAMES: tuple[str, ...] = (

@@ -29,7 +29,7 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from blkback.core.clock import NS_PER_MS, Clock
+from blkback.clock import NS_PER_MS, Clock, MonotonicClock
 from blkback.core.policy import PressureLevel
 from blkback.errors import EnvironmentProblem
 from blkback.pressure.psi import (
@@ -41,7 +41,6 @@ from blkback.pressure.psi import (
     parse_psi,
     stall_fractions,
 )
-from blkback.sysclock import MonotonicClock
 
 log = logging.getLogger(__name__)
 

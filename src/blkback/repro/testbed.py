@@ -180,7 +180,7 @@ class ServerProcess:
         raise EnvironmentProblem("blkback serve did not become ready in time")
 
     def request(self, payload: dict[str, Any], timeout_s: float = 30.0) -> dict[str, Any]:
-        from blkback.server.ctl_command import request
+        from blkback.server.control_client import request
 
         return request(self.control, payload, timeout_s)
 

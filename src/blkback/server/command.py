@@ -32,14 +32,10 @@ import signal
 import sys
 import threading
 from types import FrameType
-from typing import TYPE_CHECKING
 
+from blkback.clock import NS_PER_S, NS_PER_US
 from blkback.core.params import Params
 from blkback.errors import ConfigError
-
-if TYPE_CHECKING:
-    from blkback.core.policy import PressureLevel
-    from blkback.server.server import Server
 
 log = logging.getLogger("blkback.serve")
 
@@ -206,10 +202,10 @@ def run(args: argparse.Namespace) -> int:
         metrics=args.metrics,
         workers=args.workers,
         max_connections=args.max_connections,
-        poll_us=args.poll_us,
-        handshake_timeout_s=args.handshake_timeout,
-        idle_timeout_ns=int(args.idle_timeout * 1e9),
-        io_timeout_ms=int(args.io_timeout * 1000),
+        poll_ns=args.poll_us * NS_PER_US,
+        handshake_timeout_ns=round(args.handshake_timeout * NS_PER_S),
+        idle_timeout_ns=round(args.idle_timeout * NS_PER_S),
+        io_timeout_ns=round(args.io_timeout * NS_PER_S),
         mlock=args.mlock,
         max_block=max_block,
         tls=args.tls,
@@ -227,7 +223,7 @@ def run(args: argparse.Namespace) -> int:
         raise
     server.start()
     if args.pressure != "off":
-        _start_pressure(server, args.pressure)
+        server.start_pressure_monitor(args.pressure)  # logs which sources work and why not
     for uri in server.uris():
         print(uri)
     assert server.control is not None
@@ -240,20 +236,3 @@ def run(args: argparse.Namespace) -> int:
         log.info("stopping: finishing in-flight requests")
         server.stop()
     return 0
-
-
-def _start_pressure(server: Server, mode: str) -> None:
-    """Listen to the kernel's memory pressure signals and report them to every device.
-
-    This is the xenbus backend shrinker's role: the monitor's ``deliver`` walks the bus and
-    calls each device's ``reclaim_memory``. Sources that do not work here are reported once
-    (see ``blkback pressure probe``); with ``auto`` the server serves on regardless.
-    """
-    from blkback.pressure.monitor import PressureMonitor
-
-    def deliver(level: PressureLevel, source: str) -> None:
-        server.report_pressure(level, source)
-
-    monitor = PressureMonitor(deliver, mode=mode, clock=server.clock)
-    monitor.start()  # logs which sources are active and why the others are not
-    server.monitor = monitor

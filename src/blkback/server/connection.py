@@ -40,6 +40,7 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
+from blkback.clock import NS_PER_S, NS_PER_US
 from blkback.core.pages import PAGE_SIZE, MmapAllocator
 from blkback.core.ring import Ring
 from blkback.errors import ProtocolError, RequestError
@@ -236,7 +237,7 @@ class Connection:
     def _handshake(self) -> tuple[Negotiated | None, bytes]:
         server = self.server
         sock = self.sock
-        timeout_s = server.config.handshake_timeout_s
+        timeout_s = server.config.handshake_timeout_ns / NS_PER_S
         sock.settimeout(timeout_s)
         hs = ServerHandshake(
             server.catalog,
@@ -313,8 +314,8 @@ class Connection:
         recv_us = max(1000, recv_ns // 1000)
         tv = struct.pack("ll", recv_us // 1_000_000, recv_us % 1_000_000)
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, tv)
-        send_ms = self.server.config.io_timeout_ms
-        tv = struct.pack("ll", send_ms // 1000, (send_ms % 1000) * 1000)
+        send_us = self.server.config.io_timeout_ns // NS_PER_US
+        tv = struct.pack("ll", send_us // 1_000_000, send_us % 1_000_000)
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, tv)
 
     def _loop(self, leftover: bytes) -> None:
@@ -381,7 +382,7 @@ class Connection:
         poll_ns = 0
         if isinstance(sock, socket.socket) and fast:
             poll_recv = sock.recv_into
-            poll_ns = server.config.poll_us * 1000
+            poll_ns = server.config.poll_ns
         poll_slots = server.poll_slots
         connections = server.connections
         served = False  # a batch was just served: poll before sleeping
@@ -401,7 +402,7 @@ class Connection:
                     dst = view[end:REQUEST_SIZE] if small_recv else view[end:]
                     n = -1
                     if served and poll_ns and len(connections) <= len(poll_slots):
-                        # Busy polling right after a batch (see ServerConfig.poll_us).
+                        # Busy polling right after a batch (see ServerConfig.poll_ns).
                         served = False
                         for slot in poll_slots:
                             if slot.acquire(False):
@@ -816,7 +817,7 @@ class Connection:
         got = 0
         # When the current stall was first seen (a receive timeout expired with no data):
         # the payload may take as long as it likes while bytes keep coming, but no byte for
-        # io_timeout_ms (by the clock, not by counting timeouts, whose length varies after
+        # io_timeout_ns (by the clock, not by counting timeouts, whose length varies after
         # wake passes) ends the connection.
         stalled_ns: int | None = None
         clock = self.server.clock
@@ -832,7 +833,7 @@ class Connection:
                     self._pass(now, had_io=False, woken=False)
                 if stalled_ns is None:
                     stalled_ns = now
-                elif now - stalled_ns > self.server.config.io_timeout_ms * 1_000_000:
+                elif now - stalled_ns > self.server.config.io_timeout_ns:
                     raise TimeoutError("client stalled mid-request") from None
                 continue
             if n == 0:

@@ -12,10 +12,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import socket
 from typing import Any
 
-from blkback.errors import ConfigError, EnvironmentProblem
+from blkback.server.control_client import request
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -33,30 +32,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p = sub.add_parser("pressure", help="report memory pressure, or show the monitor")
     p.add_argument("--level", default="critical", choices=["low", "medium", "critical"])
     p.add_argument("--status", action="store_true", help="show pressure sources instead")
-
-
-def request(path: str, payload: dict[str, Any], timeout_s: float = 30.0) -> dict[str, Any]:
-    """Send one control request and return the answer (raises on a refusal)."""
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    sock.settimeout(timeout_s)
-    try:
-        sock.connect(path)
-    except (FileNotFoundError, ConnectionRefusedError) as exc:
-        sock.close()
-        raise EnvironmentProblem(f"no server listens on control socket {path}") from exc
-    except PermissionError as exc:
-        sock.close()
-        raise EnvironmentProblem(f"not allowed to use control socket {path}") from exc
-    with sock, sock.makefile("rwb") as f:
-        f.write(json.dumps(payload).encode() + b"\n")
-        f.flush()
-        line = f.readline()
-    if not line:
-        raise EnvironmentProblem(f"the server at {path} closed the control connection")
-    answer: dict[str, Any] = json.loads(line)
-    if not answer.pop("ok", False):
-        raise ConfigError(answer.get("error", "request refused"))
-    return answer
 
 
 def run(args: argparse.Namespace) -> int:

@@ -20,22 +20,21 @@ import ssl
 import stat
 import struct
 import threading
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from blkback.core.clock import NS_PER_MS, NS_PER_S, Clock
+from blkback.clock import NS_PER_MS, NS_PER_S, NS_PER_US, Clock, MonotonicClock
 from blkback.core.device import Bus
 from blkback.core.params import Params
 from blkback.core.policy import PressureLevel
 from blkback.core.ring import Ring
 from blkback.errors import ConfigError
+from blkback.pressure.monitor import PressureMonitor
 from blkback.protocol.handshake import ExportInfo
 from blkback.server.connection import Connection
 from blkback.server.exports import Catalog, Export, tflags_for
 from blkback.storage.base import Storage
-from blkback.sysclock import MonotonicClock
 
 log = logging.getLogger("blkback.server")
 
@@ -44,7 +43,11 @@ DEFAULT_TCP = "tcp:127.0.0.1:10809"
 
 @dataclass
 class ServerConfig:
-    """Settings fixed at start-up (runtime parameters live in :class:`Params`)."""
+    """Settings fixed at start-up (runtime parameters live in :class:`Params`).
+
+    Durations are integer nanoseconds, as every time inside blkback; the edges (command-line
+    flags, JSON) carry their own unit in their names and convert once.
+    """
 
     listen: list[str] = field(default_factory=lambda: [DEFAULT_TCP])
     control_path: str | None = None
@@ -52,9 +55,9 @@ class ServerConfig:
     workers: int = 16
     max_requests_per_ring: int = 512
     max_connections: int = 1024
-    handshake_timeout_s: float = 10.0
-    idle_timeout_ns: int = 0
-    io_timeout_ms: int = 60_000
+    handshake_timeout_ns: int = 10 * NS_PER_S
+    idle_timeout_ns: int = 0  # 0: never
+    io_timeout_ns: int = 60 * NS_PER_S
     chunk_pages: int = 256
     mlock: bool = False
     max_block: int = 32 * 1024 * 1024
@@ -64,7 +67,7 @@ class ServerConfig:
     max_options: int = 1000  # options per connection before it is dropped
     # Busy polling: after serving a batch, a ring polls its socket this long before it
     # sleeps in recv (Linux's net.core.busy_read, whose recommended value is 50 us).
-    poll_us: int = 50
+    poll_ns: int = 50 * NS_PER_US
     # At most this many rings poll at once, and none while the server has more connections
     # than that. Default: half the CPUs (at least 1), so that polling rings never take every
     # core from their clients, nor the GIL from many other rings.
@@ -174,7 +177,8 @@ class Server:
         self._warned: set[str] = set()
         self.control: ControlServer | None = None
         self.metrics_server: Any = None
-        self.monitor: Any = None
+        #: The kernel's pressure signals, when :meth:`start_pressure_monitor` started them.
+        self.monitor: PressureMonitor | None = None
         self.pressure_events: dict[str, int] = {}
         self.squeeze_latency_ns: collections.deque[int] = collections.deque(maxlen=10_000)
         self.connections_total = 0
@@ -270,13 +274,13 @@ class Server:
             conns = list(self.connections)
         for conn in conns:
             conn.stop_reading()
-        deadline = time.monotonic() + timeout_s
+        clock = self.clock
+        deadline_ns = clock.now_ns() + round(timeout_s * NS_PER_S)
         for conn in conns:
-            conn.closed.wait(max(0.0, deadline - time.monotonic()))
-            if not conn.closed.is_set():
+            if not clock.wait_until(deadline_ns, conn.closed):
                 with contextlib.suppress(OSError):
                     conn.sock.shutdown(socket.SHUT_RDWR)
-                conn.closed.wait(1.0)
+                clock.wait_until(clock.now_ns() + NS_PER_S, conn.closed)
         if self.monitor is not None:
             self.monitor.stop()
         if self.control is not None:
@@ -343,10 +347,12 @@ class Server:
     def detach_ring(self, conn: Connection) -> None:
         """Free the ring's pool and remove it (``xen_blkbk_free_caches`` on disconnect)."""
         ring = conn.ring
+        export = conn.export
         assert ring is not None
+        assert export is not None
         with self.bus_lock, conn.ring_lock:
             ring.waker = None
-            ring.device.remove_ring(ring)
+            export.device.remove_ring(ring)
 
     def warn_once(self, message: str) -> None:
         """Log a warning the first time it is seen."""
@@ -355,6 +361,27 @@ class Server:
             log.warning("%s", message)
 
     # -- pressure -------------------------------------------------------------------------
+    def start_pressure_monitor(self, mode: str) -> PressureMonitor:
+        """Listen to the kernel's memory pressure signals (``serve --pressure MODE``).
+
+        This is the xenbus backend shrinker's role: the monitor fuses and coalesces the
+        signals and calls :meth:`report_pressure`, which walks the bus and calls each
+        device's ``reclaim_memory``. Sources that do not work here are logged once (see
+        ``blkback pressure probe``); with ``auto`` the server serves on regardless.
+        """
+        monitor = PressureMonitor(self.report_pressure, mode=mode, clock=self.clock)
+        monitor.start()
+        self.monitor = monitor
+        return monitor
+
+    def report_pressure_by_hand(self, level: PressureLevel) -> None:
+        """``ctl pressure``: through the monitor when one runs (counted and coalesced like
+        the kernel's reports), else straight to :meth:`report_pressure`."""
+        if self.monitor is not None:
+            self.monitor.report(level, "manual")
+        else:
+            self.report_pressure(level, "manual")
+
     def report_pressure(self, level: PressureLevel, source: str = "manual") -> int:
         """A pressure report (the backend shrinker's count): tell every device.
 
@@ -510,10 +537,7 @@ class ControlServer:
             return server.stats()
         if op == "pressure":
             level = PressureLevel.parse(request.get("level", "critical"))
-            if server.monitor is not None:
-                server.monitor.report(level, "manual")  # counted and coalesced like the rest
-            else:
-                server.report_pressure(level, "manual")
+            server.report_pressure_by_hand(level)
             return {"level": level.name.lower(), "devices": len(server.bus.devices)}
         if op == "pressure-status":
             mon = server.monitor

@@ -30,17 +30,18 @@ import socket
 import ssl
 import struct
 import threading
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from blkback.clock import NS_PER_MS, NS_PER_S, MonotonicClock
 from blkback.errors import ConfigError
 
 __all__ = ["TlsConfig", "TlsSocket", "make_server_context", "start_tls"]
 
 _TIMEVAL = struct.Struct("ll")
+_CLOCK = MonotonicClock()  # socket timeouts are real time
 
 
 @dataclass(frozen=True)
@@ -255,13 +256,14 @@ class TlsSocket:
             blocking_io = timeout is not None
         poller = select.poll()
         poller.register(self._fd, events | select.POLLERR | select.POLLHUP)
-        deadline = None if timeout is None else time.monotonic() + timeout
+        clock = _CLOCK
+        deadline = None if timeout is None else clock.now_ns() + round(timeout * NS_PER_S)
         while True:
-            left_ms = None if deadline is None else max(0, (deadline - time.monotonic()) * 1000)
+            left_ms = None if deadline is None else max(0, (deadline - clock.now_ns()) / NS_PER_MS)
             with contextlib.suppress(InterruptedError):
                 if poller.poll(left_ms):
                     return
-            if deadline is not None and time.monotonic() >= deadline:
+            if deadline is not None and clock.now_ns() >= deadline:
                 if blocking_io:
                     raise BlockingIOError("TLS socket wait timed out")
                 raise TimeoutError("TLS socket timed out")

@@ -19,7 +19,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from blkback.core.clock import NS_PER_MS, NS_PER_S
+from blkback.clock import NS_PER_MS, NS_PER_S
 from blkback.core.device import Bus
 from blkback.core.params import Params
 from blkback.core.ring import Ring
@@ -253,7 +253,7 @@ class SimHost:
         durations: dict[str, int] = {}
         lengthened = shortened = 0
         for device in self.bus.devices.values():
-            ctl = device.auto
+            ctl = device.squeeze.auto
             if ctl is None:
                 continue
             key = f"{ctl.duration_ns / NS_PER_MS:g}"

@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from decimal import Decimal, InvalidOperation
 from typing import Final
 
+from blkback.clock import NS_PER_S
 from blkback.errors import ConfigError
 
 from .anon import AnonMemoryStorage
@@ -263,7 +264,9 @@ def _build_filter(inner: Storage, layer: FilterSpec) -> Storage:
         write_s = (
             parse_duration(opts["delay-write"], "delay-write") if "delay-write" in opts else both
         )
-        return DelayFilter(inner, read_s=read_s, write_s=write_s)
+        return DelayFilter(
+            inner, read_ns=round(read_s * NS_PER_S), write_ns=round(write_s * NS_PER_S)
+        )
     if layer.family == "rate":
         if "rate" not in opts:
             raise ConfigError("rate-burst= needs rate= next to it, e.g. rate=40M,rate-burst=1M")

@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import subprocess
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
 from support import wait_until
 
 from blkback.clients import HOLD_SCRIPT, libnbd_python
-from blkback.server.ctl_command import request
+from blkback.server.control_client import request
 
 MiB = 2**20
 
@@ -62,6 +62,16 @@ def pools(control: str) -> list[int]:
     return [r["pool_pages"] for d in stats["devices"] for r in d["rings"]]
 
 
+def device(control: str) -> dict[str, Any]:
+    """The first (only) device of ``ctl stats --json``, with ``now_ms`` of the server clock."""
+    stats = request(control, {"op": "stats"})
+    return {**stats["devices"][0], "now_ms": stats["now_ms"]}
+
+
+def woken_passes(dev: dict[str, Any]) -> list[int]:
+    return [r["requests"]["woken_passes"] for r in dev["rings"]]
+
+
 def test_pools_grow_trim_and_fall_to_zero_on_param_change(serve) -> None:  # type: ignore[no-untyped-def]
     s = serve("disk=memory:64M", params=("lru_interval_ms=100",))
     with holding(s.uri(), 4) as h:
@@ -94,18 +104,29 @@ def test_squeeze_wakes_idle_rings_and_lazy_mode_misses_them(serve) -> None:  # t
         wait_until(lambda: pools(s.control) == [512, 512, 512], 1.0, "the post-I/O pass")
         s.ctl("set", "squeeze_wake", "0")
         request(s.control, {"op": "pressure", "level": "critical"})
-        time.sleep(0.3)
-        assert pools(s.control) == [512, 512, 512]  # the kernel's lazy squeeze missed them
+        # The report reached the device and its whole window passed on the server's clock...
+        lazy = device(s.control)
+        assert lazy["reclaims"] == 1
+        assert lazy["squeezes"] == 1
+        wait_until(
+            lambda: device(s.control)["now_ms"] >= lazy["squeeze_end_ms"], 1.0, "the window's end"
+        )
+        assert pools(s.control) == [512, 512, 512]  # ...and the kernel's lazy squeeze missed them
+        assert woken_passes(device(s.control)) == [0, 0, 0]
         s.ctl("set", "squeeze_wake", "1")
-        t0 = time.monotonic()
         request(s.control, {"op": "pressure", "level": "critical"})
         wait_until(lambda: pools(s.control) == [0, 0, 0], 1.0, "squeezed pools")
-        assert time.monotonic() - t0 < 0.5
-        dev = s.stats()["devices"][0]
+        dev = device(s.control)
+        # Woken, not lazy: every ring freed its pool inside the 10 ms window (server clock).
+        for r in dev["rings"]:
+            assert r["last_free_ms"] < dev["squeeze_end_ms"], (r["last_free_ms"], dev)
         assert dev["squeezes"] == 2
         assert all(r["requests"]["woken_passes"] >= 1 for r in dev["rings"])
         assert all(r["requests"]["pages_squeezed"] == 512 for r in dev["rings"])
         # I/O after the window refills the pool up to the cap again.
+        wait_until(
+            lambda: device(s.control)["now_ms"] >= dev["squeeze_end_ms"], 1.0, "the window's end"
+        )
         assert h.do(f"write {1 * MiB}") == "ok"
         wait_until(lambda: pools(s.control) == [256, 256, 256], 1.0, "refilled pools")
 
@@ -115,10 +136,20 @@ def test_duration_zero_keeps_pools(serve) -> None:  # type: ignore[no-untyped-de
     with holding(s.uri(), 2) as h:
         assert h.do(f"write {1 * MiB}") == "ok"
         wait_until(lambda: pools(s.control) == [256, 256], 1.0, "the post-I/O pass")
+        before = device(s.control)
+        assert before["reclaims"] == 0
+        assert woken_passes(before) == [0, 0]
         request(s.control, {"op": "pressure"})
-        time.sleep(0.25)
+        # The cause arrived: the device counted the report, and (squeeze_wake) every ring ran
+        # the pass it woke. Only then does an unchanged pool mean the report squeezed nothing.
+        wait_until(
+            lambda: woken_passes(device(s.control)) == [1, 1], 1.0, "the passes the report woke"
+        )
+        after = device(s.control)
+        assert after["reclaims"] == 1
         assert pools(s.control) == [256, 256]
-        assert s.stats()["devices"][0]["squeezes"] == 0
+        assert after["squeezes"] == 0
+        assert not after["squeezed"]
 
 
 def test_ctl_refuses_bad_parameters_with_one_line(serve) -> None:  # type: ignore[no-untyped-def]

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import pytest
 
+from blkback.clock import NS_PER_MS
 from blkback.errors import ConfigError
 from blkback.storage import (
     AnonMemoryStorage,
@@ -107,7 +108,7 @@ def test_one_layer_per_family_run_and_repeats_stack():
     assert [f.family for f in spec.filters] == ["delay", "rate", "delay", "delay"]
     st = open_storage("null:1M,delay-read=1ms,delay-write=2ms")
     assert isinstance(st, DelayFilter)
-    assert (st.read_s, st.write_s) == (0.001, 0.002)
+    assert (st.read_ns, st.write_ns) == (NS_PER_MS, 2 * NS_PER_MS)
     assert isinstance(st.inner, NullStorage)
 
 
