@@ -49,7 +49,7 @@ FULL_SECONDS = 10.0
 QUICK_AXES: dict[str, tuple[Any, ...]] = {
     "workload": ("bursty", "random", "dd"),
     "devices": (20,),
-    "memory": (512, 768),
+    "memory": (384, 512),
 }
 QUICK_SECONDS = 2.0
 
