@@ -18,12 +18,12 @@ import socket
 import subprocess
 import sys
 import tempfile
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
 import blkback
+from blkback.clock import NS_PER_MS, NS_PER_S, MonotonicClock
 from blkback.errors import BlkbackError
 
 #: Export name of blkback's memory export; nbdkit and qemu-nbd serve the default name "".
@@ -233,7 +233,8 @@ def _can_connect(path: Path) -> bool:
 
 
 def _wait_ready(server: RunningServer, paths: list[Path], timeout_s: float) -> None:
-    deadline = time.monotonic() + timeout_s
+    clock = MonotonicClock()
+    deadline = clock.now_ns() + round(timeout_s * NS_PER_S)
     pending = list(paths)
     while pending:
         if not server.alive():
@@ -244,13 +245,13 @@ def _wait_ready(server: RunningServer, paths: list[Path], timeout_s: float) -> N
         if _can_connect(pending[0]):
             pending.pop(0)
             continue
-        if time.monotonic() > deadline:
+        if clock.now_ns() > deadline:
             server.stop()
             raise BenchError(
                 f"{server.spec.name}: {pending[0]} did not accept a connection within "
                 f"{timeout_s:g} s:\n{server.log_tail()}"
             )
-        time.sleep(0.02)
+        clock.wait_until(clock.now_ns() + 20 * NS_PER_MS)
 
 
 def server_argv(

@@ -67,6 +67,7 @@ def _probe(args: argparse.Namespace) -> int:
 def _watch(args: argparse.Namespace) -> int:
     from blkback.clock import MonotonicClock
     from blkback.core.policy import PressureLevel
+    from blkback.pressure.display import event_line, header_line, reasons_lines, summary_line
     from blkback.pressure.fusion import Decision
     from blkback.pressure.monitor import PressureMonitor
     from blkback.pressure.sources import SourceEvent
@@ -95,9 +96,9 @@ def _watch(args: argparse.Namespace) -> int:
                 }
             )
         else:
-            extra = f" some={event.some:.1%} full={event.full:.1%}" if event.severity else ""
-            extra += f" x{event.count}" if event.count != 1 else ""
-            line = f"{t:9.3f}s {event.source:<20} {level:<8} -> {decision.reason} {fused}{extra}"
+            line = event_line(t, event.source, level, event.count, decision.reason, fused)
+            if event.severity:
+                line += f" (some {event.some:.1%}, full {event.full:.1%})"
         with out_lock:
             print(line, flush=True)
 
@@ -112,25 +113,15 @@ def _watch(args: argparse.Namespace) -> int:
     monitor.start()
     try:
         status = monitor.status()
-        print(
-            f"watching: active {', '.join(status['active'])}"  # type: ignore[arg-type]
-            + (f"; failed {status['failed']}" if status["failed"] else ""),
-            file=sys.stderr,
-            flush=True,
-        )
+        print(header_line(status), file=sys.stderr, flush=True)
+        for line in reasons_lines("unavailable sources", status["failed"]):  # type: ignore[arg-type]
+            print(line, file=sys.stderr, flush=True)
         done.wait(args.seconds)
     finally:
         monitor.stop()
         signal.signal(signal.SIGTERM, previous)
     print(
-        json.dumps(monitor.status(), indent=2) if args.json else _summary(monitor.status()),
+        json.dumps(monitor.status()) if args.json else summary_line(monitor.status()),
         file=sys.stderr,
     )
     return 0
-
-
-def _summary(status: dict[str, object]) -> str:
-    return (
-        f"events {status['events']}; delivered {status['delivered']}; "
-        f"coalesced {status['coalesced']}; unconfirmed {status['unconfirmed']}"
-    )

@@ -183,7 +183,8 @@ class PsiTriggerSource(Source):
                 self._arm(specs)
             except OSError as exc:
                 self.close()
-                refusals.append(f"{form} ({specs[0].text()!r}): {os.strerror(exc.errno or 0)}")
+                written = specs[0].text().rstrip(b"\0").decode()
+                refusals.append(f"{form} ('{written}'): {os.strerror(exc.errno or 0)}")
                 if exc.errno in (errno.EINVAL, errno.EPERM, errno.EACCES):
                     continue
                 raise EnvironmentProblem(f"{self.path}: " + "; ".join(refusals)) from None

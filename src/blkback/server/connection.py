@@ -56,6 +56,7 @@ from blkback.protocol.constants import (
 )
 from blkback.protocol.handshake import HandshakeState, Negotiated, ServerHandshake
 from blkback.protocol.transmission import REQUEST, REQUEST_SIZE, Transmission
+from blkback.server import oplog
 from blkback.server.tls import TlsSocket, start_tls
 from blkback.storage.base import os_error
 
@@ -126,6 +127,7 @@ class Connection:
         self.peer = peer
         self.ring: Ring | None = None
         self.export: Export | None = None
+        self.trace = False  # -vv: log every request (and serve all by the general path)
         self.allocator: MmapAllocator | None = None
         self.send_lock = threading.Lock()
         self.ring_lock = threading.Lock()
@@ -193,6 +195,7 @@ class Connection:
     def _close(self) -> None:
         try:
             self._stop_workers()
+            oplog.closed(self.peer, self.export, self.ring)  # its counters are final now
             if self.ring is not None:
                 self._reclaim_abandoned_pages()
                 self.server.detach_ring(self)
@@ -240,7 +243,7 @@ class Connection:
         timeout_s = server.config.handshake_timeout_ns / NS_PER_S
         sock.settimeout(timeout_s)
         hs = ServerHandshake(
-            server.catalog,
+            oplog.RefusalLog(server.catalog, self.peer),
             tls=server.config.tls,
             max_option_len=server.config.max_option_bytes,
             max_options=server.config.max_options,
@@ -304,6 +307,8 @@ class Connection:
         )
         self.ring = server.attach_ring(self, export)
         self.ring.waker = self.wake_pass
+        oplog.connected(self.peer, neg)
+        self.trace = oplog.tracing()
         if not self.storage.inline:
             self._start_workers(server.config.workers)
         self.sock.settimeout(None)  # blocking; waits are bounded by SO_RCVTIMEO below
@@ -349,7 +354,7 @@ class Connection:
         idle_timeout_ns = server.config.idle_timeout_ns
         last_request_ns = now_ns()
         storage = self.storage
-        fast = storage.inline and (self.mem is not None or self.plain_fd >= 0)
+        fast = storage.inline and (self.mem is not None or self.plain_fd >= 0) and not self.trace
         stats = ring.stats
         lock = self.ring_lock
         get_pages = ring.get_pages
@@ -583,6 +588,8 @@ class Connection:
         magic, flags, cmd, cookie, offset, length = REQUEST.unpack_from(view, start)
         if magic != REQUEST_MAGIC:
             raise ProtocolError(f"bad request magic 0x{magic:08x}")
+        if self.trace:
+            oplog.request(self.peer, cmd, flags, offset, length)
         out: list[bytes | memoryview] = []
         held: list[int] = []
         try:
@@ -626,7 +633,7 @@ class Connection:
         ring = self.ring
         if ring is not None:
             ring.stats.errors += 1
-        log.warning("%s: I/O error: %s", self.peer, err)
+        oplog.error_reply(self.peer, err.errno, str(err))
         return self.codec.error_reply(cookie, err.errno, str(err))
 
     def _fill_short_read(self, views: list[memoryview], offset: int, length: int) -> None:
@@ -678,12 +685,14 @@ class Connection:
                         pages = ring.get_pages((length + PAGE_SIZE_MASK) >> PAGE_SHIFT, now)
         except RequestError as exc:
             stats.errors += 1
+            oplog.error_reply(self.peer, exc.errno, str(exc), cmd, offset, length)
             out.append(codec.error_reply(cookie, exc.errno, str(exc)))
             return start, max(end, start)
         except MemoryError:
             # The pool could not grow: fail this request as the kernel does (the pages
             # gathered so far already went back to the pool in get_many).
             stats.errors += 1
+            oplog.error_reply(self.peer, errno.ENOMEM, "out of memory for buffers", cmd)
             if cmd == C_WRITE:
                 start = self._discard_payload(view, start, end, length)
             out.append(codec.error_reply(cookie, errno.ENOMEM, "out of memory for buffers"))
@@ -763,6 +772,7 @@ class Connection:
             return [codec.simple_reply(cookie)]
         except RequestError as exc:
             stats.errors += 1
+            oplog.error_reply(self.peer, exc.errno, str(exc), cmd, offset, length)
             return [codec.error_reply(cookie, exc.errno, str(exc))]
 
     def _block_status(self, flags: int, cookie: int, offset: int, length: int) -> bytes:

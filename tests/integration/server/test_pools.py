@@ -164,3 +164,8 @@ def test_ctl_refuses_bad_parameters_with_one_line(serve) -> None:  # type: ignor
     assert s.ctl("get", "aggressive_shrinking_duration").stdout.strip() == "10"
     params = s.ctl("params").stdout
     assert "squeeze_wake=1" in params and "max_buffer_pages=1024" in params
+    # Each parameter with its unit and meaning (core/params.py's help).
+    [line] = [x for x in params.splitlines() if x.startswith("buffer_squeeze_duration_ms=10 ")]
+    assert " ms " in line and "pools are squeezed to 0" in line
+    [line] = [x for x in params.splitlines() if x.startswith("max_buffer_pages=1024 ")]
+    assert "pages (4 MiB)" in line and "free pages kept in each ring's pool" in line
