@@ -156,6 +156,10 @@ class Device:
             "reclaims": self.reclaims,
             "squeezes": self.squeezes,
             "auto": None if auto is None else auto.snapshot(),
+            # The same as numbers at the top level, where the metrics take them from.
+            "auto_duration_ms": None if auto is None else auto.duration_ns / NS_PER_MS,
+            "auto_lengthened": 0 if auto is None else auto.lengthened,
+            "auto_shortened": 0 if auto is None else auto.shortened,
             "rings": [ring.snapshot() for ring in self.rings],
         }
 

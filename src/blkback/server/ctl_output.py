@@ -121,10 +121,16 @@ def _device_line(dev: Mapping[str, Any]) -> str:
         state = f"squeezed ({level})" if level else "squeezed"
     else:
         state = "not squeezed"
-    return (
+    line = (
         f"device {dev['name']}: {state}; {plural(dev['squeezes'], 'squeeze')} started by "
         f"{plural(dev.get('reclaims', 0), 'pressure report')}; {plural(len(dev['rings']), 'ring')}"
     )
+    auto = dev.get("auto")
+    if auto:
+        line += (
+            f"; auto squeezes for {auto['duration_ms']:g} ms ({auto['verdict']}: {auto['reason']})"
+        )
+    return line
 
 
 def rings_table(rings: list[Mapping[str, Any]]) -> Table:

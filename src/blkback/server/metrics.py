@@ -97,6 +97,14 @@ DEVICE_SERIES: dict[str, Series | None] = {
     "squeezes": Series("blkback_squeezes", "counter", "Squeeze windows started, per device"),
     "squeezed": Series("blkback_squeezed", "gauge", "Whether the device is squeezed now"),
     "reclaims": Series("blkback_reclaims", "counter", "Pressure reports received, per device"),
+    "auto": None,  # the auto_* numbers below, with the reason in words (auto_duration_ms
+    # is exported by the naming rule: blkback_device_auto_duration_ms)
+    "auto_lengthened": Series(
+        "blkback_auto_lengthened", "counter", "Times auto doubled the device's squeeze duration"
+    ),
+    "auto_shortened": Series(
+        "blkback_auto_shortened", "counter", "Times auto halved the device's squeeze duration"
+    ),
 }
 #: Fields of ``stats["server"]``, unlabelled; the rest is left to the process collector.
 SERVER_SERIES: dict[str, Series] = {

@@ -213,6 +213,7 @@ def _sweep(args: argparse.Namespace) -> tuple[int, int]:
 
 
 def _policies(args: argparse.Namespace) -> tuple[int, int]:
+    from blkback.progress import HostProgress
     from blkback.sim.policies import POLICIES, run_policies, summary, write_outputs
 
     doc = run_policies(
@@ -222,7 +223,7 @@ def _policies(args: argparse.Namespace) -> tuple[int, int]:
         engine=args.engine,
         scheduler=args.scheduler,
         workers=args.workers,
-        progress=Bar("policies", not args.quiet),
+        progress=HostProgress("policies", enabled=not args.quiet),
     )
     summary(doc, print)
     if args.out:
