@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from blkback.clock import NS_PER_MS, NS_PER_S, ManualClock
+from blkback.core.autotune import NO_FACTS
 from blkback.core.device import Bus
 from blkback.core.pages import CountingAllocator
 from blkback.core.params import Params
@@ -19,10 +20,10 @@ M = 64  # max_buffer_pages in these tests
 
 def test_kernel_decision_is_a_new_value_and_the_old_one_stays() -> None:
     params = Params(buffer_squeeze_duration_ms=10)
-    decided = KernelPolicy().decide(NO_SQUEEZE, PressureLevel.LOW, 5 * NS_PER_MS, params)
+    decided = KernelPolicy().decide(NO_SQUEEZE, PressureLevel.LOW, 5 * NS_PER_MS, params, NO_FACTS)
     assert decided == SqueezeDecision(15 * NS_PER_MS, PressureLevel.LOW, (0, 0, 0))
     assert SqueezeDecision() == NO_SQUEEZE  # the decision in force was not written into
-    again = KernelPolicy().decide(decided, PressureLevel.CRITICAL, 9 * NS_PER_MS, params)
+    again = KernelPolicy().decide(decided, PressureLevel.CRITICAL, 9 * NS_PER_MS, params, NO_FACTS)
     assert again.end_ns == 19 * NS_PER_MS  # a plain store: now + d
     assert decided.end_ns == 15 * NS_PER_MS
 
@@ -30,8 +31,8 @@ def test_kernel_decision_is_a_new_value_and_the_old_one_stays() -> None:
 def test_graded_decision_keeps_a_deadline_per_level() -> None:
     params = Params(buffer_squeeze_duration_ms=100)
     graded = GradedPolicy()
-    low = graded.decide(NO_SQUEEZE, PressureLevel.LOW, 0, params)
-    critical = graded.decide(low, PressureLevel.CRITICAL, 50 * NS_PER_MS, params)
+    low = graded.decide(NO_SQUEEZE, PressureLevel.LOW, 0, params, NO_FACTS)
+    critical = graded.decide(low, PressureLevel.CRITICAL, 50 * NS_PER_MS, params, NO_FACTS)
     assert critical.level_ends_ns == (100 * NS_PER_MS, 0, 150 * NS_PER_MS)
     assert critical.end_ns == 150 * NS_PER_MS
     assert critical.level == PressureLevel.CRITICAL
