@@ -117,7 +117,9 @@ def write_report(results: dict[str, Any], path: Path) -> None:
             "own columns and the rest: medians over all runs):"
         )
         add("")
-        add(_config_table(per, [n for n in ("off", "10", "wake-off", "graded") if n in per]))
+        add(
+            _config_table(per, [n for n in ("off", "10", "wake-off", "graded", "auto") if n in per])
+        )
         add("")
     ds = results.get("duration_sweep")
     if ds:
@@ -143,11 +145,11 @@ def write_report(results: dict[str, Any], path: Path) -> None:
     if ds and dk:
         add(_kernel_sweep_text(seed, ds, dk, per))
     if mp and mp.get("beyond"):
-        add("## 4. Beyond the seed: lazy squeeze and graded policy")
+        add("## 4. Beyond the seed: lazy squeeze, graded and auto policies")
         add("")
         add("| configuration | pswpin | pswpout | squeezes | pages squeezed | pools mean |")
         add("|---|---:|---:|---:|---:|---:|")
-        for n in ("off", "10", "wake-off", "graded"):
+        for n in ("off", "10", "wake-off", "graded", "auto"):
             if n in per:
                 o = per[n]
                 add(
@@ -231,6 +233,7 @@ CONF_LABEL = {
     "100": "squeeze 100 ms",
     "wake-off": "10 ms, lazy (squeeze_wake=0)",
     "graded": "10 ms, graded",
+    "auto": "auto (from 10 ms)",
     "k1": "1 ms as the seed ran it",
     "k10": "10 ms as the seed ran it",
     "k100": "100 ms as the seed ran it",

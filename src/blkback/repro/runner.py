@@ -45,6 +45,10 @@ CONFIGS: dict[str, tuple[dict[str, int | str], str]] = {
         {"buffer_squeeze_duration_ms": 10, "squeeze_policy": "graded"},
         "squeeze 10 ms, graded policy",
     ),
+    "auto": (
+        {"buffer_squeeze_duration_ms": 10, "squeeze_policy": "auto"},
+        "squeeze_policy=auto (a duration tuned per device, from 10 ms)",
+    ),
 }
 # The sweep as the seed's v2 patch ran it: one global deadline, no wake-up of idle rings.
 KERNEL_FAITHFUL: dict[str, int | str] = {"squeeze_scope": "global", "squeeze_wake": 0}
@@ -87,7 +91,7 @@ class Runner:
     def memory_configs(self) -> list[str]:
         names: list[str] = []
         if self.experiment in ("memory-pressure", "all"):
-            names += ["off", "10", "wake-off", "graded"]
+            names += ["off", "10", "wake-off", "graded", "auto"]
         if self.experiment in ("duration-sweep", "all"):
             names += [n for n in SWEEP if n not in names]
             names += [f"k{n}" for n in SWEEP]
@@ -364,7 +368,7 @@ def aggregate_memory(runs: dict[str, list[dict[str, Any]]], configs: list[str]) 
             },
             "beyond": {
                 n: {"pswpin": per[n]["pswpin"], "pswpout": per[n]["pswpout"]}
-                for n in ("wake-off", "graded")
+                for n in ("wake-off", "graded", "auto")
                 if n in per
             },
         }
