@@ -50,16 +50,23 @@ class TemporarySwap:
 
     If the host already has active swap and ``reuse_host`` is set, nothing is created
     (``created`` stays False) and the host's swap is used. Otherwise a swapfile of
-    ``size_mib`` is made in ``directory`` and activated; it is deactivated and deleted on
-    exit, also after an exception or Ctrl-C.
+    ``size_mib`` is made in ``directory`` and activated (with ``priority``, if given: the
+    kernel fills higher priorities first); it is deactivated and deleted on exit, also
+    after an exception or Ctrl-C.
     """
 
     def __init__(
-        self, size_mib: int = 512, directory: str = "/var/tmp", *, reuse_host: bool = True
+        self,
+        size_mib: int = 512,
+        directory: str = "/var/tmp",
+        *,
+        reuse_host: bool = True,
+        priority: int | None = None,
     ) -> None:
         self.size_mib = size_mib
         self.directory = directory
         self.reuse_host = reuse_host
+        self.priority = priority
         self.path: str | None = None
         self.created = False
         self.active = False
@@ -77,7 +84,7 @@ class TemporarySwap:
             os.chmod(path, 0o600)
             _run(["fallocate", "-l", f"{self.size_mib}M", path])
             _run(["mkswap", "-q", path])
-            _run(["swapon", path])
+            _run(["swapon", *([] if self.priority is None else ["-p", str(self.priority)]), path])
             self.active = True
         except BaseException:
             self._cleanup()

@@ -59,6 +59,7 @@ for _ms in ("1", "10", "100"):
         "reclaim's pace)",
     )
 SWEEP = ("1", "10", "100")
+SWAP_PRIORITY = 1000  # above the host's swaps (those made without -p get negative ones)
 SHRINKER_FED = {f"k{ms}" for ms in SWEEP}
 
 
@@ -127,7 +128,11 @@ class Runner:
             guests = choose_guests(self.guests_wanted, self.accel_wanted, self.vms, work, self.note)
             results["config"]["guests"] = guests.describe(self.sizing.devices)
             if configs:
-                swap = stack.enter_context(TemporarySwap(2048))
+                # Always our own swap, preferred by the kernel: another tenant's swap may
+                # go away mid-run (then dom0 cannot swap and the hog is OOM-killed).
+                swap = stack.enter_context(
+                    TemporarySwap(2048, reuse_host=False, priority=SWAP_PRIORITY)
+                )
                 results["config"]["swap"] = {
                     "created_swapfile": swap.created,
                     "swaps": active_swaps(),
