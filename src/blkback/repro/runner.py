@@ -416,6 +416,8 @@ def checks(results: dict[str, Any], *, quick: bool) -> dict[str, Any]:
         out["pswpout_ratio"] = mp["ratio"]["pswpout"]
         out["pswpin_ratio"] = mp["ratio"]["pswpin"]
         out["ratio_at_least_20x"] = mp["ratio"]["pswpout"] >= 20 and mp["ratio"]["pswpin"] >= 20
+        # The seed's own cuts: pswpout 185,799 -> 3,325 (56x), pswpin 76,672 -> 212 (361x).
+        out["seed_ratios_met"] = mp["ratio"]["pswpout"] >= 56 and mp["ratio"]["pswpin"] >= 361
         out["cgroup_refault_ratio"] = mp["cgroup_ratio"]["workingset_refault_anon"]
         out["cgroup_majfault_ratio"] = mp["cgroup_ratio"]["pgmajfault"]
     ds = results.get("duration_sweep")
