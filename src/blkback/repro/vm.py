@@ -291,8 +291,8 @@ def _kvm_failure(qemu_log: Path) -> str:
     except OSError:
         lines = []
     errors = [ln.strip() for ln in lines if ln.strip() and "info: QEMU waiting" not in ln]
-    if errors:
-        return "QEMU failed: " + "; ".join(errors)[:240]
+    if errors:  # the first line says why; the rest is QEMU's assertion and abort
+        return "QEMU failed (" + errors[0].removeprefix(f"{QEMU}: ")[:160] + ")"
     return (
         f"the guest did not reach its init within {KVM_PROBE_TIMEOUT_S:.0f} s (a Linux guest "
         "hangs at boot under KVM here: nested virtualisation)"
