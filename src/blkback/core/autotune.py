@@ -30,6 +30,8 @@ from dataclasses import dataclass
 from blkback.clock import NS_PER_MS
 
 FLOOR_NS = NS_PER_MS  # never squeeze for less than 1 ms
+RETURN_WINDOWS = 1  # pressure back within this many durations of the close is "early"
+HELD_WEIGHT = 1  # a page held again before the pressure returns, in pages wasted by a tail
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,7 +102,7 @@ class AutoState:
         tail = allocs - self.allocs_at_last_report
         held = facts.held_pages
         lengthened, shortened = self.lengthened, self.shortened
-        if gap <= d and held > tail:
+        if gap <= RETURN_WINDOWS * d and HELD_WEIGHT * held > tail:
             d = clamp(2 * d, ceiling_ns)
             verdict = "lengthen"
             reason = (

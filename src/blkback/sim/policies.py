@@ -3,7 +3,9 @@
 ``blkback sim policies [--quick] --out DIR`` runs every grid point (workload x devices x dom0
 memory) once per policy: the kernel policy with a fixed duration of 1, 5, 10, 50 and 100 ms,
 and ``auto`` (which starts from 10 ms). Every policy of a point runs on the same host with
-the same seed, so the guests issue the same I/O until the policies make the runs diverge.
+the same seed and one random stream per disk (``Scenario.disk_rng``), so the guests issue the
+same I/O whatever order of events a policy causes (common random numbers: the comparison is
+not drowned in the noise of one shared stream).
 The hosts are the seed's pressure scenario with blkback's defaults (per-device deadline,
 waking squeeze: the ``wake`` variant), since ``auto`` is meant to be switched on in a server
 running with them.
@@ -68,6 +70,7 @@ def policy_scenario(
     sc = make_scenario(
         {"variant": "wake", "duration": duration, **point}, seed=seed, sim_seconds=sim_seconds
     )
+    sc.disk_rng = True  # the same guest I/O under every policy: common random numbers
     if point.get("workload") == "random":
         sc.guests.workload.iops = RANDOM_IOPS
     if policy == "auto":

@@ -60,6 +60,10 @@ class Scenario:
     io_quantum_ms: float = 5.0
     trace: bool = False
     sample_ms: float = 0.0  # >0: record pool pages and memory every sample_ms ("samples")
+    # True: each disk draws from its own random stream (seeded by the host's seed and the
+    # disk's index), so hosts that differ only in a policy see the same guest I/O even when
+    # the policy changes the order of events; False: one stream for the host (the seed runs).
+    disk_rng: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -82,6 +86,7 @@ class Scenario:
             io_quantum_ms=float(d.get("io_quantum_ms", 5.0)),
             trace=bool(d.get("trace", False)),
             sample_ms=float(d.get("sample_ms", 0.0)),
+            disk_rng=bool(d.get("disk_rng", False)),
         )
 
     def replace(self, **changes: Any) -> Scenario:
@@ -117,7 +122,7 @@ class SimHost:
                         f"{device.name}/{ring.ring_id}",
                         ring,
                         self.loop,
-                        self.rng,
+                        self._disk_rng(len(self.disks)),
                         volume=g.volume,
                         workload=g.workload,
                         cost=sc.cost,
@@ -137,6 +142,12 @@ class SimHost:
             disk.start()
         if sc.sample_ms > 0:
             self.loop.at(0, self._sample)
+
+    def _disk_rng(self, index: int) -> random.Random:
+        """The random stream of the disk with this index (see ``Scenario.disk_rng``)."""
+        if not self.sc.disk_rng:
+            return self.rng
+        return random.Random(self.sc.seed * 1_000_003 + index)
 
     # -- the ring loop ----------------------------------------------------------------------
     def _timer(self, ring: Ring, now: int) -> None:
