@@ -111,7 +111,11 @@ class Device:
 
     def pool_target(self, last_io_ns: int, now_ns: int) -> int:
         """The pool size a ring whose last I/O was at ``last_io_ns`` shrinks to at ``now_ns``."""
-        return self.bus.policy.target(self.squeeze, now_ns, last_io_ns, self.params)
+        params = self.params
+        bus = self.bus
+        # self.squeeze, inlined: this runs on every loop pass.
+        squeeze = bus.global_squeeze if params.squeeze_scope == "global" else self._own_squeeze
+        return bus.policy.target(squeeze, now_ns, last_io_ns, params)
 
     # -- rings ----------------------------------------------------------------------------
     def add_ring(self, allocator: PageAllocator, now_ns: int) -> Ring:
@@ -156,10 +160,6 @@ class Device:
             "reclaims": self.reclaims,
             "squeezes": self.squeezes,
             "auto": None if auto is None else auto.snapshot(),
-            # The same as numbers at the top level, where the metrics take them from.
-            "auto_duration_ms": None if auto is None else auto.duration_ns / NS_PER_MS,
-            "auto_lengthened": 0 if auto is None else auto.lengthened,
-            "auto_shortened": 0 if auto is None else auto.shortened,
             "rings": [ring.snapshot() for ring in self.rings],
         }
 

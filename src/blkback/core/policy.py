@@ -25,7 +25,7 @@ Every pass at or after the report sees the same answer either way.
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Protocol
 
 from blkback.clock import NS_PER_MS, NS_PER_S
@@ -76,10 +76,19 @@ class SqueezeDecision:
 
     def level_at(self, now_ns: int) -> PressureLevel | None:
         """The highest level whose deadline is still ahead of ``now_ns``."""
-        for level in (PressureLevel.CRITICAL, PressureLevel.MEDIUM, PressureLevel.LOW):
-            if now_ns < self.level_ends_ns[level - 1]:
-                return level
-        return None
+        return level_in_force(self.level_ends_ns, now_ns)
+
+
+def level_in_force(level_ends_ns: tuple[int, int, int], now_ns: int) -> PressureLevel | None:
+    """The highest level whose deadline (``level_ends_ns[level - 1]``) is ahead of ``now_ns``."""
+    low, medium, critical = level_ends_ns
+    if now_ns < critical:
+        return PressureLevel.CRITICAL
+    if now_ns < medium:
+        return PressureLevel.MEDIUM
+    if now_ns < low:
+        return PressureLevel.LOW
+    return None
 
 
 NO_SQUEEZE = SqueezeDecision()
@@ -141,7 +150,10 @@ class KernelPolicy:
         facts: PoolFacts,
     ) -> SqueezeDecision:
         end = now_ns + params.buffer_squeeze_duration_ms * NS_PER_MS
-        return replace(current, end_ns=store_deadline(current.end_ns, now_ns, end), level=level)
+        # The constructor, not dataclasses.replace: a report reaches every device (~0.3 us).
+        return SqueezeDecision(
+            store_deadline(current.end_ns, now_ns, end), level, current.level_ends_ns, current.auto
+        )
 
     def target(self, squeeze: SqueezeDecision, now_ns: int, last_io_ns: int, params: Params) -> int:
         if now_ns < squeeze.end_ns:
@@ -200,20 +212,22 @@ class GradedPolicy:
         end = now_ns + params.buffer_squeeze_duration_ms * NS_PER_MS
         ends[level - 1] = store_deadline(ends[level - 1], now_ns, end)
         level_ends = (ends[0], ends[1], ends[2])
-        window = replace(current, end_ns=max(level_ends), level_ends_ns=level_ends)
-        return replace(window, level=window.level_at(now_ns))
+        return SqueezeDecision(
+            max(level_ends), level_in_force(level_ends, now_ns), level_ends, current.auto
+        )
 
     def target(self, squeeze: SqueezeDecision, now_ns: int, last_io_ns: int, params: Params) -> int:
+        # The table above, level by level from the highest (as squeeze.level_at, unrolled:
+        # this runs on every loop pass).
+        low, medium, critical = squeeze.level_ends_ns
         full = params.max_buffer_pages
-        level = squeeze.level_at(now_ns)
-        if level is None:
-            return full
-        if level >= PressureLevel.CRITICAL:
+        if now_ns < critical:
             return 0
-        idle = now_ns - last_io_ns >= self.idle_ns
-        if level == PressureLevel.MEDIUM:
-            return 0 if idle else full // 2
-        return full // 2 if idle else full
+        if now_ns < medium:
+            return 0 if now_ns - last_io_ns >= self.idle_ns else full // 2
+        if now_ns < low:
+            return full // 2 if now_ns - last_io_ns >= self.idle_ns else full
+        return full
 
 
 class AutoPolicy:
@@ -243,7 +257,7 @@ class AutoPolicy:
         if state is None:
             state = AutoState.starting(params.buffer_squeeze_duration_ms * NS_PER_MS, ceiling)
         state = state.after_report(now_ns, current.end_ns, facts, ceiling)
-        return replace(current, end_ns=now_ns + state.duration_ns, level=level, auto=state)
+        return SqueezeDecision(now_ns + state.duration_ns, level, current.level_ends_ns, state)
 
     def target(self, squeeze: SqueezeDecision, now_ns: int, last_io_ns: int, params: Params) -> int:
         if now_ns < squeeze.end_ns:

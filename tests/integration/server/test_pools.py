@@ -183,7 +183,6 @@ def test_auto_policy_set_at_runtime_squeezes_and_shows_its_state(serve) -> None:
         first = device(s.control)
         assert first["auto"]["duration_ms"] == 10  # starts from buffer_squeeze_duration_ms
         assert first["auto"]["verdict"] == "start"
-        assert first["auto_duration_ms"] == 10
         assert first["squeeze_end_ms"] - first["rings"][0]["last_free_ms"] <= 10
         wait_until(
             lambda: device(s.control)["now_ms"] >= first["squeeze_end_ms"], 1.0, "the window's end"
@@ -196,6 +195,6 @@ def test_auto_policy_set_at_runtime_squeezes_and_shows_its_state(serve) -> None:
         # Judged: doubled if the report came within 4 windows of the close, else kept (the window
         # allocated nothing under its quiet tail). Which one depends on the host's speed.
         assert (auto["verdict"], auto["duration_ms"]) in (("lengthen", 20), ("keep", 10))
-        assert auto["reason"] and second["auto_lengthened"] == (auto["verdict"] == "lengthen")
+        assert auto["reason"] and auto["lengthened"] == (auto["verdict"] == "lengthen")
         text = s.ctl("stats").stdout
-        assert f"auto squeezes for {auto['duration_ms']:g} ms ({auto['verdict']}" in text
+        assert f"auto squeeze {auto['duration_ms']:g} ms ({auto['verdict']}" in text

@@ -33,14 +33,14 @@ def test_auto_duration_and_its_changes_are_exported() -> None:
     )
     try:
         ring = server.bus.devices["vol"].add_ring(CountingAllocator(), clock.now_ns())
-        assert "blkback_device_auto_duration_ms" not in _samples(server)  # before any report
+        assert "blkback_auto_squeeze_duration_seconds" not in _samples(server)  # before any report
         server.report_pressure(PressureLevel.CRITICAL, "manual")
         ring.loop_pass(clock.now_ns(), had_io=False)
         clock.advance_ms(12)  # 2 ms after the 10 ms window closed, the pool has pages again
         ring.put_pages(ring.get_pages(16, clock.now_ns()))
         server.report_pressure(PressureLevel.CRITICAL, "manual")
         samples = _samples(server)
-        assert samples["blkback_device_auto_duration_ms"] == 20
+        assert samples["blkback_auto_squeeze_duration_seconds"] == 0.02
         assert samples["blkback_auto_lengthened_total"] == 1
         assert samples["blkback_auto_shortened_total"] == 0
     finally:
