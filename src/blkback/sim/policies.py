@@ -170,7 +170,8 @@ def _label(point: dict[str, Any]) -> str:
 def _best(entry: dict[str, Any], metric: str) -> str:
     pol = entry["policies"]
     low = min(pol[p][metric] for p in POLICIES)
-    return ", ".join(p if p == "auto" else f"{p} ms" for p in POLICIES if pol[p][metric] == low)
+    best = [p if p == "auto" else f"{p} ms" for p in POLICIES if pol[p][metric] == low]
+    return "all" if len(best) == len(POLICIES) else ", ".join(best)
 
 
 def _auto_durations(entry: dict[str, Any]) -> str:
@@ -267,7 +268,10 @@ def plot_policies(doc: dict[str, Any], out: Path) -> Path:
     ax.set_yscale("log")
     ax.set_xlabel("pswpout / auto's")
     ax.set_ylabel("refills / auto's")
-    ax.set_title("fixed durations per grid point, relative to auto\n(red: beats auto on both)")
+    ax.set_title(
+        "fixed durations per grid point where auto swapped,\nrelative to auto "
+        "(red: beats auto on both by > 10 %)"
+    )
     ax.legend(fontsize=8)
     tot = doc["totals"]
     heads = [p if p == "auto" else f"{p} ms" for p in POLICIES]
@@ -285,7 +289,10 @@ def plot_policies(doc: dict[str, Any], out: Path) -> Path:
     bx.set_ylabel("pswpout (pages, total)")
     bx2.set_ylabel("refills (pages, total)")
     bx.set_title("totals over the grid")
-    fig.legend(loc="lower right", fontsize=8)
+    handles = bx.get_legend_handles_labels()[0] + bx2.get_legend_handles_labels()[0]
+    bx.set_ylim(0, 1.3 * max(tot[p]["pswpout"] for p in POLICIES) or 1)
+    bx2.set_ylim(0, 1.3 * max(tot[p]["refills"] for p in POLICIES) or 1)
+    bx2.legend(handles=handles, loc="upper center", ncol=2, fontsize=8)
     fig.tight_layout()
     path = out / "policies.png"
     fig.savefig(path, dpi=100)
