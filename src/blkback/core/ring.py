@@ -121,6 +121,26 @@ class Ring:
         """When the next idle pass is due."""
         return self.last_pass_ns + self.device.params.lru_interval_ms * NS_PER_MS
 
+    def at_rest(self, now_ns: int) -> bool:
+        """Whether this idle ring needs no timed pass until a request, squeeze or parameter change.
+
+        The kernel wakes an idle ring every ``LRU_INTERVAL`` for a pass; that wake-up is a
+        habit, not a semantic. A pass changes the pool only when the pool is above its target,
+        and without a new event the target cannot fall below the pool: no squeeze is pending
+        (its window would end, or a graded level would see the ring turn idle), no page is in
+        flight (a worker returning pages could lift the pool above the target), and every
+        event that could lower the target wakes the ring (``squeeze_wake`` is on: with it off,
+        the kernel's lazy squeeze is what the timed pass reproduces). ``log_stats`` prints
+        from timed passes, so it keeps them too.
+        """
+        params = self.device.params
+        if not params.squeeze_wake or params.log_stats:
+            return False
+        pool = self.pool
+        if pool.in_flight or self.device.squeezed(now_ns):
+            return False
+        return len(pool) <= self.device.bus.current_policy.target(self, now_ns)
+
     def target(self, now_ns: int) -> int:
         """The pool size this ring's pass would shrink to at ``now_ns``."""
         return self.device.policy.target(self, now_ns)

@@ -69,6 +69,10 @@ _CHUNK_HOLE: Final = struct.Struct(">IHHQIQI")  # header + offset + hole size
 _CHUNK_ERROR: Final = struct.Struct(">IHHQIIH")  # header + error + message length
 _CHUNK_BLOCK_STATUS: Final = struct.Struct(">IHHQII")  # header + context id
 _U64: Final = struct.Struct(">Q")
+_SIMPLE_PACK: Final = SIMPLE_REPLY.pack
+_SIMPLE_MAGIC: Final = int(SIMPLE_REPLY_MAGIC)
+_STRUCTURED_MAGIC: Final = int(STRUCTURED_REPLY_MAGIC)
+_OFFSET_DATA_INT: Final = int(ReplyType.OFFSET_DATA)
 
 _DONE: Final = int(ReplyFlag.DONE)
 _U32_MAX: Final = 0xFFFFFFFF
@@ -299,9 +303,27 @@ class Transmission:
             header: send it only when every byte is in hand, because a chunk marked DONE MUST
             NOT be sent "if there is still a possibility of detecting an error".
         """
+        # Packed here rather than through chunk_offset_data_header: this is the reply of
+        # every fast-path READ, and plain int constants pack faster than enum members.
         if self.structured:
-            return self.chunk_offset_data_header(cookie, offset, length, done=True)
-        return SIMPLE_REPLY.pack(SIMPLE_REPLY_MAGIC, 0, cookie)
+            return _CHUNK_OFFSET_DATA.pack(
+                _STRUCTURED_MAGIC, _DONE, _OFFSET_DATA_INT, cookie, length + 8, offset
+            )
+        return _SIMPLE_PACK(_SIMPLE_MAGIC, 0, cookie)
+
+    def ok_reply(self, cookie: int) -> bytes:
+        """Encodes the whole reply of a successful request that returns no data.
+
+        A simple reply in every negotiation: it is allowed for any request but a READ
+        (structured replies only add what a simple reply cannot carry).
+
+        Args:
+            cookie: The request's cookie.
+
+        Returns:
+            16 bytes.
+        """
+        return _SIMPLE_PACK(_SIMPLE_MAGIC, 0, cookie)
 
     def error_reply(self, cookie: int, errno: int, message: str = "") -> bytes:
         """Encodes a whole error reply in the form the negotiation requires.

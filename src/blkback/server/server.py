@@ -179,6 +179,14 @@ class Server:
         self.squeeze_latency_ns: collections.deque[int] = collections.deque(maxlen=10_000)
         self.connections_total = 0
         self.connections_refused = 0
+        self.params.subscribe(self._param_changed)
+
+    def _param_changed(self, name: str, old: object, new: object) -> None:
+        """Wake every resting ring: its pass may have something to do now."""
+        with self.conn_lock:
+            conns = list(self.connections)
+        for conn in conns:
+            conn.nudge()
 
     @property
     def stopping(self) -> bool:
