@@ -41,6 +41,7 @@ class RingStats:
     passes: int = 0
     idle_passes: int = 0
     woken_passes: int = 0
+    rests: int = 0  # times the idle ring slept with no timed pass (see Ring.at_rest)
     pages_trimmed: int = 0  # freed down to max_buffer_pages
     pages_squeezed: int = 0  # freed because a squeeze (or a graded cap) held the target lower
     squeeze_passes: int = 0  # passes that freed pages because of a squeeze
@@ -63,6 +64,7 @@ class RingStats:
             "passes": self.passes,
             "idle_passes": self.idle_passes,
             "woken_passes": self.woken_passes,
+            "rests": self.rests,
             "pages_trimmed": self.pages_trimmed,
             "pages_squeezed": self.pages_squeezed,
             "squeeze_passes": self.squeeze_passes,

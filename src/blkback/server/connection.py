@@ -141,7 +141,6 @@ class Connection:
         self._rest_poller: select.poll | None = None
         self._wake_fd = -1
         self._wake_lock = threading.Lock()
-        self.rests = 0  # times the ring went to sleep with no timer
 
     # -- life cycle -----------------------------------------------------------------------
     def start(self) -> None:
@@ -467,7 +466,9 @@ class Connection:
         if timeout_ns:
             left_ns = self._last_request_ns + timeout_ns - self._now_ns()
             wait_ms = max(1, left_ns // NS_PER_MS + 1)
-        self.rests += 1
+        ring = self.ring
+        assert ring is not None
+        ring.stats.rests += 1
         nudged = False
         for fd, _ in poller.poll(wait_ms):
             if fd == self._wake_fd:
@@ -748,27 +749,38 @@ class Connection:
         except MemoryError:
             # The pool could not grow: fail this request as the kernel does (the pages
             # gathered so far already went back to the pool in get_many).
-            stats.errors += 1
             if cmd == C_WRITE:
                 start = self._discard_payload(view, start, end, length)
-            out.append(codec.error_reply(cookie, errno.ENOMEM, "out of memory for buffers"))
-            # The replies so far go out now, not after the pause.
+            self._refuse_no_memory(cookie, out)
+            return start, max(end, start)
+        self._dispatch((flags, cmd, cookie, offset, length, pages), out, held)
+        return start, max(end, start)
+
+    def _refuse_no_memory(self, cookie: int, out: _Replies) -> None:
+        """Answer ENOMEM, send the replies so far, then pause the ring (``_alloc_backoff``)."""
+        ring = self.ring
+        assert ring is not None
+        ring.stats.errors += 1
+        out.append(self.codec.error_reply(cookie, errno.ENOMEM, "out of memory for buffers"))
+        # The replies so far go out now, not after the pause.
+        self._send(out)
+        out.clear()
+        self._alloc_backoff()
+
+    def _dispatch(
+        self, req: tuple[int, int, int, int, int, list[int]], out: _Replies, held: list[int]
+    ) -> None:
+        """Run an admitted request inline (its reply joins ``out``) or hand it to a worker."""
+        if self.storage.inline:
+            out.extend(self._execute(*req))
+            held.extend(req[5])
+            return
+        if out:
             self._send(out)
             out.clear()
-            self._alloc_backoff()
-            return start, max(end, start)
-        end = max(end, start)
-        if self.storage.inline:
-            out.extend(self._execute(flags, cmd, cookie, offset, length, pages))
-            held.extend(pages)
-        else:
-            if out:
-                self._send(out)
-                out.clear()
-                self._return(held)
-                held.clear()
-            self._submit((flags, cmd, cookie, offset, length, pages))
-        return start, end
+            self._return(held)
+            held.clear()
+        self._submit(req)
 
     def _return(self, pages: list[int]) -> None:
         if pages:
