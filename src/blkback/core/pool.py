@@ -161,8 +161,12 @@ class PagePool:
         if len(free) > self.peak_pool:
             self.peak_pool = len(free)
 
-    def shrink(self, target: int, batch: int = 10) -> int:
-        """Free pool pages down to ``min(size, target)``, ``batch`` at a time; return the count."""
+    def shrink(self, target: int, batch: int = 10, *, lazy: bool = False) -> int:
+        """Free pool pages down to ``min(size, target)``, ``batch`` at a time; return the count.
+
+        ``lazy`` is passed to the allocator's ``flush``: a trim may let the system take the
+        pages back when it needs them, a squeeze gives them back at once (see ``MmapAllocator``).
+        """
         if target < 0:
             raise ValueError(f"shrink target must be >= 0, not {target}")
         if batch < 1:
@@ -191,7 +195,7 @@ class PagePool:
                 chunk.reverse()  # most recently returned first, as the kernel pops the head
                 allocator_free(chunk)
                 left -= k
-        allocator.flush()
+        allocator.flush(lazy)
         self.pages_freed += excess
         return excess
 

@@ -141,7 +141,7 @@ class Ring:
         pool = self.pool
         if pool.in_flight or self.device.squeezed(now_ns):
             return False
-        return len(pool) <= self.device.bus.current_policy.target(self, now_ns)
+        return len(pool) <= self.target(now_ns)
 
     def target(self, now_ns: int) -> int:
         """The pool size this ring's pass would shrink to at ``now_ns``."""
@@ -173,13 +173,21 @@ class Ring:
         floor_before = params.max_buffer_pages
         target = device.bus.current_policy.target(self, now_ns)
         pool = self.pool
-        freed = pool.shrink(target, params.batch_free_pages) if len(pool) > target else 0
+        # Pages above max_buffer_pages would have gone anyway: only the rest is squeeze.
+        # (The lower of two reads: `ctl set` may change it while the policy reads it, and
+        # a trim must not be counted as a squeeze then.)
+        trim_floor = min(floor_before, params.max_buffer_pages)
+        # A trim frees lazily (reused without a fault until the kernel needs the memory); a
+        # squeeze frees at once, pages trimmed lazily before it included, because under
+        # pressure the memory must leave now.
+        now_squeezed = target < trim_floor or self.device.squeezed(now_ns)
+        freed = 0
+        if len(pool) > target:
+            freed = pool.shrink(target, params.batch_free_pages, lazy=not now_squeezed)
+        elif now_squeezed:
+            pool.allocator.flush()
         if freed:
             self.last_free_ns = now_ns
-            # Pages above max_buffer_pages would have gone anyway: only the rest is squeeze.
-            # (The lower of two reads: `ctl set` may change it while the policy reads it, and
-            # a trim must not be counted as a squeeze then.)
-            trim_floor = min(floor_before, params.max_buffer_pages)
             if target < trim_floor:
                 size_before = len(self.pool) + freed
                 by_trim = max(0, size_before - trim_floor)
@@ -236,6 +244,7 @@ class Ring:
     def snapshot(self) -> dict[str, object]:
         """This ring's state for ``ctl stats --json``."""
         c = self.pool.counters()
+        r = self.pool.allocator.release_counts()
         return {
             "id": self.ring_id,
             "pool_pages": c.pool_pages,
@@ -246,6 +255,11 @@ class Ring:
             "pages_freed": c.pages_freed,
             "hits": c.hits,
             "misses": c.misses,
+            "pages_held": r.held,
+            "pages_lazy": r.lazy,
+            "pages_lazily_freed": r.lazily_freed,
+            "pages_lazy_reused": r.lazy_reused,
+            "pages_returned": r.returned,
             "last_pass_ms": self.last_pass_ns / NS_PER_MS,
             "last_free_ms": None if self.last_free_ns is None else self.last_free_ns / NS_PER_MS,
             "requests": self.stats.as_dict(),
