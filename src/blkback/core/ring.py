@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from blkback.core.clock import NS_PER_MS, NS_PER_S
-from blkback.core.pages import PageAllocator
+from blkback.core.pages import PageAllocator, Release
 from blkback.core.pool import PagePool
 
 if TYPE_CHECKING:
@@ -177,15 +177,19 @@ class Ring:
         # (The lower of two reads: `ctl set` may change it while the policy reads it, and
         # a trim must not be counted as a squeeze then.)
         trim_floor = min(floor_before, params.max_buffer_pages)
-        # A trim frees lazily (reused without a fault until the kernel needs the memory); a
-        # squeeze frees at once, pages trimmed lazily before it included, because under
-        # pressure the memory must leave now.
-        now_squeezed = target < trim_floor or self.device.squeezed(now_ns)
+        # A trim after I/O keeps a batch of pages for the next requests, and an idle pass
+        # frees them lazily (reused without a fault until the kernel needs the memory); a
+        # squeeze frees at once, pages kept or freed lazily before it included, because
+        # under pressure the memory must leave now.
+        if target < trim_floor or self.device.squeezed(now_ns):
+            release = Release.NOW
+        else:
+            release = Release.HOLD if had_io else Release.LAZY
         freed = 0
         if len(pool) > target:
-            freed = pool.shrink(target, params.batch_free_pages, lazy=not now_squeezed)
-        elif now_squeezed:
-            pool.allocator.flush()
+            freed = pool.shrink(target, params.batch_free_pages, release)
+        elif release is not Release.HOLD:
+            pool.allocator.flush(release)
         if freed:
             self.last_free_ns = now_ns
             if target < trim_floor:
@@ -256,6 +260,7 @@ class Ring:
             "hits": c.hits,
             "misses": c.misses,
             "pages_held": r.held,
+            "pages_cached": r.cached,
             "pages_lazy": r.lazy,
             "pages_lazily_freed": r.lazily_freed,
             "pages_lazy_reused": r.lazy_reused,

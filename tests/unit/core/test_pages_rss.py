@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 from blkback.core.clock import NS_PER_S, ManualClock
 from blkback.core.device import Bus
-from blkback.core.pages import PAGE_SIZE, MmapAllocator
+from blkback.core.pages import PAGE_SIZE, MmapAllocator, Release
 from blkback.core.params import Params
 from blkback.core.pool import PagePool
 
@@ -238,14 +238,14 @@ def _touch(alloc: MmapAllocator, pages: list[int]) -> None:
         alloc.view(p)[0] = 1
 
 
-def _faults_reusing(lazy: bool) -> tuple[int, MmapAllocator]:
+def _faults_reusing(release: Release) -> tuple[int, MmapAllocator]:
     """Minor faults of touching 1024 pool pages again after a shrink to 0."""
     alloc = MmapAllocator()
     pool = PagePool(alloc)
     pages = pool.get_many(1024)
     _touch(alloc, pages)
     pool.put(pages)
-    pool.shrink(0, lazy=lazy)
+    pool.shrink(0, release=release)
     before = _minor_faults()
     again = pool.get_many(1024)
     _touch(alloc, again)
@@ -256,12 +256,12 @@ def _faults_reusing(lazy: bool) -> tuple[int, MmapAllocator]:
 
 
 def test_a_lazy_trim_is_reused_without_faults_and_an_immediate_one_faults_every_page() -> None:
-    lazy_faults, alloc = _faults_reusing(lazy=True)
+    lazy_faults, alloc = _faults_reusing(Release.LAZY)
     counts = alloc.release_counts()
     assert counts.lazily_freed == 1024
     assert counts.lazy_reused == 1024
     assert lazy_faults < 100, lazy_faults  # MADV_FREE: the frames were still there
-    immediate_faults, _ = _faults_reusing(lazy=False)
+    immediate_faults, _ = _faults_reusing(Release.NOW)
     assert immediate_faults >= 900, immediate_faults  # MADV_DONTNEED: one fault per page
 
 
@@ -290,3 +290,40 @@ def test_a_squeeze_drops_pages_an_earlier_trim_freed_lazily() -> None:
     assert counts.lazy == 0
     assert counts.returned == n
     assert counts.held == 0
+
+
+def test_a_trim_after_io_keeps_one_batch_which_the_next_idle_pass_frees_lazily() -> None:
+    clock = ManualClock(NS_PER_S)
+    bus = Bus(Params(max_buffer_pages=0))
+    alloc = MmapAllocator(hold_pages=64)
+    ring = bus.add_device("d").add_ring(alloc, clock.now_ns())
+    pages = ring.get_pages(16, clock.now_ns())
+    _touch(alloc, pages)
+    ring.put_pages(pages)
+    ring.loop_pass(clock.now_ns())  # after I/O: the pool is 0, its pages kept for reuse
+    assert len(ring.pool) == 0
+    assert (alloc.release_counts().cached, alloc.release_counts().lazily_freed) == (16, 0)
+    before = _minor_faults()
+    again = ring.get_pages(16, clock.now_ns())
+    _touch(alloc, again)
+    assert _minor_faults() - before < 4  # the same frames, not even a syscall
+    assert sorted(again) == sorted(pages)
+    ring.put_pages(again)
+    ring.loop_pass(clock.now_ns())
+    more = ring.get_pages(100, clock.now_ns())  # a batch fills: all of it freed lazily
+    ring.put_pages(more)
+    ring.loop_pass(clock.now_ns())
+    assert alloc.release_counts().cached == 0
+    assert alloc.release_counts().lazy == 100
+    small = ring.get_pages(8, clock.now_ns())
+    ring.put_pages(small)
+    ring.loop_pass(clock.now_ns())
+    assert alloc.release_counts().cached == 8
+    clock.advance_ms(100)
+    ring.loop_pass(clock.now_ns(), had_io=False)  # the idle pass keeps nothing back
+    counts = alloc.release_counts()
+    assert (counts.cached, counts.lazy) == (0, 100)
+    bus.reclaim_memory(clock.now_ns())
+    ring.loop_pass(clock.now_ns(), had_io=False, woken=True)
+    counts = alloc.release_counts()
+    assert (counts.cached, counts.lazy, counts.returned) == (0, 0, 100)
