@@ -181,15 +181,11 @@ class Ring:
         # frees them lazily (reused without a fault until the kernel needs the memory); a
         # squeeze frees at once, pages kept or freed lazily before it included, because
         # under pressure the memory must leave now.
-        if target < trim_floor or self.device.squeezed(now_ns):
-            release = Release.NOW
-        else:
-            release = Release.HOLD if had_io else Release.LAZY
         freed = 0
         if len(pool) > target:
-            freed = pool.shrink(target, params.batch_free_pages, release)
-        elif release is not Release.HOLD:
-            pool.allocator.flush(release)
+            freed = pool.shrink(target, params.batch_free_pages, self._release(had_io, now_ns))
+        elif not had_io:
+            pool.allocator.flush(self._release(had_io, now_ns))
         if freed:
             self.last_free_ns = now_ns
             if target < trim_floor:
@@ -207,6 +203,15 @@ class Ring:
             self.device.emit_stats(self.stats_line())
             self.reset_print_stats(now_ns)
         return freed
+
+    def _release(self, had_io: bool, now_ns: int) -> Release:
+        """How the pages this pass frees leave the process (see :class:`Release`)."""
+        if (
+            self.device.squeezed(now_ns)
+            or self.target(now_ns) < self.device.params.max_buffer_pages
+        ):
+            return Release.NOW
+        return Release.HOLD if had_io else Release.LAZY
 
     def request_wake(self, now_ns: int | None = None) -> None:
         """Ask the ring's runner to run a pass now (a squeeze began at ``now_ns``).

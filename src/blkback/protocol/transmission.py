@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import errno as _errno
 import struct
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Final
 
 from blkback.errors import (
@@ -99,6 +99,18 @@ _WIRE_ERRNO: Final = {
 }
 
 
+def _structured_read_header(cookie: int, offset: int, length: int) -> bytes:
+    # Packed here rather than through chunk_offset_data_header: this is the reply of every
+    # fast-path READ, and plain int constants pack faster than enum members.
+    return _CHUNK_OFFSET_DATA.pack(
+        _STRUCTURED_MAGIC, _DONE, _OFFSET_DATA_INT, cookie, length + 8, offset
+    )
+
+
+def _simple_read_header(cookie: int, offset: int, length: int) -> bytes:
+    return _SIMPLE_PACK(_SIMPLE_MAGIC, 0, cookie)
+
+
 def wire_errno(err: int) -> int:
     """Translates a host ``errno`` value to the NBD error sent on the wire.
 
@@ -166,6 +178,7 @@ class Transmission:
         # of service", so a WRITE up to max(max_block, 32 MiB) is read and failed with EINVAL
         # (as nbdkit skips over-large payloads); only a longer one drops the connection.
         self.max_write_payload = max(export.max_block, DEFAULT_MAX_BLOCK)
+        self._read_header = _structured_read_header if self.structured else _simple_read_header
 
         # Which flags each advertised command accepts ("Command flags"). FUA "is valid for all
         # commands, provided NBD_FLAG_SEND_FUA has been negotiated". A command missing here was
@@ -303,13 +316,14 @@ class Transmission:
             header: send it only when every byte is in hand, because a chunk marked DONE MUST
             NOT be sent "if there is still a possibility of detecting an error".
         """
-        # Packed here rather than through chunk_offset_data_header: this is the reply of
-        # every fast-path READ, and plain int constants pack faster than enum members.
-        if self.structured:
-            return _CHUNK_OFFSET_DATA.pack(
-                _STRUCTURED_MAGIC, _DONE, _OFFSET_DATA_INT, cookie, length + 8, offset
-            )
-        return _SIMPLE_PACK(_SIMPLE_MAGIC, 0, cookie)
+        return self._read_header(cookie, offset, length)
+
+    def read_header_encoder(self) -> Callable[[int, int, int], bytes]:
+        """:meth:`read_reply_header` as a plain function ``(cookie, offset, length)``.
+
+        For the server's fast path, which encodes one per READ and binds it once.
+        """
+        return self._read_header
 
     def ok_reply(self, cookie: int) -> bytes:
         """Encodes the whole reply of a successful request that returns no data.

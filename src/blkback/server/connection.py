@@ -291,6 +291,7 @@ class Connection:
             return
         self.export = export
         self.codec = Transmission(neg)
+        self._read_header = self.codec.read_header_encoder()
         self.storage = export.storage
         self.contexts = sorted(neg.meta_contexts)
         self.max_payload = self.codec.max_write_payload
@@ -556,13 +557,20 @@ class Connection:
     def _serve_group(
         self, group: list[_Request], pages: list[int], start: int, end: int
     ) -> tuple[int, int]:
-        """Do the group's I/O in order and send its replies in one ``sendmsg``."""
+        """Do the group's I/O in order and send its replies in one ``sendmsg``.
+
+        A request whose storage I/O fails gets its error reply in its place.
+        """
         ring = self.ring
         alloc = self.allocator
-        assert ring is not None and alloc is not None
+        direct = self.direct
+        assert ring is not None and alloc is not None and direct is not None
         page_views = alloc.page_views
-        read_header = self.codec.read_reply_header
-        out: list[bytes | memoryview] = []
+        read = direct.read
+        write = direct.write
+        read_header = self._read_header
+        ok_reply = self.codec.ok_reply
+        out: _Replies = []
         reads = writes = read_bytes = write_bytes = 0
         j = 0
         for cmd, cookie, offset, length, npages in group:
@@ -573,18 +581,21 @@ class Connection:
             else:
                 views = alloc.spans(pages[j : j + npages], length)
             j += npages
-            if cmd == C_READ:
-                if self._read(cookie, offset, length, views, out):
+            try:
+                if cmd == C_READ:
+                    read(views, offset, length)
                     out.append(read_header(cookie, offset, length))
-                    out.extend(views)
+                    out += views
                     reads += 1
                     read_bytes += length
-            else:
-                start, end = self._take_payload(start, end, length, views)
-                if self._write(cookie, offset, length, views, out):
-                    out.append(self.codec.ok_reply(cookie))
+                else:
+                    start, end = self._take_payload(start, end, length, views)
+                    write(views, offset, length)
+                    out.append(ok_reply(cookie))
                     writes += 1
                     write_bytes += length
+            except RequestError as exc:
+                out.append(self._io_error_reply(cookie, exc))
         self._send(out)
         stats = ring.stats
         stats.rd_req += reads
@@ -592,32 +603,6 @@ class Connection:
         stats.wr_req += writes
         stats.wr_bytes += write_bytes
         return start, end
-
-    def _read(
-        self, cookie: int, offset: int, length: int, views: list[memoryview], out: _Replies
-    ) -> bool:
-        """Read into the request's pages; on failure queue the error reply and say so."""
-        direct = self.direct
-        assert direct is not None
-        try:
-            direct.read(views, offset, length)
-        except RequestError as exc:
-            out.append(self._io_error_reply(cookie, exc))
-            return False
-        return True
-
-    def _write(
-        self, cookie: int, offset: int, length: int, views: list[memoryview], out: _Replies
-    ) -> bool:
-        """Write the request's pages; on failure queue the error reply and say so."""
-        direct = self.direct
-        assert direct is not None
-        try:
-            direct.write(views, offset, length)
-        except RequestError as exc:
-            out.append(self._io_error_reply(cookie, exc))
-            return False
-        return True
 
     def _take_payload(
         self, start: int, end: int, length: int, views: list[memoryview]
