@@ -63,8 +63,9 @@ class ServerConfig:
     max_option_bytes: int = 64 * 1024  # larger option payloads get REP_ERR_TOO_BIG
     max_options: int = 1000  # options per connection before it is dropped
     # Busy polling: after serving a batch, a ring polls its socket this long before it
-    # sleeps in recv (Linux's net.core.busy_read, whose recommended value is 50 us).
-    poll_us: int = 50
+    # sleeps in recv (Linux's net.core.busy_read, whose recommended value is 50 us). Off by
+    # default: it buys IOPS at queue depth 1 with CPU (docs/data-path.md).
+    poll_us: int = 0
     # At most this many rings poll at once, and none while the server has more connections
     # than that. Default: half the CPUs (at least 1), so that polling rings never take every
     # core from their clients, nor the GIL from many other rings.
