@@ -36,15 +36,12 @@ PAGE_SIZE = 4096
 class Release(enum.Enum):
     """How freed pages go back to the system (an argument of ``flush``).
 
-    ``HOLD``: a trim after I/O. The pages are kept, not yet advised, for the ring's next
-    requests (no syscall, no fault), up to the allocator's batch; a full batch is freed
-    ``LAZY``. ``LAZY``: a trim of an idle pass. ``MADV_FREE`` of everything freed and held:
-    the kernel takes the frames whenever it needs memory, without swapping, and a page it
-    has not taken yet is reused without a fault. ``NOW``: a squeeze or a close.
-    ``MADV_DONTNEED`` of everything freed, held or lazily freed: the frames leave at once.
+    ``LAZY``: a trim. ``MADV_FREE``: the kernel takes the frames whenever it needs memory,
+    without swapping, and a page it has not taken yet is reused without a fault. ``NOW``: a
+    squeeze or a close. ``MADV_DONTNEED`` of everything freed, lazily freed pages included:
+    the frames leave at once, because under pressure the memory must leave now.
     """
 
-    HOLD = "hold"
     LAZY = "lazy"
     NOW = "now"
 
@@ -81,8 +78,6 @@ class ReleaseCounts:
 
     Attributes:
         held: handed out and not freed (a ring's pool plus its pages in flight).
-        cached: freed by a trim and kept, not yet advised, for the next requests
-            (``Release.HOLD``; at most one batch, and none after an idle pass or a squeeze).
         lazy: freed lazily and not reused since: the kernel may still hold their frames in
             the process (they count in RSS until it takes them, which needs no swap).
         lazily_freed: pages ever freed lazily (``MADV_FREE``).
@@ -93,7 +88,6 @@ class ReleaseCounts:
     """
 
     held: int
-    cached: int
     lazy: int
     lazily_freed: int
     lazy_reused: int
@@ -135,7 +129,7 @@ class CountingAllocator:
         return self._live
 
     def release_counts(self) -> ReleaseCounts:
-        return ReleaseCounts(self._live, 0, 0, 0, 0, self.frees)
+        return ReleaseCounts(self._live, 0, 0, 0, self.frees)
 
     def released_ids(self) -> list[int]:
         """Ids freed and not handed out again (for invariant checks)."""
@@ -164,9 +158,6 @@ class MmapAllocator:
             up or the kernel refuses, pinning stops, ``warn`` is called once with the reason,
             and allocation goes on unpinned.
         warn: where the single degradation message goes.
-        hold_pages: the batch of :attr:`Release.HOLD`: trimmed pages kept for reuse before
-            one ``MADV_FREE`` gives them all back (512 pages = 2 MiB per ring, the order of
-            the kernel's per-CPU free lists, which is why a trim costs the kernel nothing).
     """
 
     deferred_release = True
@@ -177,19 +168,16 @@ class MmapAllocator:
         *,
         mlock: bool = False,
         warn: Callable[[str], None] | None = None,
-        hold_pages: int = 512,
     ) -> None:
         if chunk_pages < 1:
             raise ValueError("chunk_pages must be at least 1")
         self.chunk_pages = chunk_pages
-        self.hold_pages = hold_pages
         self._chunks: list[mmap.mmap] = []
         self._chunk_views: list[memoryview] = []
         self._views: list[memoryview] = []
         #: Every page's 4096 bytes by page id (the list grows with the chunks).
         self.page_views = self._views
         self._free_ids: list[int] = []  # slots with no frame (never touched, or dropped)
-        self._held: list[int] = []  # freed by a trim, not advised yet (Release.HOLD)
         self._lazy_ids: list[int] = []  # MADV_FREE'd: the frame may still be there
         self._pending: list[int] = []  # freed, not yet given back (until flush)
         self._live = 0
@@ -210,11 +198,8 @@ class MmapAllocator:
 
     # -- allocator protocol ---------------------------------------------------------------
     def alloc(self) -> int:
-        # Held pages first (no syscall, no fault), then lazily freed ones: one the kernel has
-        # not taken is reused without a fault.
-        if self._held:
-            page = self._held.pop()
-        elif self._lazy_ids:
+        # Lazily freed pages first: one the kernel has not taken is reused without a fault.
+        if self._lazy_ids:
             page = self._lazy_ids.pop()
             self.pages_lazy_reused += 1
         else:
@@ -250,10 +235,8 @@ class MmapAllocator:
                 self.flush()
                 raise
             return pinned
-        out = self._take(self._held, n)  # no fault
-        n_held = len(out)
-        out += self._take(self._lazy_ids, n - n_held)  # no fault if the kernel left them
-        n_lazy = len(out) - n_held
+        out = self._take(self._lazy_ids, n)  # no fault if the kernel left them
+        n_lazy = len(out)
         free_ids = self._free_ids
         try:
             while len(out) < n:
@@ -264,9 +247,8 @@ class MmapAllocator:
                         self._map_chunk()
                 out.extend(self._take(free_ids, n - len(out)))
         except BaseException:
-            self._held.extend(reversed(out[:n_held]))
-            self._lazy_ids.extend(reversed(out[n_held : n_held + n_lazy]))
-            free_ids.extend(reversed(out[n_held + n_lazy :]))
+            self._lazy_ids.extend(reversed(out[:n_lazy]))
+            free_ids.extend(reversed(out[n_lazy:]))
             raise
         self.pages_lazy_reused += n_lazy
         self._live += n
@@ -298,19 +280,10 @@ class MmapAllocator:
     def flush(self, release: Release = Release.NOW) -> None:
         """Give back the pages freed since the last flush as ``release`` says.
 
-        One ``madvise`` per run of adjacent pages. ``HOLD`` keeps them for reuse until a
-        batch of ``hold_pages`` is full; ``LAZY`` gives the held ones back with them;
-        ``NOW`` the lazily freed ones too, since under pressure memory must leave now.
+        One ``madvise`` per run of adjacent pages; ``NOW`` gives back the lazily freed pages
+        too, since under pressure memory must leave now.
         """
         pending = self._pending
-        if release is Release.HOLD:
-            self._held += pending
-            pending.clear()
-            if len(self._held) < self.hold_pages:
-                return
-            release = Release.LAZY
-        pending += self._held
-        self._held.clear()
         if release is Release.NOW:
             pending += self._lazy_ids
             self._lazy_ids.clear()
@@ -357,7 +330,6 @@ class MmapAllocator:
     def release_counts(self) -> ReleaseCounts:
         return ReleaseCounts(
             held=self._live,
-            cached=len(self._held),
             lazy=len(self._lazy_ids),
             lazily_freed=self.pages_lazily_freed,
             lazy_reused=self.pages_lazy_reused,
@@ -444,7 +416,6 @@ class MmapAllocator:
         self._chunk_views.clear()
         self._free_ids.clear()
         self._lazy_ids.clear()
-        self._held.clear()
         self._addrs.clear()
         for chunk in self._chunks:
             try:
@@ -458,7 +429,6 @@ class MmapAllocator:
         free = set(self._free_ids)
         free.update(self._pending)  # freed, frames not dropped yet: not live either
         free.update(self._lazy_ids)
-        free.update(self._held)
         return [i for i in range(len(self._views)) if i not in free]
 
     @property

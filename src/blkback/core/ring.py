@@ -177,15 +177,14 @@ class Ring:
         # (The lower of two reads: `ctl set` may change it while the policy reads it, and
         # a trim must not be counted as a squeeze then.)
         trim_floor = min(floor_before, params.max_buffer_pages)
-        # A trim after I/O keeps a batch of pages for the next requests, and an idle pass
-        # frees them lazily (reused without a fault until the kernel needs the memory); a
-        # squeeze frees at once, pages kept or freed lazily before it included, because
-        # under pressure the memory must leave now.
+        # A trim frees lazily (reused without a fault until the kernel needs the memory); a
+        # squeeze frees at once, pages freed lazily before it included, because under
+        # pressure the memory must leave now.
         freed = 0
         if len(pool) > target:
-            freed = pool.shrink(target, params.batch_free_pages, self._release(had_io, now_ns))
-        elif not had_io:
-            pool.allocator.flush(self._release(had_io, now_ns))
+            freed = pool.shrink(target, params.batch_free_pages, self._release(now_ns))
+        elif not had_io and self._release(now_ns) is Release.NOW:
+            pool.allocator.flush(Release.NOW)
         if freed:
             self.last_free_ns = now_ns
             if target < trim_floor:
@@ -204,14 +203,14 @@ class Ring:
             self.reset_print_stats(now_ns)
         return freed
 
-    def _release(self, had_io: bool, now_ns: int) -> Release:
+    def _release(self, now_ns: int) -> Release:
         """How the pages this pass frees leave the process (see :class:`Release`)."""
         if (
             self.device.squeezed(now_ns)
             or self.target(now_ns) < self.device.params.max_buffer_pages
         ):
             return Release.NOW
-        return Release.HOLD if had_io else Release.LAZY
+        return Release.LAZY
 
     def request_wake(self, now_ns: int | None = None) -> None:
         """Ask the ring's runner to run a pass now (a squeeze began at ``now_ns``).
@@ -265,7 +264,6 @@ class Ring:
             "hits": c.hits,
             "misses": c.misses,
             "pages_held": r.held,
-            "pages_cached": r.cached,
             "pages_lazy": r.lazy,
             "pages_lazily_freed": r.lazily_freed,
             "pages_lazy_reused": r.lazy_reused,
