@@ -14,7 +14,11 @@
     │       ├── UnsupportedError      ENOTSUP
     │       ├── StorageIOError        EIO
     │       └── OutOfMemoryError      ENOMEM (a page could not be allocated)
-    └── EnvironmentProblem     the host lacks a facility (root, cgroup, swap, tool)
+    ├── EnvironmentProblem     the host lacks a facility (root, cgroup, swap, tool)
+    └── RuntimeFailure         something failed at run time: a busy address, no server
+
+The command line exits 2 for a ConfigError (a usage error: fix the command) and 1 for every
+other BlkbackError (the command was right, the world was not), as nbdkit and most tools do.
 
 Request errors carry their NBD errno as a class attribute; the server translates them to
 replies at one boundary.
@@ -40,6 +44,10 @@ class ParamError(ConfigError):
 
 class EnvironmentProblem(BlkbackError):  # noqa: N818 (a condition of the host, not a bug)
     """The host lacks something an operation needs (root, cgroup, swap, a tool)."""
+
+
+class RuntimeFailure(BlkbackError):  # noqa: N818 (a failed run, named as EnvironmentProblem)
+    """The command was well formed but failed at run time (exit status 1, not 2)."""
 
 
 class NbdError(BlkbackError):

@@ -20,7 +20,6 @@ import os
 import shutil
 import subprocess
 import tempfile
-import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -36,6 +35,7 @@ from blkback.bench.servers import (
     start_server,
 )
 from blkback.bench.workloads import GIB, PRICE_WORKLOADS, WORKLOADS, Workload
+from blkback.clock import NS_PER_S, MonotonicClock
 
 Progress = Callable[[str], None]
 
@@ -88,7 +88,7 @@ class BenchConfig:
 class Sample:
     """The server's counters at one instant."""
 
-    t_s: float
+    t_ns: int
     cpu_s: float
     host: tuple[int, int]
     stats: dict[str, Any] | None = None
@@ -183,15 +183,16 @@ def _squeezed(stats: dict[str, Any]) -> bool:
     )
 
 
-def _sleep_until(t: float) -> None:
-    dt = t - time.monotonic()
-    if dt > 0:
-        time.sleep(dt)
+CLOCK = MonotonicClock()  # fio runs in real time: the schedule of samples does too
+
+
+def _ns(seconds: float) -> int:
+    return round(seconds * NS_PER_S)
 
 
 def _sample(server: RunningServer, with_stats: bool) -> Sample:
     stats = server.stats() if with_stats else None
-    return Sample(time.monotonic(), server.cpu_seconds(), host_cpu_jiffies(), stats)
+    return Sample(CLOCK.now_ns(), server.cpu_seconds(), host_cpu_jiffies(), stats)
 
 
 def run_cell(
@@ -213,7 +214,7 @@ def run_cell(
         output=out,
     )
     is_blkback = server.spec.kind == "blkback"
-    t0 = time.monotonic()
+    t0 = CLOCK.now_ns()
     fio = subprocess.Popen(
         argv, cwd=workdir, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE
     )
@@ -223,17 +224,18 @@ def run_cell(
         if server.spec.pressure:
             # A device may only exist once a client is connected: make sure the squeeze holds
             # for this connection before the measured window opens.
-            _sleep_until(t0 + config.ramp_s / 2)
+            CLOCK.wait_until(t0 + _ns(config.ramp_s / 2))
             if not _squeezed(server.stats()):
                 server.ctl("pressure")
                 cell.notes.append("pressure re-sent: device was not squeezed after connect")
-        _sleep_until(t0 + config.ramp_s + START_MARGIN_S)
+        CLOCK.wait_until(t0 + _ns(config.ramp_s + START_MARGIN_S))
         if fio.poll() is None:
-            t_ask = time.monotonic()
+            t_ask = CLOCK.now_ns()
             first = _sample(server, is_blkback)
             # The second sample must land before fio stops: start it earlier by what one costs.
-            cost = first.t_s - t_ask
-            _sleep_until(t0 + config.ramp_s + config.runtime_s - END_MARGIN_S - cost)
+            cost = first.t_ns - t_ask
+            end = t0 + _ns(config.ramp_s + config.runtime_s - END_MARGIN_S)
+            CLOCK.wait_until(end - cost)
             if fio.poll() is None:
                 last = _sample(server, is_blkback)
     except BenchError as exc:
@@ -273,7 +275,7 @@ def run_cell(
 
 def _account(cell: CellResult, first: Sample, last: Sample) -> None:
     assert cell.fio is not None
-    window = last.t_s - first.t_s
+    window = (last.t_ns - first.t_ns) / NS_PER_S
     cpu = last.cpu_s - first.cpu_s
     cell.window_s = window
     cell.server_cpu_s = cpu
@@ -344,7 +346,7 @@ def run_bench(
     say = progress or (lambda _msg: None)
     check_tools(config.servers)
     results = BenchResults(config, environment)
-    t_start = time.monotonic()
+    t_start = CLOCK.now_ns()
     total = sum(len(config.cells(r)) for r in range(config.repeat))
     done = 0
     with tempfile.TemporaryDirectory(prefix="blkback-bench-") as tmp:
@@ -366,7 +368,8 @@ def run_bench(
                     cell = run_cell(running[s], WORKLOADS[w], config, workdir, r)
                     results.cells.append(cell)
                     done += 1
-                    say(_progress_line(cell, done, total, time.monotonic() - t_start))
+                    elapsed_s = (CLOCK.now_ns() - t_start) / NS_PER_S
+                    say(_progress_line(cell, done, total, elapsed_s))
             finally:
                 for name, srv in running.items():
                     rc = srv.stop()
@@ -374,7 +377,7 @@ def run_bench(
                     notes.extend(srv.notes)
                     if rc not in (0, -15):
                         notes.append(f"repeat {r}: exit status {rc} after SIGTERM")
-    results.wall_s = time.monotonic() - t_start
+    results.wall_s = (CLOCK.now_ns() - t_start) / NS_PER_S
     return results
 
 

@@ -18,12 +18,12 @@ import socket
 import subprocess
 import sys
 import tempfile
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
 import blkback
+from blkback.clock import NS_PER_MS, NS_PER_S, MonotonicClock
 from blkback.errors import BlkbackError
 
 #: Export name of blkback's memory export; nbdkit and qemu-nbd serve the default name "".
@@ -191,12 +191,12 @@ class RunningServer:
         """What ``ctl stats --json`` prints, fetched in-process from the control socket.
 
         Samples are taken inside fio's measured window, so they must be cheap: the bench uses
-        ``blkback.server.ctl_command.request`` (one JSON line on the Unix socket) rather than
+        ``blkback.server.control_client.request`` (one JSON line on the Unix socket) rather than
         starting a ``python -m blkback ctl`` process, which would cost ~0.1 s of CPU each time.
         """
         if self.control_path is None:
             raise BenchError(f"{self.spec.name}: has no control socket")
-        from blkback.server.ctl_command import request
+        from blkback.server.control_client import request
 
         try:
             return request(str(self.control_path), {"op": "stats"}, timeout_s=20.0)
@@ -241,7 +241,8 @@ def _can_connect(path: Path) -> bool:
 
 
 def _wait_ready(server: RunningServer, paths: list[Path], timeout_s: float) -> None:
-    deadline = time.monotonic() + timeout_s
+    clock = MonotonicClock()
+    deadline = clock.now_ns() + round(timeout_s * NS_PER_S)
     pending = list(paths)
     while pending:
         if not server.alive():
@@ -252,13 +253,13 @@ def _wait_ready(server: RunningServer, paths: list[Path], timeout_s: float) -> N
         if _can_connect(pending[0]):
             pending.pop(0)
             continue
-        if time.monotonic() > deadline:
+        if clock.now_ns() > deadline:
             server.stop()
             raise BenchError(
                 f"{server.spec.name}: {pending[0]} did not accept a connection within "
                 f"{timeout_s:g} s:\n{server.log_tail()}"
             )
-        time.sleep(0.02)
+        clock.wait_until(clock.now_ns() + 20 * NS_PER_MS)
 
 
 def server_argv(

@@ -2,13 +2,20 @@
 
 * :class:`Device` is one export as the clients see it (``xen_blkif``). Its rings are the
   connections to it (``xen_blkif_ring``); NBD multi-conn gives a device several rings, as
-  blkfront's queues do. It holds ``squeeze_end_ns`` (``buffer_squeeze_end``, zero at start).
+  blkfront's queues do. It stores the squeeze decision in force (whose ``end_ns`` is the
+  kernel's ``buffer_squeeze_end``, zero at start).
 * :class:`Bus` is the xenbus backend bus: it knows every device and is what the pressure
   monitor calls, as the single backend shrinker's ``count_objects`` walks the bus and calls
   each bound driver's ``reclaim_memory`` (blkback-spec §3).
 
-Scope. With ``squeeze_scope=device`` (Linux 5.6+) each device has its own deadline. With
-``global`` (the seed patch) one deadline, stored on the bus, serves all devices; a report then
+The squeeze flows down: a report reaches :meth:`Bus.reclaim_memory`, then each
+:meth:`Device.reclaim_memory`, which asks the policy in force (:attr:`Bus.policy`) for a
+:class:`~blkback.core.policy.SqueezeDecision`, stores it and wakes its rings. A ring's pass
+asks its device for its target (:meth:`Device.pool_target`), which the policy computes from
+the stored decision. The policy never writes into a device.
+
+Scope. With ``squeeze_scope=device`` (Linux 5.6+) each device has its own decision. With
+``global`` (the seed patch) one decision, stored on the bus, serves all devices; a report then
 sets it once, as the seed's shrinker did.
 
 Teardown safety (the 5.6 ``reclaim_sem`` fix): a device removed from the bus is no longer
@@ -20,23 +27,29 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 
-from blkback.core.clock import NS_PER_MS
+from blkback.clock import NS_PER_MS
 from blkback.core.pages import PageAllocator
 from blkback.core.params import Params
-from blkback.core.policy import PressureLevel, SqueezePolicy, policy_named
+from blkback.core.policy import (
+    NO_SQUEEZE,
+    PressureLevel,
+    SqueezeDecision,
+    SqueezePolicy,
+    policy_named,
+)
 from blkback.core.ring import Ring
 
 
 class Device:
-    """One export and its rings."""
+    """One export and its rings (the owner :class:`~blkback.core.ring.Ring` expects)."""
 
     def __init__(self, name: str, bus: Bus) -> None:
         self.name = name
         self.bus = bus
         self.params = bus.params
         self.rings: list[Ring] = []
-        self._own_squeeze_end_ns = 0
-        self.squeeze_level: PressureLevel | None = None
+        self._own_squeeze = NO_SQUEEZE
+        self.squeeze_level: PressureLevel | None = None  # the level of this device's last report
         self.reclaims = 0  # reclaim_memory calls received
         self.squeezes = 0  # reports that started a new squeeze window
         self.squeeze_started_ns: int | None = None
@@ -44,43 +57,50 @@ class Device:
 
     # -- squeeze state --------------------------------------------------------------------
     @property
-    def policy(self) -> SqueezePolicy:
-        """The squeeze policy currently selected by ``params.squeeze_policy``."""
-        return self.bus.policy
+    def squeeze(self) -> SqueezeDecision:
+        """The decision this device's rings follow (its own, or the bus's by scope)."""
+        if self.params.squeeze_scope == "global":
+            return self.bus.global_squeeze
+        return self._own_squeeze
+
+    def _store_squeeze(self, decision: SqueezeDecision) -> None:
+        """Store a decision where the scope says (a plain store, as the kernel's: not a max)."""
+        if self.params.squeeze_scope == "global":
+            self.bus.global_squeeze = decision
+        else:
+            self._own_squeeze = decision
+        self.squeeze_level = decision.level
 
     @property
     def squeeze_end_ns(self) -> int:
-        """The deadline this device's rings compare against (own or global by scope)."""
-        if self.params.squeeze_scope == "global":
-            return self.bus.global_squeeze_end_ns
-        return self._own_squeeze_end_ns
-
-    def set_squeeze_end(self, end_ns: int) -> None:
-        """Store a deadline (a plain store, as the kernel does: not a max)."""
-        if self.params.squeeze_scope == "global":
-            self.bus.global_squeeze_end_ns = end_ns
-        else:
-            self._own_squeeze_end_ns = end_ns
+        """The deadline this device's rings compare against (``buffer_squeeze_end``)."""
+        return self.squeeze.end_ns
 
     def squeezed(self, now_ns: int) -> bool:
         """Whether ``now_ns`` is inside the squeeze window (strict, like ``time_before``)."""
-        return now_ns < self.squeeze_end_ns
+        return now_ns < self.squeeze.end_ns
 
     def reclaim_memory(self, now_ns: int, level: PressureLevel = PressureLevel.CRITICAL) -> None:
-        """The driver's ``reclaim_memory`` callback: let the policy set the squeeze state.
+        """The driver's ``reclaim_memory`` callback: store the policy's decision.
 
         With ``squeeze_wake`` on, every ring of the device is asked to run its pass at once;
         with it off, nothing else happens (the kernel's lazy squeeze).
         """
         self.reclaims += 1
-        was_squeezed = self.squeezed(now_ns)
-        self.policy.on_reclaim(self, level, now_ns)
-        if not was_squeezed and self.squeezed(now_ns):
+        current = self.squeeze
+        was_squeezed = now_ns < current.end_ns
+        decision = self.bus.policy.decide(current, level, now_ns, self.params)
+        self._store_squeeze(decision)
+        if not was_squeezed and now_ns < decision.end_ns:
             self.squeezes += 1
             self.squeeze_started_ns = now_ns
         if self.params.squeeze_wake:
             for ring in self.rings:
                 ring.request_wake(now_ns)
+
+    def pool_target(self, last_io_ns: int, now_ns: int) -> int:
+        """The pool size a ring whose last I/O was at ``last_io_ns`` shrinks to at ``now_ns``."""
+        return self.bus.policy.target(self.squeeze, now_ns, last_io_ns, self.params)
 
     # -- rings ----------------------------------------------------------------------------
     def add_ring(self, allocator: PageAllocator, now_ns: int) -> Ring:
@@ -133,25 +153,20 @@ class Bus:
     def __init__(self, params: Params | None = None) -> None:
         self.params = params if params is not None else Params()
         self.devices: dict[str, Device] = {}
-        self.global_squeeze_end_ns = 0
         self.reports = 0
         self.stats_sink: Callable[[str], None] | None = None
         # Totals of rings that have gone, so that counters never move backwards.
         # pages_reclaimed: in flight when a connection died, returned at close.
         self.retired = {"rings": 0, "pages_allocated": 0, "pages_freed": 0, "pages_reclaimed": 0}
-        #: The policy selected by ``params.squeeze_policy``, kept current by a listener so
-        #: that a ring's pass (every batch of requests) does not look it up by name.
-        self.current_policy: SqueezePolicy = policy_named(self.params.squeeze_policy)
+        self.global_squeeze = NO_SQUEEZE  # the decision in force with squeeze_scope=global
+        #: The policy in force, selected by ``params.squeeze_policy`` and kept current by a
+        #: listener, so that a ring's pass (every batch of requests) does not look it up by name.
+        self.policy: SqueezePolicy = policy_named(self.params.squeeze_policy)
         self.params.subscribe(self._param_changed)
 
     def _param_changed(self, name: str, old: object, new: object) -> None:
         if name == "squeeze_policy":
-            self.current_policy = policy_named(self.params.squeeze_policy)
-
-    @property
-    def policy(self) -> SqueezePolicy:
-        """The squeeze policy selected by the parameters."""
-        return self.current_policy
+            self.policy = policy_named(self.params.squeeze_policy)
 
     def add_device(self, name: str) -> Device:
         """Register a device; names are unique."""

@@ -115,7 +115,9 @@ SPECS: tuple[ParamSpec, ...] = (
         minimum=1,
         maximum=1 << 20,
     ),
-    ParamSpec("log_stats", bool, False, "Log each ring's statistics every 10 s."),
+    ParamSpec(
+        "log_stats", bool, False, "Log each ring's statistics every 10 s (at INFO: serve -v)."
+    ),
     ParamSpec(
         "squeeze_scope",
         str,

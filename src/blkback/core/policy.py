@@ -1,12 +1,17 @@
-"""Squeeze policies: what a pressure report does to devices, and each ring's pool target.
+"""Squeeze policies: what a pressure report decides for a device, and each ring's pool target.
 
 The kernel's policy (Linux 5.6+, blkback-spec §3): ``reclaim_memory`` sets
 ``squeeze_end = now + buffer_squeeze_duration_ms`` (a plain store, not a max), and every ring
 loop pass shrinks the pool to 0 while ``now < squeeze_end`` and to ``max_buffer_pages``
 otherwise. The level of the report is ignored: any pressure squeezes.
 
-A policy is pure: it reads the device and ring state and the time it is given, and writes
-only the device's squeeze state.
+The squeeze flows one way. A policy is pure and knows neither devices nor rings:
+
+* :meth:`SqueezePolicy.decide` takes the :class:`SqueezeDecision` in force, the report and the
+  parameters, and *returns* the new decision; the device stores it (per device, or on the bus
+  when ``squeeze_scope`` is ``global``).
+* :meth:`SqueezePolicy.target` takes that stored decision and the facts of one ring (its last
+  I/O) and returns the pool size the ring's pass shrinks to.
 
 Stale instants. In the kernel a ring reads ``jiffies`` at the moment it tests the deadline.
 Here a pass is evaluated at an instant its runner read a little earlier (a ring thread reads
@@ -20,14 +25,11 @@ Every pass at or after the report sees the same answer either way.
 from __future__ import annotations
 
 import enum
-import weakref
-from typing import TYPE_CHECKING, Protocol
+from dataclasses import dataclass, replace
+from typing import Protocol
 
-from blkback.core.clock import NS_PER_MS, NS_PER_S
-
-if TYPE_CHECKING:
-    from blkback.core.device import Device
-    from blkback.core.ring import Ring
+from blkback.clock import NS_PER_MS, NS_PER_S
+from blkback.core.params import Params
 
 
 class PressureLevel(enum.IntEnum):
@@ -46,17 +48,52 @@ class PressureLevel(enum.IntEnum):
             raise ValueError(f"unknown pressure level {text!r} (low, medium, critical)") from None
 
 
+NO_LEVEL_ENDS = (0, 0, 0)
+
+
+@dataclass(frozen=True, slots=True)
+class SqueezeDecision:
+    """The squeeze state a policy decided at a report; the device stores it as it is.
+
+    A decision is replaced whole, never changed: a ring thread that read the decision in force
+    keeps a consistent one while a reporter thread stores the next.
+
+    Attributes:
+        end_ns: the squeeze window's end: the device is squeezed while ``now < end_ns``
+            (the kernel's ``buffer_squeeze_end``; 0 before any report).
+        level: the pressure level in force right after the report (``ctl stats``), or None.
+        level_ends_ns: the deadline of each level, indexed by ``level - 1`` (0: never set),
+            for policies that answer by level. Policies that do not use it pass it on.
+    """
+
+    end_ns: int = 0
+    level: PressureLevel | None = None
+    level_ends_ns: tuple[int, int, int] = NO_LEVEL_ENDS
+
+    def level_at(self, now_ns: int) -> PressureLevel | None:
+        """The highest level whose deadline is still ahead of ``now_ns``."""
+        for level in (PressureLevel.CRITICAL, PressureLevel.MEDIUM, PressureLevel.LOW):
+            if now_ns < self.level_ends_ns[level - 1]:
+                return level
+        return None
+
+
+NO_SQUEEZE = SqueezeDecision()
+
+
 class SqueezePolicy(Protocol):
-    """Decides the squeeze state on reports and the pool target on loop passes."""
+    """Decides the squeeze at a report, and the pool target at a ring's loop pass."""
 
     name: str
 
-    def on_reclaim(self, device: Device, level: PressureLevel, now_ns: int) -> None:
-        """A pressure report reached ``device`` (the ``reclaim_memory`` callback)."""
+    def decide(
+        self, current: SqueezeDecision, level: PressureLevel, now_ns: int, params: Params
+    ) -> SqueezeDecision:
+        """The decision after a report at ``level`` to a device that follows ``current``."""
         ...
 
-    def target(self, ring: Ring, now_ns: int) -> int:
-        """How many free pages ``ring`` may keep after its loop pass at ``now_ns``."""
+    def target(self, squeeze: SqueezeDecision, now_ns: int, last_io_ns: int, params: Params) -> int:
+        """How many free pages a ring last busy at ``last_io_ns`` may keep at ``now_ns``."""
         ...
 
 
@@ -78,15 +115,18 @@ class KernelPolicy:
 
     name = "kernel"
 
-    def on_reclaim(self, device: Device, level: PressureLevel, now_ns: int) -> None:
-        end = now_ns + device.params.buffer_squeeze_duration_ms * NS_PER_MS
-        device.set_squeeze_end(store_deadline(device.squeeze_end_ns, now_ns, end))
-        device.squeeze_level = level
+    def decide(
+        self, current: SqueezeDecision, level: PressureLevel, now_ns: int, params: Params
+    ) -> SqueezeDecision:
+        end = now_ns + params.buffer_squeeze_duration_ms * NS_PER_MS
+        return SqueezeDecision(
+            store_deadline(current.end_ns, now_ns, end), level, current.level_ends_ns
+        )
 
-    def target(self, ring: Ring, now_ns: int) -> int:
-        if now_ns < ring.device.squeeze_end_ns:
+    def target(self, squeeze: SqueezeDecision, now_ns: int, last_io_ns: int, params: Params) -> int:
+        if now_ns < squeeze.end_ns:
             return 0
-        return ring.device.params.max_buffer_pages
+        return params.max_buffer_pages
 
 
 class GradedPolicy:
@@ -115,10 +155,10 @@ class GradedPolicy:
     low report arriving during a critical window does not shorten the critical response,
     and the response falls back level by level as reports stop (the hysteresis of M4).
 
-    State. The per-level deadlines live in this policy, keyed weakly by the device (or by
-    the bus when ``squeeze_scope`` is ``global``, so that every device shares one set, as
-    the seed's single global deadline). The device still gets ``set_squeeze_end`` (the
-    latest deadline of any level) and ``squeeze_level`` (the level in force), so its
+    State. The per-level deadlines travel in the decision (``level_ends_ns``), which the
+    device stores where its scope says (so with ``squeeze_scope`` ``global`` every device
+    shares one set, as the seed's single global deadline). The decision's ``end_ns`` is the
+    latest deadline of any level and its ``level`` the level in force, so the device's
     counters and snapshot read the same as with the kernel policy.
     """
 
@@ -126,43 +166,25 @@ class GradedPolicy:
 
     def __init__(self, idle_ns: int = NS_PER_S) -> None:
         self.idle_ns = idle_ns
-        self._ends: weakref.WeakKeyDictionary[object, dict[PressureLevel, int]] = (
-            weakref.WeakKeyDictionary()
-        )
 
-    @staticmethod
-    def _key(device: Device) -> object:
-        return device.bus if device.params.squeeze_scope == "global" else device
+    def decide(
+        self, current: SqueezeDecision, level: PressureLevel, now_ns: int, params: Params
+    ) -> SqueezeDecision:
+        ends = list(current.level_ends_ns)
+        end = now_ns + params.buffer_squeeze_duration_ms * NS_PER_MS
+        ends[level - 1] = store_deadline(ends[level - 1], now_ns, end)
+        level_ends = (ends[0], ends[1], ends[2])
+        window = SqueezeDecision(end_ns=max(level_ends), level_ends_ns=level_ends)
+        return replace(window, level=window.level_at(now_ns))
 
-    def level_at(self, device: Device, now_ns: int) -> PressureLevel | None:
-        """The highest level whose deadline is still ahead of ``now_ns`` for ``device``."""
-        ends = self._ends.get(self._key(device))
-        if not ends:
-            return None
-        # A copy: a reporter thread may add a level while a ring thread's pass reads them.
-        active = [level for level, end in tuple(ends.items()) if now_ns < end]
-        return max(active) if active else None
-
-    def on_reclaim(self, device: Device, level: PressureLevel, now_ns: int) -> None:
-        key = self._key(device)
-        ends = self._ends.get(key)
-        if ends is None:
-            ends = {}
-            self._ends[key] = ends
-        end = now_ns + device.params.buffer_squeeze_duration_ms * NS_PER_MS
-        ends[level] = store_deadline(ends.get(level, 0), now_ns, end)
-        device.set_squeeze_end(max(ends.values()))
-        device.squeeze_level = self.level_at(device, now_ns)
-
-    def target(self, ring: Ring, now_ns: int) -> int:
-        device = ring.device
-        full = device.params.max_buffer_pages
-        level = self.level_at(device, now_ns)
+    def target(self, squeeze: SqueezeDecision, now_ns: int, last_io_ns: int, params: Params) -> int:
+        full = params.max_buffer_pages
+        level = squeeze.level_at(now_ns)
         if level is None:
             return full
         if level >= PressureLevel.CRITICAL:
             return 0
-        idle = now_ns - ring.last_io_ns >= self.idle_ns
+        idle = now_ns - last_io_ns >= self.idle_ns
         if level == PressureLevel.MEDIUM:
             return 0 if idle else full // 2
         return full // 2 if idle else full

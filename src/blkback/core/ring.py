@@ -4,21 +4,21 @@ The kernel's ``xen_blkif_schedule`` loop waits for requests (at most ``LRU_INTER
 handles a batch, then *on every iteration* shrinks the pool to the target (blkback-spec §2).
 Here :meth:`Ring.loop_pass` is that iteration's bookkeeping without the waiting: the server
 calls it after each batch and whenever :meth:`Ring.pass_due` says the interval has passed; the
-simulator calls it from its event queue. The target comes from the squeeze policy.
+simulator calls it from its event queue. The target comes from the ring's device
+(:meth:`RingOwner.pool_target`), which asks its squeeze policy: a ring knows its owner only
+through :class:`RingOwner`, so ``ring.py`` does not import ``device.py`` (which imports it).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import Protocol
 
-from blkback.core.clock import NS_PER_MS, NS_PER_S
+from blkback.clock import NS_PER_MS, NS_PER_S
 from blkback.core.pages import PageAllocator, Release
+from blkback.core.params import Params
 from blkback.core.pool import PagePool
-
-if TYPE_CHECKING:
-    from blkback.core.device import Device
 
 STATS_INTERVAL_NS = 10 * NS_PER_S  # print_stats: every 10 s when log_stats is set
 REFILL_WINDOW_NS = NS_PER_S  # pages allocated this soon after a squeeze count as wasted
@@ -74,10 +74,38 @@ class RingStats:
         return out
 
 
+class RingOwner(Protocol):
+    """What a ring needs of its device (:class:`~blkback.core.device.Device` is one)."""
+
+    @property
+    def name(self) -> str:
+        """The device's name, for the stats line."""
+        ...
+
+    @property
+    def params(self) -> Params:
+        """The runtime parameters the ring's passes read."""
+        ...
+
+    def pool_target(self, last_io_ns: int, now_ns: int) -> int:
+        """The pool size the squeeze in force allows a ring whose last I/O was at ``last_io_ns``."""
+        ...
+
+    def squeezed(self, now_ns: int) -> bool:
+        """Whether ``now_ns`` is inside the device's squeeze window."""
+        ...
+
+    def emit_stats(self, line: str) -> None:
+        """Deliver a ``log_stats`` line."""
+        ...
+
+
 class Ring:
     """One connection's pool and loop-pass state. Used from one thread at a time."""
 
-    def __init__(self, device: Device, ring_id: int, allocator: PageAllocator, now_ns: int) -> None:
+    def __init__(
+        self, device: RingOwner, ring_id: int, allocator: PageAllocator, now_ns: int
+    ) -> None:
         self.device = device
         self.ring_id = ring_id
         self.pool = PagePool(allocator)
@@ -145,7 +173,7 @@ class Ring:
 
     def target(self, now_ns: int) -> int:
         """The pool size this ring's pass would shrink to at ``now_ns``."""
-        return self.device.policy.target(self, now_ns)
+        return self.device.pool_target(self.last_io_ns, now_ns)
 
     def loop_pass(self, now_ns: int, *, had_io: bool = True, woken: bool = False) -> int:
         """One iteration's tail of ``xen_blkif_schedule``: shrink the pool; return pages freed.
@@ -171,7 +199,7 @@ class Ring:
         if now_ns > self.last_pass_ns:
             self.last_pass_ns = now_ns
         floor_before = params.max_buffer_pages
-        target = device.bus.current_policy.target(self, now_ns)
+        target = device.pool_target(self.last_io_ns, now_ns)
         pool = self.pool
         # Pages above max_buffer_pages would have gone anyway: only the rest is squeeze.
         # (The lower of two reads: `ctl set` may change it while the policy reads it, and

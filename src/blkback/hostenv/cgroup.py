@@ -6,8 +6,8 @@ import contextlib
 import errno
 import os
 import signal
-import time
 
+from blkback.clock import NS_PER_MS, NS_PER_S, MonotonicClock
 from blkback.errors import EnvironmentProblem
 from blkback.pressure.cgroups import read_layout
 from blkback.pressure.sources import parse_memory_stat
@@ -125,7 +125,8 @@ class MemoryCgroup:
         if not self.created:
             return
         parent = os.path.dirname(self.path)
-        deadline = time.monotonic() + timeout
+        clock = MonotonicClock()
+        deadline = clock.now_ns() + round(timeout * NS_PER_S)
         while True:
             for pid in self.pids():
                 if pid in self.started:
@@ -142,12 +143,12 @@ class MemoryCgroup:
             except FileNotFoundError:
                 break
             except OSError as exc:
-                if exc.errno != errno.EBUSY or time.monotonic() > deadline:
+                if exc.errno != errno.EBUSY or clock.now_ns() > deadline:
                     raise EnvironmentProblem(
                         f"cannot remove cgroup {self.path}: {exc.strerror}; "
                         f"processes left: {self.pids()}"
                     ) from None
-                time.sleep(0.05)
+                clock.wait_until(clock.now_ns() + 50 * NS_PER_MS)
                 continue
             break
         self.created = False

@@ -15,9 +15,9 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from typing import TYPE_CHECKING
 
+from blkback.clock import MonotonicClock
 from blkback.errors import EnvironmentProblem
 
 if TYPE_CHECKING:
@@ -72,7 +72,7 @@ class MemoryHog:
                 raise EnvironmentProblem(f"memory hog did not start: {line!r}")
             if self.cgroup is not None:
                 self.cgroup.add_pid(self.proc.pid, started=True)
-            self.started_ns = time.monotonic_ns()
+            self.started_ns = MonotonicClock().now_ns()
             self.proc.stdin.write("go\n")
             self.proc.stdin.flush()
         except BaseException:

@@ -7,8 +7,8 @@ import os
 import shutil
 import subprocess
 import tempfile
-import time
 
+from blkback.clock import NS_PER_S, MonotonicClock
 from blkback.errors import EnvironmentProblem
 
 
@@ -93,6 +93,7 @@ class TemporarySwap:
         if self.active:
             # swapoff must read every swapped page back in; when an owner sits at its
             # cgroup's limit that can fail with ENOMEM for a moment: retry before giving up.
+            clock = MonotonicClock()
             for attempt in range(5):
                 try:
                     _run(["swapoff", self.path])
@@ -100,7 +101,7 @@ class TemporarySwap:
                 except EnvironmentProblem:
                     if attempt == 4:
                         raise
-                    time.sleep(1.0 + attempt)
+                    clock.wait_until(clock.now_ns() + (1 + attempt) * NS_PER_S)
             self.active = False
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.path)

@@ -11,12 +11,20 @@ import json
 import signal
 import sys
 import threading
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    SubParsers = argparse._SubParsersAction[argparse.ArgumentParser]
 
 # Heavy imports stay inside run() so that `blkback --help` stays fast.
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Register ``probe``, ``watch`` and ``latency``."""
+def add_arguments(parser: argparse.ArgumentParser) -> SubParsers:
+    """Register ``probe`` and ``watch``; return the actions, for cli.py to add ``latency``.
+
+    ``blkback pressure latency`` is a benchmark that starts a server: it lives in
+    :mod:`blkback.bench.latency`, which ``pressure`` must not import (docs/design.md).
+    """
     sub = parser.add_subparsers(dest="pressure_command", metavar="ACTION", required=True)
     p = sub.add_parser("probe", help="try every pressure source and explain the result")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
@@ -26,24 +34,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     w.add_argument("--coalesce-ms", type=float, default=1.0, help="coalescing window (ms)")
     w.add_argument("--all", action="store_true", help="also print PSI samples that saw no pressure")
     w.add_argument("--json", action="store_true", help="one JSON object per line")
-    lat = sub.add_parser(
-        "latency",
-        help="benchmark: how fast a report empties every idle ring (squeeze_wake on vs off)",
-    )
-    lat.add_argument("--connections", type=int, default=64, help="idle rings (default 64)")
-    lat.add_argument("--fill-mib", type=int, default=4, help="pool fill per ring (default 4)")
-    lat.add_argument("--reports", type=int, default=30, help="reports per mode (default 30)")
-    lat.add_argument("--json", action="store_true", help="print JSON")
+    return sub
 
 
 def run(args: argparse.Namespace) -> int:
-    """Run ``probe``, ``watch`` or ``latency``."""
+    """Run ``probe`` or ``watch``."""
     if args.pressure_command == "probe":
         return _probe(args)
-    if args.pressure_command == "latency":
-        from blkback.pressure.latency import run_cli
-
-        return run_cli(args.connections, args.fill_mib, args.reports, args.json)
     return _watch(args)
 
 
@@ -68,11 +65,12 @@ def _probe(args: argparse.Namespace) -> int:
 
 
 def _watch(args: argparse.Namespace) -> int:
+    from blkback.clock import MonotonicClock
     from blkback.core.policy import PressureLevel
+    from blkback.pressure.display import event_line, header_line, reasons_lines, summary_line
     from blkback.pressure.fusion import Decision
     from blkback.pressure.monitor import PressureMonitor
     from blkback.pressure.sources import SourceEvent
-    from blkback.sysclock import MonotonicClock
 
     clock = MonotonicClock()
     start = clock.now_ns()
@@ -98,9 +96,9 @@ def _watch(args: argparse.Namespace) -> int:
                 }
             )
         else:
-            extra = f" some={event.some:.1%} full={event.full:.1%}" if event.severity else ""
-            extra += f" x{event.count}" if event.count != 1 else ""
-            line = f"{t:9.3f}s {event.source:<20} {level:<8} -> {decision.reason} {fused}{extra}"
+            line = event_line(t, event.source, level, event.count, decision.reason, fused)
+            if event.severity:
+                line += f" (some {event.some:.1%}, full {event.full:.1%})"
         with out_lock:
             print(line, flush=True)
 
@@ -115,25 +113,15 @@ def _watch(args: argparse.Namespace) -> int:
     monitor.start()
     try:
         status = monitor.status()
-        print(
-            f"watching: active {', '.join(status['active'])}"  # type: ignore[arg-type]
-            + (f"; failed {status['failed']}" if status["failed"] else ""),
-            file=sys.stderr,
-            flush=True,
-        )
+        print(header_line(status), file=sys.stderr, flush=True)
+        for line in reasons_lines("unavailable sources", status["failed"]):  # type: ignore[arg-type]
+            print(line, file=sys.stderr, flush=True)
         done.wait(args.seconds)
     finally:
         monitor.stop()
         signal.signal(signal.SIGTERM, previous)
     print(
-        json.dumps(monitor.status(), indent=2) if args.json else _summary(monitor.status()),
+        json.dumps(monitor.status()) if args.json else summary_line(monitor.status()),
         file=sys.stderr,
     )
     return 0
-
-
-def _summary(status: dict[str, object]) -> str:
-    return (
-        f"events {status['events']}; delivered {status['delivered']}; "
-        f"coalesced {status['coalesced']}; unconfirmed {status['unconfirmed']}"
-    )

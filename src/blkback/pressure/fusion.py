@@ -2,7 +2,7 @@
 
 The monitor feeds every :class:`~blkback.pressure.sources.SourceEvent` to
 :meth:`Fuser.observe`, which returns a :class:`Decision`. Nothing here reads a clock or
-starts a thread: tests drive it with a :class:`~blkback.core.clock.ManualClock`.
+starts a thread: tests drive it with a :class:`~blkback.clock.ManualClock`.
 
 Fusion (pressure-signals.md A5). Sources play different roles:
 
@@ -29,7 +29,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from blkback.core.clock import NS_PER_MS
+from blkback.clock import NS_PER_MS
 from blkback.core.policy import PressureLevel
 
 LEVELS = (PressureLevel.LOW, PressureLevel.MEDIUM, PressureLevel.CRITICAL)

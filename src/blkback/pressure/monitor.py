@@ -17,6 +17,9 @@ the monitor's own lock, so it may take the server's lock and call
 Modes. ``"auto"`` opens every source that works here: PSI triggers and PSI totals, global and
 for the own cgroup v2 (when that is not the root, which the global files already cover), and
 cgroup v1 vmpressure on the own memory cgroup; MemAvailable only when none of those work.
+When the service manager sets ``$MEMORY_PRESSURE_WATCH`` (systemd's protocol, see
+:mod:`~blkback.pressure.systemd`), ``"auto"`` watches only what it names, with its trigger,
+and nothing when it says ``/dev/null``: the unit's choice wins, as in sd-event.
 Otherwise ``mode`` is a comma-separated list of :data:`SOURCE_NAMES`; a listed source that
 fails is an error. ``"manual"`` (the manual source alone) never fails. Manual reports work
 in every mode.
@@ -29,7 +32,7 @@ import os
 import threading
 from collections.abc import Callable
 
-from blkback.core.clock import NS_PER_MS, Clock
+from blkback.clock import NS_PER_MS, Clock, MonotonicClock
 from blkback.core.policy import PressureLevel
 from blkback.errors import ConfigError, EnvironmentProblem
 from blkback.pressure.cgroups import CgroupLayout, read_layout
@@ -45,14 +48,15 @@ from blkback.pressure.sources import (
     SourceEvent,
     VmpressureSource,
 )
-from blkback.sysclock import MonotonicClock
+from blkback.pressure.systemd import ENV_WATCH, SystemdWatchSource, watch_from_environ
 
 log = logging.getLogger(__name__)
 
-Deliver = Callable[[PressureLevel, str], None]
+Deliver = Callable[[PressureLevel, str], object]  # what it returns is not used
 EventHook = Callable[[SourceEvent, Decision], None]
 
 SOURCE_NAMES: tuple[str, ...] = (
+    "systemd",
     "psi-trigger",
     "psi-trigger-cgroup",
     "psi-total",
@@ -108,7 +112,20 @@ def build_sources(
     cg_psi, cg_why = cgroup_v2_pressure(layout)
     mem_dir = layout.v1_dir("memory")
     for name in names:
-        if name == "psi-trigger":
+        if name == "systemd":
+            try:
+                spec = watch_from_environ(os.environ)
+            except EnvironmentProblem as exc:
+                failed[name] = str(exc)
+                continue
+            if spec is None:
+                failed[name] = (
+                    f"${ENV_WATCH} is not set (systemd >= 254 sets it for a service with "
+                    "MemoryPressureWatch=)"
+                )
+            else:
+                sources.append(SystemdWatchSource(spec))
+        elif name == "psi-trigger":
             sources.append(PsiTriggerSource(GLOBAL_PSI_MEMORY, "psi-trigger"))
         elif name == "psi-total":
             sources.append(PsiTotalSource(GLOBAL_PSI_MEMORY, "psi-total", period_ns=psi_period_ns))
@@ -184,12 +201,19 @@ class PressureMonitor:
             raise RuntimeError("pressure monitor already started")
         layout = self._layout or read_layout()
         auto = self._names is None
-        names = (
-            tuple(n for n in SOURCE_NAMES if n not in ("meminfo", "manual"))
-            if auto
-            else self._names
-        )
-        assert names is not None
+        from_unit = auto and ENV_WATCH in os.environ
+        if from_unit:
+            # The service manager chose what to watch (or nothing, with /dev/null).
+            names: tuple[str, ...] = ("systemd",)
+            for other in SOURCE_NAMES:
+                if other not in ("systemd", "manual"):
+                    self.skipped[other] = f"${ENV_WATCH} is set: the unit's watch is used"
+        elif auto:
+            names = tuple(n for n in SOURCE_NAMES if n not in ("systemd", "meminfo", "manual"))
+            self.skipped["systemd"] = f"${ENV_WATCH} is not set: no service manager's watch"
+        else:
+            assert self._names is not None
+            names = self._names
         sources, failed = build_sources(
             tuple(n for n in names if n != "manual"),
             layout,
@@ -198,7 +222,9 @@ class PressureMonitor:
         )
         poller = Poller(sources, self._on_event, clock=self.clock, on_failure=self._on_failure)
         failed.update(poller.start())
-        if auto:
+        if from_unit:
+            pass  # no fallback: a disabled or broken watch is reported in ``failed``
+        elif auto:
             if not poller.running:
                 # Nothing event-driven works: fall back to MemAvailable sampling.
                 poller.stop()

@@ -29,7 +29,7 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from blkback.core.clock import NS_PER_MS, Clock
+from blkback.clock import NS_PER_MS, Clock, MonotonicClock
 from blkback.core.policy import PressureLevel
 from blkback.errors import EnvironmentProblem
 from blkback.pressure.psi import (
@@ -41,7 +41,6 @@ from blkback.pressure.psi import (
     parse_psi,
     stall_fractions,
 )
-from blkback.sysclock import MonotonicClock
 
 log = logging.getLogger(__name__)
 
@@ -184,7 +183,8 @@ class PsiTriggerSource(Source):
                 self._arm(specs)
             except OSError as exc:
                 self.close()
-                refusals.append(f"{form} ({specs[0].text()!r}): {os.strerror(exc.errno or 0)}")
+                written = specs[0].text().rstrip(b"\0").decode()
+                refusals.append(f"{form} ('{written}'): {os.strerror(exc.errno or 0)}")
                 if exc.errno in (errno.EINVAL, errno.EPERM, errno.EACCES):
                     continue
                 raise EnvironmentProblem(f"{self.path}: " + "; ".join(refusals)) from None

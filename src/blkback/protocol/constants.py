@@ -24,6 +24,10 @@ MAX_STRING: Final = 4096
 # "Block size constraints": lengths below 2**25 SHOULD NOT be treated as a denial of service;
 # it is also the largest READ/WRITE a maximally interoperable client sends.
 DEFAULT_MAX_BLOCK: Final = 32 * 1024 * 1024
+# The largest READ/WRITE/CACHE nbdkit serves (MAX_REQUEST_SIZE in its server/internal.h), and
+# libnbd's limit too: a server that advertises 32 MiB still accepts this much, so that clients
+# that never read NBD_INFO_BLOCK_SIZE (nbd-tester-client's integrityhuge trace) are served.
+MAX_REQUEST: Final = 64 * 1024 * 1024
 # The 124 reserved zero bytes after an NBD_OPT_EXPORT_NAME reply, unless NO_ZEROES.
 EXPORT_NAME_PADDING: Final = 124
 

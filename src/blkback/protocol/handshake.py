@@ -95,8 +95,11 @@ class ExportInfo:
             :func:`final_tflags`.
         min_block: Minimum block size: a power of 2, at most 64 KiB.
         pref_block: Preferred block size: a power of 2, at least ``max(min_block, 512)``.
-        max_block: Largest READ/WRITE/CACHE length accepted: a multiple of ``min_block`` (or
-            ``0xFFFFFFFF``), at least ``min(pref_block, size)``.
+        max_block: Largest READ/WRITE/CACHE length advertised (``NBD_INFO_BLOCK_SIZE``): a
+            multiple of ``min_block`` (or ``0xFFFFFFFF``), at least ``min(pref_block, size)``.
+        max_request: Largest READ/WRITE/CACHE length accepted, if larger than ``max_block``
+            (0: ``max_block``). The spec lets a server serve more than it advertises; nbdkit
+            serves 64 MiB (:data:`MAX_REQUEST`) whatever it advertises.
         description: Optional human-readable text (``INFO_DESCRIPTION``, ``OPT_LIST``).
 
     Raises:
@@ -112,6 +115,7 @@ class ExportInfo:
     pref_block: int = 4096
     max_block: int = DEFAULT_MAX_BLOCK
     description: str = ""
+    max_request: int = 0
 
     def __post_init__(self) -> None:
         for label, text in (("name", self.name), ("description", self.description)):
@@ -131,6 +135,8 @@ class ExportInfo:
             raise ValueError("max_block must be a multiple of min_block or 0xFFFFFFFF")
         if self.max_block < min(self.pref_block, self.size):
             raise ValueError("max_block must be >= min(pref_block, size)")
+        if not 0 <= self.max_request <= 0xFFFFFFFF or self.max_request % self.min_block:
+            raise ValueError("max_request must be a multiple of min_block below 4 GiB, or 0")
 
 
 class ExportCatalog(Protocol):

@@ -172,12 +172,13 @@ class Transmission:
         self.structured = negotiated.structured_replies
         self._size = export.size
         self._min_mask = export.min_block - 1
-        self._max_block = export.max_block
+        # Advertised or not, every READ/WRITE/CACHE up to this length is served.
+        self._max_request = max(export.max_block, export.max_request)
         self._read_only = bool(tflags & TFlag.READ_ONLY)
         # "Block size constraints": any length below 2**25 "SHOULD NOT be considered a denial
-        # of service", so a WRITE up to max(max_block, 32 MiB) is read and failed with EINVAL
-        # (as nbdkit skips over-large payloads); only a longer one drops the connection.
-        self.max_write_payload = max(export.max_block, DEFAULT_MAX_BLOCK)
+        # of service", so a WRITE up to max(accepted length, 32 MiB) is read and failed with
+        # EINVAL (as nbdkit skips over-large payloads); only a longer one drops the connection.
+        self.max_write_payload = max(self._max_request, DEFAULT_MAX_BLOCK)
         self._read_header = _structured_read_header if self.structured else _simple_read_header
 
         # Which flags each advertised command accepts ("Command flags"). FUA "is valid for all
@@ -224,8 +225,9 @@ class Transmission:
                 unadvertised command, a flag unknown, unadvertised or not valid for the
                 command, FLUSH with a nonzero offset or length, zero length, READ/TRIM/CACHE/
                 BLOCK_STATUS past the end, misalignment to the minimum block size, or a READ,
-                WRITE or CACHE longer than the maximum block size. After one of these on a
-                WRITE the caller MUST still read and discard the ``length`` payload bytes.
+                WRITE or CACHE longer than the largest request served (the maximum block
+                size, or the export's larger ``max_request``). After one of these on a WRITE
+                the caller MUST still read and discard the ``length`` payload bytes.
         """
         if cmd == Cmd.WRITE and length > self.max_write_payload:
             raise ProtocolError(
@@ -262,12 +264,12 @@ class Transmission:
             raise InvalidRequestError(
                 f"{Cmd(cmd).name} not aligned to the minimum block size {self._min_mask + 1}"
             )
-        if length > self._max_block and (cmd == Cmd.READ or cmd == Cmd.WRITE or cmd == Cmd.CACHE):
+        if length > self._max_request and (cmd == Cmd.READ or cmd == Cmd.WRITE or cmd == Cmd.CACHE):
             # TRIM and WRITE_ZEROES carry no payload; the spec asks only for EINVAL (never a
             # disconnect) there, and we simply accept them whole.
             raise InvalidRequestError(
-                f"{Cmd(cmd).name} of {length} bytes exceeds the maximum block size "
-                f"{self._max_block}"
+                f"{Cmd(cmd).name} of {length} bytes exceeds the largest request served "
+                f"{self._max_request}"
             )
 
     def _reject_command(self, cmd: int) -> None:

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from blkback.errors import EnvironmentProblem
+from blkback.progress import StepProgress
 
 GUEST_SCRIPT = Path(__file__).with_name("guest.py")
 SYSTEM_PYTHON = "/usr/bin/python3"
@@ -180,7 +181,7 @@ class ServerProcess:
         raise EnvironmentProblem("blkback serve did not become ready in time")
 
     def request(self, payload: dict[str, Any], timeout_s: float = 30.0) -> dict[str, Any]:
-        from blkback.server.ctl_command import request
+        from blkback.server.control_client import request
 
         return request(self.control, payload, timeout_s)
 
@@ -344,34 +345,5 @@ def spread(xs: list[float]) -> dict[str, float]:
     }
 
 
-class Progress:
-    """A one-line progress bar on stderr (plain lines when stderr is not a terminal)."""
-
-    def __init__(self, total: int, label: str = "repro") -> None:
-        self.total = max(1, total)
-        self.done = 0
-        self.label = label
-        self.tty = sys.stderr.isatty()
-        self.t0 = time.monotonic()
-
-    def step(self, what: str) -> None:
-        """Announce the step that starts now."""
-        self._show(what)
-
-    def advance(self, what: str = "") -> None:
-        self.done += 1
-        self._show(what)
-
-    def _show(self, what: str) -> None:
-        width = 30
-        filled = int(width * self.done / self.total)
-        bar = "#" * filled + "-" * (width - filled)
-        el = time.monotonic() - self.t0
-        line = f"{self.label} [{bar}] {self.done}/{self.total} {el:6.0f}s {what}"
-        if self.tty:
-            sys.stderr.write("\r\x1b[2K" + line[:160])
-            if self.done >= self.total:
-                sys.stderr.write("\n")
-        else:
-            sys.stderr.write(line + "\n")
-        sys.stderr.flush()
+# The repro runner's progress bar (rich, on stderr, only on a terminal).
+Progress = StepProgress

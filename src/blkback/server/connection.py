@@ -37,17 +37,17 @@ import select
 import socket
 import struct
 import threading
-import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from blkback.core.clock import NS_PER_MS
+from blkback.clock import NS_PER_MS, NS_PER_S, NS_PER_US
 from blkback.core.pages import PAGE_SIZE, MmapAllocator
 from blkback.core.ring import Ring
 from blkback.errors import ProtocolError, RequestError
 from blkback.protocol.constants import REQUEST_MAGIC, Cmd, CmdFlag, TFlag
 from blkback.protocol.handshake import HandshakeState, Negotiated, ServerHandshake
 from blkback.protocol.transmission import REQUEST, REQUEST_SIZE, Transmission
+from blkback.server import oplog
 from blkback.server.direct_io import DirectIO, direct_io
 from blkback.server.tls import TlsSocket, start_tls
 
@@ -107,6 +107,7 @@ class Connection:
         self.peer = peer
         self.ring: Ring | None = None
         self.export: Export | None = None
+        self.trace = False  # -vv: log every request (and serve all by the general path)
         self.allocator: MmapAllocator | None = None
         self.send_lock = threading.Lock()
         self.ring_lock = threading.Lock()
@@ -193,6 +194,7 @@ class Connection:
     def _close(self) -> None:
         try:
             self._stop_workers()
+            oplog.closed(self.peer, self.export, self.ring)  # its counters are final now
             if self.ring is not None:
                 self._reclaim_abandoned_pages()
                 self.server.detach_ring(self)
@@ -241,10 +243,10 @@ class Connection:
     def _handshake(self) -> tuple[Negotiated | None, bytes]:
         server = self.server
         sock = self.sock
-        timeout_s = server.config.handshake_timeout_s
+        timeout_s = server.config.handshake_timeout_ns / NS_PER_S
         sock.settimeout(timeout_s)
         hs = ServerHandshake(
-            server.catalog,
+            oplog.RefusalLog(server.catalog, self.peer),
             tls=server.config.tls,
             max_option_len=server.config.max_option_bytes,
             max_options=server.config.max_options,
@@ -253,10 +255,10 @@ class Connection:
         # One deadline for the whole handshake (TLS included), not per recv: a client that
         # drips a byte at a time must not hold a thread forever.
         clock = server.clock
-        deadline_ns = clock.now_ns() + int(timeout_s * 1e9)
+        deadline_ns = clock.now_ns() + server.config.handshake_timeout_ns
         while hs.state is HandshakeState.IN_PROGRESS:
             try:
-                left_s = (deadline_ns - clock.now_ns()) / 1e9
+                left_s = (deadline_ns - clock.now_ns()) / NS_PER_S
                 if left_s <= 0:
                     raise TimeoutError
                 sock.settimeout(left_s)
@@ -271,7 +273,7 @@ class Connection:
                 ctx = server.config.tls_context
                 assert ctx is not None and isinstance(sock, socket.socket)
                 # The handshake timeout covers the TLS handshake too.
-                left_s = max(0.001, (deadline_ns - clock.now_ns()) / 1e9)
+                left_s = max(0.001, (deadline_ns - clock.now_ns()) / NS_PER_S)
                 self.sock = sock = start_tls(ctx, sock, left_s)
                 hs.tls_started()
                 continue
@@ -298,7 +300,6 @@ class Connection:
         self.export_size = neg.export.size
         self.max_block = neg.export.max_block
         self.writable = not neg.tflags & TFlag.READ_ONLY
-        self.direct = direct_io(self.storage)
         self.allocator = MmapAllocator(
             chunk_pages=server.config.chunk_pages,
             mlock=server.config.mlock,
@@ -306,6 +307,10 @@ class Connection:
         )
         self.ring = server.attach_ring(self, export)
         self.ring.waker = self.wake_pass
+        oplog.connected(self.peer, neg)
+        self.trace = oplog.tracing()
+        # Tracing logs every request: then every request takes the general path.
+        self.direct = None if self.trace else direct_io(self.storage)
         if not self.storage.inline:
             self._start_workers(server.config.workers)
         self._bind_socket(self.sock)
@@ -323,7 +328,7 @@ class Connection:
             # Busy polling needs the plain socket's recv flags, and only a ring that serves
             # inline polls (a ring with workers would take the GIL from its own workers).
             self._poll_recv = sock.recv_into
-            self._poll_ns = self.server.config.poll_us * 1000
+            self._poll_ns = self.server.config.poll_ns
         self._wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         poller = select.poll()
         poller.register(sock.fileno(), select.POLLIN | select.POLLPRI)
@@ -332,13 +337,13 @@ class Connection:
 
     def _set_recv_timeout(self, recv_ns: int) -> None:
         """Bound the ring's blocking ``recv`` (the kernel's wait with ``LRU_INTERVAL``)."""
-        recv_us = max(1000, recv_ns // 1000)
+        recv_us = max(1000, recv_ns // NS_PER_US)
         tv = struct.pack("ll", recv_us // 1_000_000, recv_us % 1_000_000)
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, tv)
 
     def _set_send_timeout(self) -> None:
-        send_ms = self.server.config.io_timeout_ms
-        tv = struct.pack("ll", send_ms // 1000, (send_ms % 1000) * 1000)
+        send_us = self.server.config.io_timeout_ns // NS_PER_US
+        tv = struct.pack("ll", send_us // 1_000_000, send_us % 1_000_000)
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, tv)
 
     def _loop(self, leftover: bytes) -> None:
@@ -400,7 +405,7 @@ class Connection:
     def _busy_poll(self, dst: memoryview) -> int:
         """Poll the socket right after a batch, before sleeping in ``recv``; -1: no data.
 
-        See ``ServerConfig.poll_us``: only rings that serve inline poll, at most one per
+        See ``ServerConfig.poll_ns``: only rings that serve inline poll, at most one per
         polling slot, and only while the server has no more connections than slots.
         """
         poll_ns = self._poll_ns
@@ -643,6 +648,8 @@ class Connection:
         magic, flags, cmd, cookie, offset, length = REQUEST.unpack_from(view, start)
         if magic != REQUEST_MAGIC:
             raise ProtocolError(f"bad request magic 0x{magic:08x}")
+        if self.trace:
+            oplog.request(self.peer, cmd, flags, offset, length)
         out: list[bytes | memoryview] = []
         held: list[int] = []
         try:
@@ -663,25 +670,25 @@ class Connection:
         reclaim a chance. The next success needs nothing: the pause simply stops doubling.
         """
         now = self.server.clock.now_ns()
-        cap_ns = self.server.params.lru_interval_ms * 1_000_000
-        if now - self._alloc_failed_ns > 1_000_000_000:
-            self._alloc_backoff_ns = 1_000_000
+        cap_ns = self.server.params.lru_interval_ms * NS_PER_MS
+        if now - self._alloc_failed_ns > NS_PER_S:
+            self._alloc_backoff_ns = NS_PER_MS
         else:
             self._alloc_backoff_ns = min(2 * self._alloc_backoff_ns, cap_ns)
         self._alloc_failed_ns = now
         ring = self.ring
         if ring is not None:
             ring.stats.extra["alloc_backoff_ms"] = (
-                ring.stats.extra.get("alloc_backoff_ms", 0) + self._alloc_backoff_ns // 1_000_000
+                ring.stats.extra.get("alloc_backoff_ms", 0) + self._alloc_backoff_ns // NS_PER_MS
             )
-        time.sleep(self._alloc_backoff_ns / 1e9)
+        self.server.clock.wait_until(now + self._alloc_backoff_ns)
 
     def _io_error_reply(self, cookie: int, err: RequestError) -> bytes:
         """The error reply of a fast-path request whose storage I/O failed (counted, logged)."""
         ring = self.ring
         if ring is not None:
             ring.stats.errors += 1
-        log.warning("%s: I/O error: %s", self.peer, err)
+        oplog.error_reply(self.peer, err.errno, str(err))
         return self.codec.error_reply(cookie, err.errno, str(err))
 
     def _slow_request(
@@ -729,6 +736,7 @@ class Connection:
                         pages = ring.get_pages((length + PAGE_SIZE_MASK) >> PAGE_SHIFT, now)
         except RequestError as exc:
             stats.errors += 1
+            oplog.error_reply(self.peer, exc.errno, str(exc), cmd, offset, length)
             out.append(codec.error_reply(cookie, exc.errno, str(exc)))
             return start, max(end, start)
         except MemoryError:
@@ -736,16 +744,17 @@ class Connection:
             # gathered so far already went back to the pool in get_many).
             if cmd == C_WRITE:
                 start = self._discard_payload(view, start, end, length)
-            self._refuse_no_memory(cookie, out)
+            self._refuse_no_memory(cmd, cookie, out)
             return start, max(end, start)
         self._dispatch((flags, cmd, cookie, offset, length, pages), out, held)
         return start, max(end, start)
 
-    def _refuse_no_memory(self, cookie: int, out: _Replies) -> None:
+    def _refuse_no_memory(self, cmd: int, cookie: int, out: _Replies) -> None:
         """Answer ENOMEM, send the replies so far, then pause the ring (``_alloc_backoff``)."""
         ring = self.ring
         assert ring is not None
         ring.stats.errors += 1
+        oplog.error_reply(self.peer, errno.ENOMEM, "out of memory for buffers", cmd)
         out.append(self.codec.error_reply(cookie, errno.ENOMEM, "out of memory for buffers"))
         # The replies so far go out now, not after the pause.
         self._send(out)
@@ -823,6 +832,7 @@ class Connection:
             return [codec.simple_reply(cookie)]
         except RequestError as exc:
             stats.errors += 1
+            oplog.error_reply(self.peer, exc.errno, str(exc), cmd, offset, length)
             return [codec.error_reply(cookie, exc.errno, str(exc))]
 
     def _block_status(self, flags: int, cookie: int, offset: int, length: int) -> bytes:
@@ -877,7 +887,7 @@ class Connection:
         got = 0
         # When the current stall was first seen (a receive timeout expired with no data):
         # the payload may take as long as it likes while bytes keep coming, but no byte for
-        # io_timeout_ms (by the clock, not by counting timeouts, whose length varies after
+        # io_timeout_ns (by the clock, not by counting timeouts, whose length varies after
         # wake passes) ends the connection.
         stalled_ns: int | None = None
         clock = self.server.clock
@@ -893,7 +903,7 @@ class Connection:
                     self._pass(now, had_io=False, woken=False)
                 if stalled_ns is None:
                     stalled_ns = now
-                elif now - stalled_ns > self.server.config.io_timeout_ms * 1_000_000:
+                elif now - stalled_ns > self.server.config.io_timeout_ns:
                     raise TimeoutError("client stalled mid-request") from None
                 continue
             if n == 0:

@@ -1,120 +1,268 @@
-"""Prometheus metrics over HTTP (``--metrics HOST:PORT``), read from the server's stats."""
+"""Prometheus metrics over HTTP (``--metrics HOST:PORT``), built from the server's stats.
+
+The series come from the same snapshot dicts as ``ctl stats --json`` (``Server.stats()``),
+read at each scrape by a custom collector; ``prometheus_client`` does the exposition, the
+HTTP serving and the process metrics (``process_cpu_seconds_total``,
+``process_resident_memory_bytes``, ``process_open_fds``, ...).
+
+A counter added to a snapshot shows up without code here: every number in a ring's
+``requests`` dict (``RingStats`` and its ``extra``) is a counter ``blkback_ring_<key>_total``,
+every other number of a ring or device snapshot a gauge ``blkback_ring_<key>`` /
+``blkback_device_<key>``, unless a table below gives it a better name, type and help.
+"""
 
 from __future__ import annotations
 
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import TYPE_CHECKING, Any
+import logging
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Literal
+
+from prometheus_client import CollectorRegistry, ProcessCollector, start_http_server
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 from blkback.errors import ConfigError
 
+log = logging.getLogger("blkback.server")
+
 if TYPE_CHECKING:
+    from wsgiref.simple_server import WSGIServer
+
     from blkback.server.server import Server
 
-RING_GAUGES = {
-    "pool_pages": ("blkback_pool_pages", "gauge", "Free pages in the ring's pool"),
-    "in_flight_pages": ("blkback_in_flight_pages", "gauge", "Pages held by requests"),
-    "peak_pool_pages": ("blkback_peak_pool_pages", "gauge", "Largest pool size seen"),
-    "pages_allocated": ("blkback_pages_allocated_total", "counter", "Pages allocated"),
-    "pages_freed": ("blkback_pages_freed_total", "counter", "Pages freed by shrinking"),
+Kind = Literal["gauge", "counter"]
+
+
+@dataclass(frozen=True, slots=True)
+class Series:
+    """How one snapshot field is exported: metric name (counters without ``_total``), type,
+    help, and optionally a fixed label (several fields of one metric told apart by it)."""
+
+    name: str
+    kind: Kind
+    help: str
+    label: tuple[str, str] | None = None
+
+
+def _requests(kind: str) -> Series:
+    return Series("blkback_requests", "counter", "Requests handled, by kind", ("kind", kind))
+
+
+def _released(reason: str) -> Series:
+    return Series("blkback_pages_released", "counter", "Pages freed, by reason", ("reason", reason))
+
+
+#: Fields of a ring snapshot (``Ring.snapshot()``), labelled ``device`` and ``ring``.
+RING_SERIES: dict[str, Series | None] = {
+    "id": None,
+    "pool_pages": Series("blkback_pool_pages", "gauge", "Free pages in the ring's pool"),
+    "in_flight_pages": Series("blkback_in_flight_pages", "gauge", "Pages held by requests"),
+    "peak_pool_pages": Series("blkback_peak_pool_pages", "gauge", "Largest pool size seen"),
+    "peak_in_flight_pages": Series(
+        "blkback_peak_in_flight_pages", "gauge", "Most pages held by requests at once"
+    ),
+    "pages_allocated": Series("blkback_pages_allocated", "counter", "Pages allocated"),
+    "pages_freed": Series("blkback_pages_freed", "counter", "Pages freed by shrinking"),
+    "hits": Series("blkback_pool_hits", "counter", "Page requests served from the pool"),
+    "misses": Series("blkback_pool_misses", "counter", "Page requests that allocated"),
+    "last_pass_ms": None,  # a timestamp on the server's monotonic clock: meaningless outside
+    "last_free_ms": None,
 }
-RING_REQUESTS = {
-    "rd": "read",
-    "wr": "write",
-    "f": "flush",
-    "ds": "trim",
-    "other": "other",
-    "errors": "error",
+#: Counters of a ring's ``requests`` dict (``RingStats.as_dict()``).
+REQUEST_SERIES: dict[str, Series | None] = {
+    "rd": _requests("read"),
+    "wr": _requests("write"),
+    "f": _requests("flush"),
+    "ds": _requests("trim"),
+    "other": _requests("other"),
+    "oo": Series(
+        "blkback_request_slot_waits", "counter", "Requests that found no free request slot"
+    ),
+    "errors": Series("blkback_request_errors", "counter", "Requests answered with an error"),
+    "rd_bytes": Series("blkback_read_bytes", "counter", "Bytes read by clients"),
+    "wr_bytes": Series("blkback_written_bytes", "counter", "Bytes written by clients"),
+    "pages_trimmed": _released("trim"),
+    "pages_squeezed": _released("squeeze"),
+    "refill_after_squeeze_pages": Series(
+        "blkback_refill_after_squeeze_pages", "counter", "Pages allocated within 1 s of a squeeze"
+    ),
+}
+#: Fields of a device snapshot (``Device.snapshot()``), labelled ``device``.
+DEVICE_SERIES: dict[str, Series | None] = {
+    "name": None,
+    "rings": None,
+    "squeeze_end_ms": None,  # a monotonic-clock timestamp
+    "squeeze_level": None,
+    "squeezes": Series("blkback_squeezes", "counter", "Squeeze windows started, per device"),
+    "squeezed": Series("blkback_squeezed", "gauge", "Whether the device is squeezed now"),
+    "reclaims": Series("blkback_reclaims", "counter", "Pressure reports received, per device"),
+}
+#: Fields of ``stats["server"]``, unlabelled; the rest is left to the process collector.
+SERVER_SERIES: dict[str, Series] = {
+    "connections": Series("blkback_connections", "gauge", "Open NBD connections"),
+    "connections_total": Series(
+        "blkback_connections_accepted", "counter", "NBD connections accepted"
+    ),
+    "connections_refused": Series(
+        "blkback_connections_refused", "counter", "NBD connections refused (limits, threads)"
+    ),
 }
 
 
-def _esc(value: str) -> str:
-    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+def _auto(prefix: str, key: str, kind: Kind, where: str) -> Series:
+    return Series(f"{prefix}_{key}", kind, f"{where} field {key!r} (see ctl stats --json)")
 
 
-def render(stats: dict[str, Any]) -> str:
-    """The Prometheus text exposition of a ``Server.stats()`` dict."""
-    lines: list[str] = []
-    for metric, kind, text in RING_GAUGES.values():
-        lines += [f"# HELP {metric} {text}", f"# TYPE {metric} {kind}"]
-    lines += [
-        "# HELP blkback_requests_total Requests handled, by kind",
-        "# TYPE blkback_requests_total counter",
-        "# HELP blkback_pages_released_total Pages freed, by reason",
-        "# TYPE blkback_pages_released_total counter",
-        "# HELP blkback_refill_after_squeeze_pages_total Pages allocated within 1 s of a squeeze",
-        "# TYPE blkback_refill_after_squeeze_pages_total counter",
-        "# HELP blkback_squeezes_total Squeeze windows started, per device",
-        "# TYPE blkback_squeezes_total counter",
-        "# HELP blkback_squeezed Whether the device is squeezed now",
-        "# TYPE blkback_squeezed gauge",
-    ]
+def _number(value: object) -> float | None:
+    """The value of a numeric field (bools as 0/1); None for anything else."""
+    if isinstance(value, bool | int | float):
+        return float(value)
+    return None
+
+
+class _Families:
+    """Metric families being filled, one per metric name, in first-seen order."""
+
+    def __init__(self) -> None:
+        self.by_name: dict[str, GaugeMetricFamily | CounterMetricFamily] = {}
+
+    def declare(
+        self, series: Series, label_names: list[str]
+    ) -> GaugeMetricFamily | CounterMetricFamily:
+        """The family of ``series``, created (with no sample yet) if new.
+
+        Declaring the tables' families up front keeps their HELP and TYPE in every scrape,
+        as a client library's labelled metric does before its first child.
+        """
+        family = self.by_name.get(series.name)
+        if family is None:
+            names = label_names + ([series.label[0]] if series.label else [])
+            cls = CounterMetricFamily if series.kind == "counter" else GaugeMetricFamily
+            family = cls(series.name, series.help, labels=names)
+            self.by_name[series.name] = family
+        return family
+
+    def declare_table(self, table: Mapping[str, Series | None], label_names: list[str]) -> None:
+        """Declare every family of a table."""
+        for series in table.values():
+            if series is not None:
+                self.declare(series, label_names)
+
+    def add(self, series: Series, labels: dict[str, str], value: float) -> None:
+        """One sample of ``series``."""
+        family = self.declare(series, list(labels))
+        values = list(labels.values()) + ([series.label[1]] if series.label else [])
+        family.add_metric(values, value)
+
+    def add_fields(
+        self,
+        fields: Mapping[str, object],
+        table: Mapping[str, Series | None],
+        labels: dict[str, str],
+        auto: tuple[str, Kind, str],
+    ) -> None:
+        """Export every numeric field: by the table, or by the ``auto`` naming rule."""
+        for key, value in fields.items():
+            number = _number(value)
+            if number is None:
+                continue
+            if key in table:
+                series = table[key]
+                if series is None:
+                    continue
+            else:
+                series = _auto(auto[0], key, auto[1], auto[2])
+            self.add(series, labels, number)
+
+
+def families(stats: Mapping[str, Any]) -> Iterator[Metric]:
+    """The metric families of a ``Server.stats()`` dict."""
+    out = _Families()
+    out.declare_table(DEVICE_SERIES, ["device"])
+    out.declare_table(RING_SERIES, ["device", "ring"])
+    out.declare_table(REQUEST_SERIES, ["device", "ring"])
     for dev in stats["devices"]:
-        d = _esc(dev["name"])
-        lines.append(f'blkback_squeezes_total{{device="{d}"}} {dev["squeezes"]}')
-        lines.append(f'blkback_squeezed{{device="{d}"}} {int(dev["squeezed"])}')
+        dev_labels = {"device": str(dev["name"])}
+        out.add_fields(dev, DEVICE_SERIES, dev_labels, ("blkback_device", "gauge", "device"))
         for ring in dev["rings"]:
-            lab = f'device="{d}",ring="{ring["id"]}"'
-            for key, (metric, _, _) in RING_GAUGES.items():
-                lines.append(f"{metric}{{{lab}}} {ring[key]}")
-            req = ring["requests"]
-            for key, kind in RING_REQUESTS.items():
-                lines.append(f'blkback_requests_total{{{lab},kind="{kind}"}} {req[key]}')
-            for reason in ("trimmed", "squeezed"):
-                lines.append(
-                    f'blkback_pages_released_total{{{lab},reason="{reason[:-1]}"}} '
-                    f"{req['pages_' + reason]}"
-                )
-            lines.append(
-                f"blkback_refill_after_squeeze_pages_total{{{lab}}} "
-                f"{req['refill_after_squeeze_pages']}"
+            labels = {**dev_labels, "ring": str(ring["id"])}
+            scalars = {k: v for k, v in ring.items() if k != "requests"}
+            out.add_fields(scalars, RING_SERIES, labels, ("blkback_ring", "gauge", "ring"))
+            out.add_fields(
+                ring["requests"], REQUEST_SERIES, labels, ("blkback_ring", "counter", "ring")
             )
-    srv = stats["server"]
-    lines += [
-        "# TYPE blkback_connections gauge",
-        f"blkback_connections {srv['connections']}",
-        "# TYPE blkback_rss_bytes gauge",
-        f"blkback_rss_bytes {srv['rss_bytes']}",
-        "# TYPE blkback_pressure_reports_total counter",
-        f"blkback_pressure_reports_total {stats['pressure']['reports']}",
-        "# TYPE blkback_pressure_events_total counter",
-    ]
-    for key, count in sorted(stats["pressure"]["events"].items()):
+    server = stats["server"]
+    for key, series in SERVER_SERIES.items():
+        if key in server:
+            out.add(series, {}, float(server[key]))
+    out.add_fields(
+        server.get("retired_rings", {}),
+        {},
+        {},
+        ("blkback_retired", "counter", "closed rings' total"),
+    )
+    pressure = stats["pressure"]
+    out.add(
+        Series("blkback_pressure_reports", "counter", "Pressure reports delivered to the devices"),
+        {},
+        float(pressure["reports"]),
+    )
+    events = Series(
+        "blkback_pressure_events", "counter", "Pressure events seen, by source and level"
+    )
+    for key, count in sorted(pressure["events"].items()):
         source, _, level = key.partition(":")
-        lines.append(
-            f'blkback_pressure_events_total{{source="{_esc(source)}",level="{level}"}} {count}'
-        )
+        out.add(events, {"source": source, "level": level}, float(count))
+    latency = Series(
+        "blkback_squeeze_latency_seconds",
+        "gauge",
+        "Time from a report to every idle ring's pool at its target, over the last reports",
+    )
+    for quantile, field in (("0.5", "p50"), ("0.99", "p99"), ("1", "max")):
+        if field in pressure["squeeze_latency_ms"]:
+            value = pressure["squeeze_latency_ms"][field] / 1000
+            out.add(latency, {"quantile": quantile}, value)
+    param = Series("blkback_param", "gauge", "Numeric runtime parameters (see ctl params)")
     for name, value in stats["params"].items():
-        if isinstance(value, bool | int):
-            lines.append(f'blkback_param{{name="{name}"}} {int(value)}')
-    return "\n".join(lines) + "\n"
+        number = _number(value)
+        if number is not None:
+            out.add(param, {"name": name}, number)
+    yield from out.by_name.values()
 
 
-def start_metrics(server: Server, address: str) -> ThreadingHTTPServer:
-    """Serve ``/metrics`` on ``HOST:PORT`` from a daemon thread."""
+class ServerCollector(Collector):
+    """Reads ``server.stats()`` at every scrape."""
+
+    def __init__(self, server: Server) -> None:
+        self.server = server
+
+    def collect(self) -> Iterable[Metric]:
+        """The families of the server's current stats."""
+        return list(families(self.server.stats()))
+
+
+def registry_for(server: Server) -> CollectorRegistry:
+    """A registry with the server's series and the process collector."""
+    registry = CollectorRegistry()
+    ProcessCollector(registry=registry)
+    registry.register(ServerCollector(server))
+    return registry
+
+
+def start_metrics(server: Server, address: str) -> WSGIServer:
+    """Serve ``/metrics`` on ``HOST:PORT`` (``[v6]:PORT`` too) from a daemon thread."""
     host, sep, port = address.rpartition(":")
-    if not sep or not port.isdigit():
+    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
         raise ConfigError(f"--metrics {address!r}: expected HOST:PORT")
-
-    class Handler(BaseHTTPRequestHandler):
-        def do_GET(self) -> None:
-            if self.path.split("?")[0] != "/metrics":
-                self.send_error(404)
-                return
-            body = render(server.stats()).encode()
-            self.send_response(200)
-            self.send_header("Content-Type", "text/plain; version=0.0.4")
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
-            return
-
     try:
-        httpd = ThreadingHTTPServer((host or "127.0.0.1", int(port)), Handler)
+        httpd, _thread = start_http_server(
+            int(port), addr=host.strip("[]") or "127.0.0.1", registry=registry_for(server)
+        )
     except OSError as exc:
-        raise ConfigError(f"cannot serve metrics on {address}: {exc.strerror}") from exc
-    httpd.daemon_threads = True
-    threading.Thread(target=httpd.serve_forever, name="metrics", daemon=True).start()
+        raise ConfigError(f"cannot serve metrics on {address}: {exc.strerror or exc}") from exc
+    bound = httpd.server_address
+    host_text = bound[0].decode() if isinstance(bound[0], bytes) else str(bound[0])
+    shown = f"[{host_text}]" if ":" in host_text else host_text
+    log.info("metrics on http://%s:%d/metrics", shown, bound[1])
     return httpd

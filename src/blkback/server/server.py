@@ -11,6 +11,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import errno
+import hashlib
 import ipaddress
 import json
 import logging
@@ -20,22 +21,22 @@ import ssl
 import stat
 import struct
 import threading
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from blkback.core.clock import NS_PER_MS, NS_PER_S, Clock
+from blkback.clock import NS_PER_MS, NS_PER_S, Clock, MonotonicClock
 from blkback.core.device import Bus
 from blkback.core.params import Params
 from blkback.core.policy import PressureLevel
 from blkback.core.ring import Ring
-from blkback.errors import ConfigError
+from blkback.errors import ConfigError, RuntimeFailure
+from blkback.pressure.monitor import PressureMonitor
 from blkback.protocol.handshake import ExportInfo
+from blkback.server import oplog
 from blkback.server.connection import Connection
 from blkback.server.exports import Catalog, Export, tflags_for
 from blkback.storage.base import Storage
-from blkback.sysclock import MonotonicClock
 
 log = logging.getLogger("blkback.server")
 
@@ -44,20 +45,30 @@ DEFAULT_TCP = "tcp:127.0.0.1:10809"
 
 @dataclass
 class ServerConfig:
-    """Settings fixed at start-up (runtime parameters live in :class:`Params`)."""
+    """Settings fixed at start-up (runtime parameters live in :class:`Params`).
+
+    Durations are integer nanoseconds, as every time inside blkback; the edges (command-line
+    flags, JSON) carry their own unit in their names and convert once.
+    """
 
     listen: list[str] = field(default_factory=lambda: [DEFAULT_TCP])
-    control_path: str | None = None
+    # Listening sockets handed over already bound (systemd socket activation), served
+    # besides ``listen``.
+    listen_fds: list[int] = field(default_factory=list)
+    control_path: str | None = None  # None: derived from the first listen address
+    control_socket: bool = True  # False: no control socket (serve --single's default)
     metrics: str | None = None
     workers: int = 16
     max_requests_per_ring: int = 512
     max_connections: int = 1024
-    handshake_timeout_s: float = 10.0
-    idle_timeout_ns: int = 0
-    io_timeout_ms: int = 60_000
+    handshake_timeout_ns: int = 10 * NS_PER_S
+    idle_timeout_ns: int = 0  # 0: never
+    io_timeout_ns: int = 60 * NS_PER_S
     chunk_pages: int = 256
     mlock: bool = False
     max_block: int = 32 * 1024 * 1024
+    # Served even though only max_block is advertised, as nbdkit does (MAX_REQUEST).
+    max_request: int = 64 * 1024 * 1024
     tls: Literal["off", "allow", "require"] = "off"
     tls_context: ssl.SSLContext | None = None
     max_option_bytes: int = 64 * 1024  # larger option payloads get REP_ERR_TOO_BIG
@@ -65,23 +76,82 @@ class ServerConfig:
     # Busy polling: after serving a batch, a ring polls its socket this long before it
     # sleeps in recv (Linux's net.core.busy_read, whose recommended value is 50 us). Off by
     # default: it buys IOPS at queue depth 1 with CPU (docs/data-path.md).
-    poll_us: int = 0
+    poll_ns: int = 0
     # At most this many rings poll at once, and none while the server has more connections
     # than that. Default: half the CPUs (at least 1), so that polling rings never take every
     # core from their clients, nor the GIL from many other rings.
     max_pollers: int = 0
 
 
-def default_control_path() -> str:
-    """Where ``serve`` and ``ctl`` meet when no ``--control`` is given."""
+def control_dir() -> Path:
+    """The directory of default control sockets: ``$BLKBACK_CONTROL_DIR`` if set, else
+    ``/run/blkback`` for root, else per user."""
+    env = os.environ.get("BLKBACK_CONTROL_DIR")
+    if env:
+        return Path(env)
+    if os.geteuid() == 0:
+        return Path("/run/blkback")
+    runtime = os.environ.get("XDG_RUNTIME_DIR")
+    return Path(runtime) / "blkback" if runtime else Path(f"/tmp/blkback-{os.geteuid()}")
+
+
+def default_control_path(address: str | None = None) -> str:
+    """The control socket of a server whose first listener is ``address``.
+
+    Derived from the address so that two servers on different addresses never clash:
+    ``tcp:127.0.0.1:10809`` gets ``control-tcp-127.0.0.1-10809.sock``, a Unix socket a
+    short hash of its path (socket paths are limited to 107 bytes). ``$BLKBACK_CONTROL``
+    overrides it; ``None`` (no listener: ``--single``) gives ``control.sock``.
+    """
     env = os.environ.get("BLKBACK_CONTROL")
     if env:
         return env
-    if os.geteuid() == 0:
-        return "/run/blkback/control.sock"
-    runtime = os.environ.get("XDG_RUNTIME_DIR")
-    base = Path(runtime) / "blkback" if runtime else Path(f"/tmp/blkback-{os.geteuid()}")
-    return str(base / "control.sock")
+    if address is None:
+        return str(control_dir() / "control.sock")
+    kind, _, rest = address.partition(":")
+    if kind == "unix":
+        slug = "unix-" + hashlib.sha256(rest.encode()).hexdigest()[:12]
+    else:
+        slug = "tcp-" + rest.replace("[", "").replace("]", "").replace(":", "-")
+    return str(control_dir() / f"control-{slug}.sock")
+
+
+def find_control_path() -> str:
+    """The control socket ``blkback ctl`` talks to when no ``--control`` is given.
+
+    ``$BLKBACK_CONTROL`` if set; else the one live control socket in :func:`control_dir`.
+
+    Raises:
+        RuntimeFailure: No server runs (no live control socket there).
+        ConfigError: Several servers run: the user must say which with ``--control``.
+    """
+    env = os.environ.get("BLKBACK_CONTROL")
+    if env:
+        return env
+    base = control_dir()
+    candidates = sorted(base.glob("control*.sock")) if base.is_dir() else []
+    live = [str(p) for p in candidates if _socket_is_live(str(p))]
+    if not live:
+        raise RuntimeFailure(
+            f"no server listens: no control socket in {base} "
+            "(start one with 'blkback serve', or give --control PATH)"
+        )
+    if len(live) > 1:
+        raise ConfigError(
+            "several servers run; say which with --control PATH (one of: " + ", ".join(live) + ")"
+        )
+    return live[0]
+
+
+def _socket_is_live(path: str) -> bool:
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(path)
+    except OSError:
+        return False
+    finally:
+        probe.close()
+    return True
 
 
 def parse_listen(text: str) -> tuple[str, Any]:
@@ -109,7 +179,7 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
-def _unlink_stale_socket(path: str, what: str) -> None:
+def _unlink_stale_socket(path: str, what: str, hint: str = "") -> None:
     """Remove a Unix socket left by a dead server; refuse to steal a live one or a file."""
     try:
         st = os.lstat(path)
@@ -125,7 +195,7 @@ def _unlink_stale_socket(path: str, what: str) -> None:
         return
     finally:
         probe.close()
-    raise ConfigError(f"{what} {path!r} is in use by a running server")
+    raise RuntimeFailure(f"{what} {path!r} is in use by a running server{hint}")
 
 
 class Server:
@@ -145,7 +215,7 @@ class Server:
         self.params = params or Params()
         self.clock: Clock = clock or MonotonicClock()
         self.bus = Bus(self.params)
-        self.bus.stats_sink = lambda line: log.warning("stats %s", line)
+        self.bus.stats_sink = lambda line: log.info("stats %s", line)  # pr_info, as the kernel
         self.bus_lock = threading.Lock()
         pollers = self.config.max_pollers or max(1, (os.cpu_count() or 2) // 2)
         #: One lock per polling slot: a ring polls only while it holds one (non-blocking
@@ -160,6 +230,7 @@ class Server:
                 size=storage.size,
                 tflags=tflags_for(storage),
                 max_block=self.config.max_block,
+                max_request=max(self.config.max_block, self.config.max_request),
                 description=spec,
             )
             device = self.bus.add_device(name)
@@ -175,7 +246,8 @@ class Server:
         self._warned: set[str] = set()
         self.control: ControlServer | None = None
         self.metrics_server: Any = None
-        self.monitor: Any = None
+        #: The kernel's pressure signals, when :meth:`start_pressure_monitor` started them.
+        self.monitor: PressureMonitor | None = None
         self.pressure_events: dict[str, int] = {}
         self.squeeze_latency_ns: collections.deque[int] = collections.deque(maxlen=10_000)
         self.connections_total = 0
@@ -198,10 +270,15 @@ class Server:
     def start(self) -> None:
         """Bind every listener and the control socket, and start accepting."""
         try:
+            for fd in self.config.listen_fds:
+                self._adopt_listener(fd)
             for text in self.config.listen:
                 self._listen(text)
-            path = self.config.control_path or default_control_path()
-            self.control = ControlServer(self, path)
+            if self.config.control_socket:
+                path = self.config.control_path or default_control_path(
+                    self.addresses[0] if self.addresses else None
+                )
+                self.control = ControlServer(self, path)
             if self.config.metrics:
                 from blkback.server.metrics import start_metrics
 
@@ -209,6 +286,8 @@ class Server:
         except BaseException:
             self.stop()
             raise
+        oplog.started(self.addresses, self.catalog.exports.values(), self.params.log_stats)
+        self.params.subscribe(oplog.param_changed)
         for lsock in self.listeners:
             t = threading.Thread(target=self._accept_loop, args=(lsock,), daemon=True)
             t.start()
@@ -223,7 +302,7 @@ class Server:
                 sock.bind(addr)
             except OSError as exc:
                 sock.close()
-                raise ConfigError(f"cannot listen on {addr}: {exc.strerror}") from exc
+                raise RuntimeFailure(f"cannot listen on {addr}: {exc.strerror}") from exc
             self._unix_paths.append(addr)
             self.addresses.append(f"unix:{addr}")
         else:
@@ -236,7 +315,7 @@ class Server:
             except OSError as exc:
                 sock.close()
                 why = "address in use" if exc.errno == errno.EADDRINUSE else exc.strerror
-                raise ConfigError(f"cannot listen on {host}:{port}: {why}") from exc
+                raise RuntimeFailure(f"cannot listen on {host}:{port}: {why}") from exc
             real_port = sock.getsockname()[1]
             shown = f"[{host}]" if family == socket.AF_INET6 else host
             self.addresses.append(f"tcp:{shown}:{real_port}")
@@ -252,18 +331,53 @@ class Server:
         sock.listen(max(128, self.config.max_connections))
         self.listeners.append(sock)
 
+    def _adopt_listener(self, fd: int) -> None:
+        """Serve a listening socket handed over by the service manager (systemd's
+        ``LISTEN_FDS``), already bound: its address is what ``getsockname`` says."""
+        try:
+            sock = socket.socket(fileno=fd)
+        except OSError as exc:
+            raise RuntimeFailure(f"inherited fd {fd} is not a socket: {exc.strerror}") from exc
+        if sock.type != socket.SOCK_STREAM or not sock.getsockopt(
+            socket.SOL_SOCKET, socket.SO_ACCEPTCONN
+        ):
+            sock.detach()
+            raise ConfigError(
+                f"inherited fd {fd} is not a listening stream socket: use ListenStream= "
+                "with Accept=no, or serve --single for Accept=yes"
+            )
+        if sock.family == socket.AF_UNIX:
+            self.addresses.append(f"unix:{sock.getsockname()}")
+        else:
+            host, port = sock.getsockname()[:2]
+            shown = f"[{host}]" if sock.family == socket.AF_INET6 else host
+            self.addresses.append(f"tcp:{shown}:{port}")
+        self.listeners.append(sock)
+
+    def serve_connected(self, sock: socket.socket, peer: str) -> Connection:
+        """Serve one already connected socket (``serve --single``: inetd's hand-over)."""
+        if sock.family != socket.AF_UNIX:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        conn = Connection(self, sock, peer)
+        with self.conn_lock:
+            self.connections.add(conn)
+            self.connections_total += 1
+        conn.start()
+        return conn
+
     def uris(self) -> list[str]:
-        """NBD URIs of every export on every listener."""
+        """NBD URIs of every export on every listener (``nbds`` when TLS is required)."""
+        tls = "s" if self.config.tls == "require" else ""
         out = []
         for addr in self.addresses:
             kind, _, rest = addr.partition(":")
             for name in self.catalog.names():
                 if kind == "unix":
-                    out.append(f"nbd+unix:///{name}?socket={rest}")
+                    out.append(f"nbd{tls}+unix:///{name}?socket={rest}")
                 else:
                     host, _, port = rest.rpartition(":")
                     port_part = "" if port == "10809" else f":{port}"
-                    out.append(f"nbd://{host}{port_part}/{name}")
+                    out.append(f"nbd{tls}://{host}{port_part}/{name}")
         return out
 
     def stop(self, timeout_s: float = 10.0) -> None:
@@ -279,13 +393,13 @@ class Server:
             conns = list(self.connections)
         for conn in conns:
             conn.stop_reading()
-        deadline = time.monotonic() + timeout_s
+        clock = self.clock
+        deadline_ns = clock.now_ns() + round(timeout_s * NS_PER_S)
         for conn in conns:
-            conn.closed.wait(max(0.0, deadline - time.monotonic()))
-            if not conn.closed.is_set():
+            if not clock.wait_until(deadline_ns, conn.closed):
                 with contextlib.suppress(OSError):
                     conn.sock.shutdown(socket.SHUT_RDWR)
-                conn.closed.wait(1.0)
+                clock.wait_until(clock.now_ns() + NS_PER_S, conn.closed)
         if self.monitor is not None:
             self.monitor.stop()
         if self.control is not None:
@@ -352,10 +466,12 @@ class Server:
     def detach_ring(self, conn: Connection) -> None:
         """Free the ring's pool and remove it (``xen_blkbk_free_caches`` on disconnect)."""
         ring = conn.ring
+        export = conn.export
         assert ring is not None
+        assert export is not None
         with self.bus_lock, conn.ring_lock:
             ring.waker = None
-            ring.device.remove_ring(ring)
+            export.device.remove_ring(ring)
 
     def warn_once(self, message: str) -> None:
         """Log a warning the first time it is seen."""
@@ -364,6 +480,27 @@ class Server:
             log.warning("%s", message)
 
     # -- pressure -------------------------------------------------------------------------
+    def start_pressure_monitor(self, mode: str) -> PressureMonitor:
+        """Listen to the kernel's memory pressure signals (``serve --pressure MODE``).
+
+        This is the xenbus backend shrinker's role: the monitor fuses and coalesces the
+        signals and calls :meth:`report_pressure`, which walks the bus and calls each
+        device's ``reclaim_memory``. Sources that do not work here are logged once (see
+        ``blkback pressure probe``); with ``auto`` the server serves on regardless.
+        """
+        monitor = PressureMonitor(self.report_pressure, mode=mode, clock=self.clock)
+        monitor.start()
+        self.monitor = monitor
+        return monitor
+
+    def report_pressure_by_hand(self, level: PressureLevel) -> None:
+        """``ctl pressure``: through the monitor when one runs (counted and coalesced like
+        the kernel's reports), else straight to :meth:`report_pressure`."""
+        if self.monitor is not None:
+            self.monitor.report(level, "manual")
+        else:
+            self.report_pressure(level, "manual")
+
     def report_pressure(self, level: PressureLevel, source: str = "manual") -> int:
         """A pressure report (the backend shrinker's count): tell every device.
 
@@ -373,10 +510,13 @@ class Server:
         key = f"{source}:{level.name.lower()}"
         with self.bus_lock:
             self.pressure_events[key] = self.pressure_events.get(key, 0) + 1
+            before = oplog.squeeze_counts(self.bus)
             t0 = self.clock.now_ns()
             n = self.bus.reclaim_memory(t0, level)
             if self.params.squeeze_wake:
                 self.squeeze_latency_ns.append(self.clock.now_ns() - t0)
+            after = oplog.squeeze_counts(self.bus)
+        oplog.squeezed(before, after, level, source, wake=bool(self.params.squeeze_wake))
         return n
 
     # -- stats ----------------------------------------------------------------------------
@@ -444,14 +584,19 @@ class ControlServer:
         self.path = path
         parent = Path(path).parent
         parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        _unlink_stale_socket(path, "control socket")
+        _unlink_stale_socket(
+            path, "control socket", ": give this server its own with --control PATH"
+        )
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         old = os.umask(0o177)
         try:
             self.sock.bind(path)
         except OSError as exc:
             self.sock.close()
-            raise ConfigError(f"cannot create control socket {path}: {exc.strerror}") from exc
+            raise RuntimeFailure(
+                f"cannot create control socket {path}: {exc.strerror} (choose another with "
+                "--control PATH)"
+            ) from exc
         finally:
             os.umask(old)
         os.chmod(path, 0o600)
@@ -519,10 +664,7 @@ class ControlServer:
             return server.stats()
         if op == "pressure":
             level = PressureLevel.parse(request.get("level", "critical"))
-            if server.monitor is not None:
-                server.monitor.report(level, "manual")  # counted and coalesced like the rest
-            else:
-                server.report_pressure(level, "manual")
+            server.report_pressure_by_hand(level)
             return {"level": level.name.lower(), "devices": len(server.bus.devices)}
         if op == "pressure-status":
             mon = server.monitor

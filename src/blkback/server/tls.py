@@ -30,17 +30,20 @@ import socket
 import ssl
 import struct
 import threading
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from blkback.clock import NS_PER_MS, NS_PER_S, MonotonicClock
 from blkback.errors import ConfigError
 
 __all__ = ["TlsConfig", "TlsSocket", "make_server_context", "start_tls"]
 
 _TIMEVAL = struct.Struct("ll")
+_CLOCK = MonotonicClock()  # socket timeouts are real time
+#: How long closing a TLS connection may wait to send its close_notify alert.
+CLOSE_NOTIFY_NS = 1_000_000_000
 
 
 @dataclass(frozen=True)
@@ -192,8 +195,39 @@ class TlsSocket:
         socket.socket.shutdown(self._tls, how)
 
     def close(self) -> None:
-        """Close the connection (no TLS close_notify: the peer may be gone)."""
-        self._tls.close()
+        """End the TLS session with a close_notify, then close the socket.
+
+        The spec asks the server to "shut down the TLS session" after ``NBD_CMD_DISC``; a
+        client that checks (gnutls, nbd-tester-client) sees a truncation attack otherwise.
+        Sending it is bounded by :data:`CLOSE_NOTIFY_NS`: a client that vanished or
+        stopped reading costs that much at most, and the ring is detached before this runs.
+        The peer's own close_notify is not waited for (as ``SSL_shutdown``'s first call).
+        """
+        try:
+            self._send_close_notify(_CLOCK.now_ns() + CLOSE_NOTIFY_NS)
+        finally:
+            self._tls.close()
+
+    def _send_close_notify(self, deadline_ns: int) -> None:
+        while True:
+            with self._lock:
+                try:
+                    self._tls.unwrap()
+                except ssl.SSLWantReadError:
+                    return  # ours is sent; the peer's has not come: do not wait for it
+                except ssl.SSLWantWriteError:
+                    want = select.POLLOUT
+                except (OSError, ValueError):
+                    return  # the peer is gone (reset, EOF): nothing to notify
+                else:
+                    return
+            left_ms = (deadline_ns - _CLOCK.now_ns()) / NS_PER_MS
+            if left_ms <= 0:
+                return
+            poller = select.poll()
+            poller.register(self._fd, want)
+            with contextlib.suppress(InterruptedError):
+                poller.poll(left_ms)
 
     def recv(self, n: int) -> bytes:
         """Receive up to ``n`` bytes; ``b""`` at end-of-file."""
@@ -255,13 +289,14 @@ class TlsSocket:
             blocking_io = timeout is not None
         poller = select.poll()
         poller.register(self._fd, events | select.POLLERR | select.POLLHUP)
-        deadline = None if timeout is None else time.monotonic() + timeout
+        clock = _CLOCK
+        deadline = None if timeout is None else clock.now_ns() + round(timeout * NS_PER_S)
         while True:
-            left_ms = None if deadline is None else max(0, (deadline - time.monotonic()) * 1000)
+            left_ms = None if deadline is None else max(0, (deadline - clock.now_ns()) / NS_PER_MS)
             with contextlib.suppress(InterruptedError):
                 if poller.poll(left_ms):
                     return
-            if deadline is not None and time.monotonic() >= deadline:
+            if deadline is not None and clock.now_ns() >= deadline:
                 if blocking_io:
                     raise BlockingIOError("TLS socket wait timed out")
                 raise TimeoutError("TLS socket timed out")

@@ -19,11 +19,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-from blkback.errors import BlkbackError
+from blkback.errors import ConfigError
 
 
-class SimError(BlkbackError):
-    """A sim command was given something it cannot run."""
+class SimError(ConfigError):
+    """A sim command was given something it cannot run (a usage error: exit status 2)."""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -39,7 +39,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     common.add_argument("--scheduler", metavar="ADDR", help="Dask scheduler address (a cluster)")
     common.add_argument("--workers", type=int, help="local workers (default: CPUs)")
-    common.add_argument("--quiet", action="store_true", help="no progress bar")
+    common.add_argument(
+        "--quiet",
+        action="store_true",
+        help="no progress bar (none is drawn unless stderr is a terminal)",
+    )
     sub = parser.add_subparsers(dest="sim_command", metavar="SUBCOMMAND", required=True)
 
     p = sub.add_parser("seed", parents=[common], help="the seed's three experiments")
@@ -95,30 +99,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true")
 
 
-class Bar:
-    """A plain stderr progress bar."""
-
-    def __init__(self, label: str, enabled: bool) -> None:
-        self.label = label
-        self.enabled = enabled
-        self.t0 = time.monotonic()
-
-    def __call__(self, done: int, total: int) -> None:
-        if not self.enabled:
-            return
-        width = 30
-        fill = width * done // max(1, total)
-        el = time.monotonic() - self.t0
-        eta = el / done * (total - done) if done else 0.0
-        sys.stderr.write(
-            f"\r{self.label} [{'#' * fill}{'.' * (width - fill)}] {done}/{total} hosts "
-            f"{el:6.1f} s  eta {eta:5.1f} s"
-        )
-        if done >= total:
-            sys.stderr.write("\n")
-        sys.stderr.flush()
-
-
 def _list(text: str, kind: type) -> list[Any]:
     try:
         return [kind(v) for v in text.split(",") if v.strip()]
@@ -152,6 +132,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _seed(args: argparse.Namespace) -> tuple[int, int]:
+    from blkback.progress import HostProgress
     from blkback.sim.seed import run_seed, summary, write_outputs
 
     doc = run_seed(
@@ -160,7 +141,7 @@ def _seed(args: argparse.Namespace) -> tuple[int, int]:
         engine=args.engine,
         scheduler=args.scheduler,
         workers=args.workers,
-        progress=Bar("seed", not args.quiet),
+        progress=HostProgress("seed", enabled=not args.quiet),
         extras=not args.no_extras,
     )
     summary(doc, print)
@@ -172,6 +153,7 @@ def _seed(args: argparse.Namespace) -> tuple[int, int]:
 
 
 def _sweep(args: argparse.Namespace) -> tuple[int, int]:
+    from blkback.progress import HostProgress
     from blkback.sim.runner import run_many
     from blkback.sim.sweep import build_grid, plot_heatmaps, rows, write_csv
 
@@ -196,7 +178,7 @@ def _sweep(args: argparse.Namespace) -> tuple[int, int]:
         engine=args.engine,
         scheduler=args.scheduler,
         workers=args.workers,
-        progress=Bar("sweep", not args.quiet),
+        progress=HostProgress("sweep", enabled=not args.quiet),
     )
     table = rows(points, results)
     keys = [a for a in axes if len(axes[a]) > 1] or ["duration"]
@@ -218,6 +200,7 @@ def _sweep(args: argparse.Namespace) -> tuple[int, int]:
 
 
 def _calibrate(args: argparse.Namespace) -> tuple[int, int]:
+    from blkback.progress import HostProgress
     from blkback.sim.calibrate import calibrate, load_repro, summary, write_outputs
 
     try:
@@ -230,7 +213,7 @@ def _calibrate(args: argparse.Namespace) -> tuple[int, int]:
         engine=args.engine,
         scheduler=args.scheduler,
         workers=args.workers,
-        progress=Bar("calibrate", not args.quiet),
+        progress=HostProgress("calibrate", enabled=not args.quiet),
         source=str(args.repro),
     )
     summary(cal, print)

@@ -16,7 +16,10 @@ import heapq
 import itertools
 from collections import deque
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from blkback.clock import Event
 
 Callback = Callable[[Any, int], None]
 
@@ -25,15 +28,26 @@ _heappop = heapq.heappop
 
 
 class SimClock:
-    """The virtual clock the core objects see (satisfies :class:`blkback.core.clock.Clock`)."""
+    """The simulation's virtual time, as a :class:`blkback.clock.Clock`.
 
-    __slots__ = ("now",)
+    Waiting runs the event loop up to the deadline (events inside the simulation never wait:
+    they schedule). An event set by a simulated callback is seen when the wait returns.
+    """
 
-    def __init__(self) -> None:
+    __slots__ = ("_loop", "now")
+
+    def __init__(self, loop: EventLoop) -> None:
         self.now = 0
+        self._loop = loop
 
     def now_ns(self) -> int:
         return self.now
+
+    def wait_until(self, deadline_ns: int, event: Event | None = None) -> bool:
+        if event is not None and event.is_set():
+            return True
+        self._loop.run_until(deadline_ns)
+        return event is not None and event.is_set()
 
 
 class EventLoop:
@@ -45,7 +59,7 @@ class EventLoop:
     """
 
     def __init__(self, *, trace: bool = False) -> None:
-        self.clock = SimClock()
+        self.clock = SimClock(self)
         self._heap: list[tuple[int, int, Callback, Any]] = []
         self._fifo: deque[tuple[int, int, Callback, Any]] = deque()  # see after_fixed
         self._fifo_delay = -1

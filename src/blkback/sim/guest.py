@@ -34,7 +34,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from blkback.core.clock import NS_PER_MS, NS_PER_S
+from blkback.clock import NS_PER_MS, NS_PER_S
 from blkback.core.pages import PAGE_SIZE
 from blkback.core.ring import Ring
 

@@ -53,7 +53,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from blkback.core.clock import NS_PER_MS, NS_PER_S
+from blkback.clock import NS_PER_MS, NS_PER_S
 from blkback.core.device import Bus
 from blkback.core.pages import PAGE_SIZE, CountingAllocator
 from blkback.core.policy import PressureLevel

@@ -19,7 +19,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from blkback.core.clock import NS_PER_MS, NS_PER_S
+from blkback.clock import NS_PER_MS, NS_PER_S
 from blkback.core.device import Bus
 from blkback.core.params import Params
 from blkback.core.ring import Ring

@@ -3,7 +3,7 @@
 They emulate the slow network-backed volumes of the seed experiment (about 40 MB/s and a
 few ms per request) in front of a local ``memory:``, ``null:`` or ``file:`` backend, and
 inject faults for tests. Every filter passes the inner storage's size and capabilities
-through unchanged, and sets ``inline = False``: a filter may sleep, so the server must not
+through unchanged, and sets ``inline = False``: a filter may wait, so the server must not
 run it on the connection thread.
 
 Each request passes :meth:`StorageFilter.admit` with its operation name, offset and length
@@ -12,21 +12,19 @@ before it reaches the inner storage; a filter only overrides that hook.
 
 from __future__ import annotations
 
+import math
 import random
 import threading
-import time
-from collections.abc import Callable, Collection
+from collections.abc import Collection
 from typing import Final
 
+from blkback.clock import NS_PER_S, Clock, MonotonicClock
 from blkback.errors import StorageIOError
 
 from .base import DirectAccess, Storage, buffers_length, format_size
 
 #: Operation names, as used by ``error-ops`` and :meth:`StorageFilter.admit`.
 OPS: Final = ("read", "write", "trim", "zero", "flush", "cache", "extents")
-
-Sleep = Callable[[float], None]
-Clock = Callable[[], float]
 
 
 class StorageFilter:
@@ -134,35 +132,38 @@ class DelayFilter(StorageFilter):
     name = "delay"
 
     def __init__(
-        self, inner: Storage, *, read_s: float, write_s: float, sleep: Sleep = time.sleep
+        self, inner: Storage, *, read_ns: int, write_ns: int, clock: Clock | None = None
     ) -> None:
         """Set the delays.
 
         Args:
             inner: The storage below.
-            read_s: Seconds before each read or cache.
-            write_s: Seconds before each write, trim, zero or flush.
-            sleep: Sleep function (injectable for tests).
+            read_ns: Nanoseconds before each read or cache.
+            write_ns: Nanoseconds before each write, trim, zero or flush.
+            clock: The clock to wait on (default: the real one).
         """
         super().__init__(inner)
-        self.read_s = read_s
-        self.write_s = write_s
-        self._sleep = sleep
+        self.read_ns = read_ns
+        self.write_ns = write_ns
+        self._clock: Clock = clock or MonotonicClock()
 
     def admit(self, op: str, offset: int, length: int) -> None:
-        """Sleep for this operation's delay."""
+        """Wait for this operation's delay."""
         if op in ("read", "cache"):
-            delay = self.read_s
+            delay_ns = self.read_ns
         elif op == "extents":
             return
         else:
-            delay = self.write_s
-        if delay > 0:
-            self._sleep(delay)
+            delay_ns = self.write_ns
+        if delay_ns > 0:
+            clock = self._clock
+            clock.wait_until(clock.now_ns() + delay_ns)
 
     def describe_self(self) -> str:
         """E.g. ``delay(read=10ms, write=10ms)``."""
-        return f"delay(read={format_seconds(self.read_s)}, write={format_seconds(self.write_s)})"
+        read = format_seconds(self.read_ns / NS_PER_S)
+        write = format_seconds(self.write_ns / NS_PER_S)
+        return f"delay(read={read}, write={write})"
 
 
 class RateFilter(StorageFilter):
@@ -184,8 +185,7 @@ class RateFilter(StorageFilter):
         *,
         rate: int,
         burst: int | None = None,
-        clock: Clock = time.monotonic,
-        sleep: Sleep = time.sleep,
+        clock: Clock | None = None,
     ) -> None:
         """Set the rate.
 
@@ -194,39 +194,36 @@ class RateFilter(StorageFilter):
             rate: Bytes per second (> 0).
             burst: Bucket capacity in bytes; default a tenth of a second of ``rate`` (at
                 least 64 KiB), so short bursts are not flattened into a trickle.
-            clock: Monotonic time in seconds (injectable for tests).
-            sleep: Sleep function (injectable for tests).
+            clock: The clock to read and wait on (default: the real one).
         """
         super().__init__(inner)
         if rate <= 0:
             raise ValueError("rate must be positive")
         self.rate = rate
         self.burst = burst if burst is not None else max(rate // 10, 64 * 1024)
-        self._clock = clock
-        self._sleep = sleep
+        self._clock: Clock = clock or MonotonicClock()
         self._lock = threading.Lock()
         self._tokens = float(self.burst)  # start full: the first burst passes at once
-        self._last = clock()
+        self._last_ns = self._clock.now_ns()
         self.bytes_admitted = 0
 
-    def reserve(self, nbytes: int) -> float:
-        """Take ``nbytes`` from the bucket; return how long the caller must wait (seconds)."""
+    def reserve(self, nbytes: int) -> int:
+        """Take ``nbytes`` from the bucket; return the instant (ns) the caller may go on."""
         with self._lock:
-            now = self._clock()
-            self._tokens = min(float(self.burst), self._tokens + (now - self._last) * self.rate)
-            self._last = now
+            now = self._clock.now_ns()
+            refill = (now - self._last_ns) * self.rate / NS_PER_S
+            self._tokens = min(float(self.burst), self._tokens + refill)
+            self._last_ns = now
             self._tokens -= nbytes
             self.bytes_admitted += nbytes
             debt = -self._tokens
-        return debt / self.rate if debt > 0 else 0.0
+        return now + math.ceil(debt * NS_PER_S / self.rate) if debt > 0 else now
 
     def admit(self, op: str, offset: int, length: int) -> None:
         """Wait until the bucket allows ``length`` bytes of a read or write."""
         if op not in ("read", "write") or length <= 0:
             return
-        wait = self.reserve(length)
-        if wait > 0:
-            self._sleep(wait)
+        self._clock.wait_until(self.reserve(length))
 
     def describe_self(self) -> str:
         """E.g. ``rate(40 MiB/s, burst 4 MiB)``."""

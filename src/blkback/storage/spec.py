@@ -4,7 +4,7 @@ Grammar::
 
     SPEC    := BACKEND ( "," OPTION )*
     BACKEND := "file:" PATH [ ":" SIZE ] | "memory:" SIZE | "null:" SIZE
-    OPTION  := "readonly" | "ro" | "direct=" ("auto"|"on"|"off")      backend options
+    OPTION  := ("readonly" | "ro") [ "=" BOOL ] | "direct=" ("auto" | BOOL)   backend options
              | "delay=" DUR | "delay-read=" DUR | "delay-write=" DUR   delay filter
              | "rate=" SIZE["/s"] | "rate-burst=" SIZE                  rate filter
              | "error=" P | "error-range=" SIZE "-" SIZE               error filter
@@ -12,7 +12,12 @@ Grammar::
 
 * SIZE is bytes, or a number with a binary suffix: ``K``/``KB``/``KiB`` = 1024, then M, G, T,
   P, E (``1.5G`` is fine when it comes out whole).
-* DUR is seconds, or a number with ``s``, ``ms``, ``us`` or ``ns``.
+* DUR is a number with its unit, ``s``, ``ms``, ``us`` (or ``µs``) or ``ns``; only ``0``
+  may go without one. A bare ``delay=10`` is refused rather than guessed: nbdkit's delay
+  filter reads it as seconds, while latency tools (fio, iostat, ioping) speak in ms and
+  us, so either reading surprises half of the people who write it.
+* BOOL is ``yes``/``no``, ``true``/``false``, ``on``/``off`` or ``1``/``0``; a flag
+  written alone (``readonly``) means yes.
 * Backend options may appear anywhere. Filter options build the filter stack **from the
   backend outwards, in the order given**: each filter wraps everything to its left, so the
   last one written is the first a request meets. Consecutive options of one filter
@@ -30,6 +35,7 @@ from dataclasses import dataclass, field
 from decimal import Decimal, InvalidOperation
 from typing import Final
 
+from blkback.clock import NS_PER_S
 from blkback.errors import ConfigError
 
 from .anon import AnonMemoryStorage
@@ -44,6 +50,11 @@ _DUR_RE: Final = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?(?:e-?[0-9]+)?)\s*(s|ms|us
 _DUR_UNITS: Final = {"s": 1, "ms": 10**-3, "us": 10**-6, "µs": 10**-6, "ns": 10**-9}
 
 _FLAGS: Final = {"readonly", "ro"}
+_BOOLS: Final = {
+    **dict.fromkeys(("yes", "y", "true", "on", "1"), True),
+    **dict.fromkeys(("no", "n", "false", "off", "0"), False),
+}
+_BOOL_WORDS: Final = "yes/no, true/false, on/off or 1/0"
 _BACKEND_KEYS: Final = {"direct"}
 # option -> filter family; consecutive options of one family make one layer
 _FILTER_KEYS: Final = {
@@ -89,14 +100,20 @@ def parse_size(text: str, what: str = "size") -> int:
 
 
 def parse_duration(text: str, what: str = "duration") -> float:
-    """Parse ``10ms``, ``0.5s``, ``200us``, ``2`` (seconds) into seconds.
+    """Parse ``10ms``, ``0.5s``, ``200us``, ``0`` into seconds.
 
     Raises:
-        ConfigError: Not a duration.
+        ConfigError: Not a duration, or a number other than 0 without a unit.
     """
     m = _DUR_RE.match(text)
     if m is None:
         raise ConfigError(f"bad {what} {text!r}: expected e.g. 10ms, 500us, 0.2s")
+    if m.group(2) is None and Decimal(m.group(1)) != 0:
+        n = m.group(1)
+        raise ConfigError(
+            f"bad {what} {text!r}: give a unit, e.g. {n}ms, {n}us or {n}s "
+            "(a bare number is ambiguous: nbdkit reads seconds, latency tools print ms)"
+        )
     try:
         value = float(Decimal(m.group(1)) * Decimal(_DUR_UNITS[(m.group(2) or "s").lower()]))
     except InvalidOperation as exc:  # pragma: no cover - the regex admits only numbers
@@ -204,23 +221,28 @@ def parse_spec(spec: str) -> StorageSpec:
             raise ConfigError(f"bad storage spec {spec!r}: empty option (two commas?)")
         key, eq, value = token.partition("=")
         key = key.strip().lower()
+        if key in _FLAGS:
+            readonly = _parse_bool(value, key, spec) if eq else True
+            last_key = None
+            continue
         if not eq:
-            if key in _FLAGS:
-                readonly = True
-                last_key = None
-            elif last_key in _LIST_KEYS:
-                # `error-ops=read,write`: the list goes on after the comma.
-                layers[-1].options[last_key].append(token)
-            else:
+            if last_key not in _LIST_KEYS:
                 raise ConfigError(f"bad storage spec {spec!r}: unknown option {token!r}")
+            # `error-ops=read,write`: the list goes on after the comma.
+            layers[-1].options[last_key].append(token)
             continue
         value = value.strip()
         if key in _BACKEND_KEYS:
             if kind != "file":
                 raise ConfigError(f"bad storage spec {spec!r}: direct= applies to file: only")
-            if value not in ("auto", "on", "off"):
-                raise ConfigError(f"bad storage spec {spec!r}: direct= takes auto, on or off")
-            direct = value
+            if value.lower() == "auto":
+                direct = "auto"
+            elif value.lower() in _BOOLS:
+                direct = "on" if _BOOLS[value.lower()] else "off"
+            else:
+                raise ConfigError(
+                    f"bad storage spec {spec!r}: direct= takes auto, on or off (or {_BOOL_WORDS})"
+                )
             last_key = None
             continue
         family = _FILTER_KEYS.get(key)
@@ -238,6 +260,15 @@ def parse_spec(spec: str) -> StorageSpec:
     return StorageSpec(
         kind=kind, size=size, path=path, readonly=readonly, direct=direct, filters=tuple(layers)
     )
+
+
+def _parse_bool(value: str, key: str, spec: str) -> bool:
+    try:
+        return _BOOLS[value.strip().lower()]
+    except KeyError:
+        raise ConfigError(
+            f"bad storage spec {spec!r}: {key}= takes {_BOOL_WORDS}, not {value.strip()!r}"
+        ) from None
 
 
 def _split_file(rest: str) -> tuple[str, int | None]:
@@ -263,7 +294,9 @@ def _build_filter(inner: Storage, layer: FilterSpec) -> Storage:
         write_s = (
             parse_duration(opts["delay-write"], "delay-write") if "delay-write" in opts else both
         )
-        return DelayFilter(inner, read_s=read_s, write_s=write_s)
+        return DelayFilter(
+            inner, read_ns=round(read_s * NS_PER_S), write_ns=round(write_s * NS_PER_S)
+        )
     if layer.family == "rate":
         if "rate" not in opts:
             raise ConfigError("rate-burst= needs rate= next to it, e.g. rate=40M,rate-burst=1M")

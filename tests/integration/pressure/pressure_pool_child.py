@@ -14,13 +14,13 @@ import os
 import sys
 import threading
 
+from blkback.clock import MonotonicClock
 from blkback.core.device import Bus
 from blkback.core.pages import MmapAllocator
 from blkback.core.params import Params
 from blkback.core.policy import PressureLevel
 from blkback.hostenv.procfs import process_memory
 from blkback.pressure.monitor import PressureMonitor
-from blkback.sysclock import MonotonicClock
 
 PASS_NS = 100_000_000
 

@@ -23,7 +23,7 @@ from blkback.clients import HOLD_SCRIPT, libnbd_python
 from blkback.hostenv.cgroup import MemoryCgroup
 from blkback.hostenv.hog import MemoryHog
 from blkback.hostenv.procfs import process_memory
-from blkback.server.ctl_command import request
+from blkback.server.control_client import request
 
 pytestmark = pytest.mark.root
 
@@ -76,12 +76,9 @@ def _run(cgroup: MemoryCgroup, tmp: Path, duration_ms: int) -> dict[str, Any]:
                 wait_until(lambda: pools() == [0] * RINGS, 20, "the squeeze")
                 time.sleep(1.0)
             else:
-                wait_until(
-                    lambda: request(control, {"op": "stats"})["pressure"]["reports"] > 0,
-                    20,
-                    "a pressure report",
-                )
-                time.sleep(2.0)
+                # Nothing may be squeezed; first prove the cause arrived: a report reached
+                # every device, and every ring ran the pass it woke (squeeze_wake=1).
+                wait_until(lambda: _reports_reached_every_ring(control), 20, "the woken passes")
             stats = request(control, {"op": "stats"})
             after = _footprint(server.pid)
         return {"before": before, "after": after, "stats": stats, "pools": pools()}
@@ -94,6 +91,15 @@ def _run(cgroup: MemoryCgroup, tmp: Path, duration_ms: int) -> dict[str, Any]:
                 holder.stdout.close()
         server.terminate()
         server.communicate(timeout=30)
+
+
+def _reports_reached_every_ring(control: str) -> bool:
+    stats = request(control, {"op": "stats"})
+    devices = stats["devices"]
+    return stats["pressure"]["reports"] > 0 and all(
+        d["reclaims"] > 0 and all(r["requests"]["woken_passes"] > 0 for r in d["rings"])
+        for d in devices
+    )
 
 
 def _detected_by_kernel_signals(stats: dict[str, Any]) -> int:

@@ -10,10 +10,12 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 from support import blkback_cmd, child_env, need_tool, run, wait_for_socket
 
 
-def _serve_fails(*args: str) -> str:
+def _serve_fails(*args: str, status: int = 2) -> str:
+    """Run a serve that must fail with ``status`` (2: usage error, 1: runtime failure)."""
     res = subprocess.run(
         blkback_cmd("serve", *args),
         capture_output=True,
@@ -21,7 +23,7 @@ def _serve_fails(*args: str) -> str:
         env=child_env(),
         timeout=60,
     )
-    assert res.returncode == 2, res.stderr
+    assert res.returncode == status, res.stderr
     lines = [line for line in res.stderr.splitlines() if line.strip()]
     assert len(lines) == 1, res.stderr  # one clear line
     assert "Traceback" not in res.stderr
@@ -41,6 +43,8 @@ def _serve_fails(*args: str) -> str:
         (("--listen", "tcp:127.0.0.1:99999"), "port"),
         (("--export", "a=memory:1M", "--export", "a=memory:1M"), "defined twice"),
         (("--poll-us", "-1"), "--poll-us"),
+        (("--export", "disk=memory:1M,delay=10"), "bad delay '10': give a unit"),
+        (("--export", "disk=memory:1M,readonly=maybe"), "readonly= takes yes/no"),
     ],
 )
 def test_bad_arguments_end_with_one_clear_line(
@@ -56,7 +60,9 @@ def test_port_in_use_is_one_clear_line(tmp_path: Path) -> None:
         busy.bind(("127.0.0.1", 0))
         busy.listen()
         port = busy.getsockname()[1]
-        line = _serve_fails("--listen", f"tcp:127.0.0.1:{port}", "--control", f"{tmp_path}/c")
+        line = _serve_fails(
+            "--listen", f"tcp:127.0.0.1:{port}", "--control", f"{tmp_path}/c", status=1
+        )
     assert "address in use" in line
 
 
@@ -132,11 +138,20 @@ def test_metrics_endpoint(tmp_path: Path) -> None:
         need_tool("qemu-io")
         run(["qemu-io", "-f", "raw", f"nbd+unix:///vol?socket={sock}", "-c", "write 0 1M"])
         body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read()
-        text = body.decode()
-        assert "# TYPE blkback_pool_pages gauge" in text
-        assert 'blkback_squeezes_total{device="vol"} 0' in text
-        assert 'blkback_param{name="max_buffer_pages"} 1024' in text
-        assert "blkback_rss_bytes " in text
+        parsed = {f.name: f for f in text_string_to_metric_families(body.decode())}
+        assert parsed["blkback_pool_pages"].type == "gauge"
+        samples = {
+            (s.name, tuple(sorted(s.labels.items()))): s.value
+            for f in parsed.values()
+            for s in f.samples
+        }
+        assert samples[("blkback_squeezes_total", (("device", "vol"),))] == 0
+        assert samples[("blkback_param", (("name", "max_buffer_pages"),))] == 1024
+        # qemu-io has gone: its ring's counters live on in the retired totals.
+        assert samples[("blkback_retired_rings_total", ())] == 1
+        assert samples[("blkback_retired_pages_allocated_total", ())] >= (1 << 20) // 4096
+        assert samples[("process_resident_memory_bytes", ())] > 0
+        assert samples[("process_open_fds", ())] > 0
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.communicate(timeout=30)

@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import subprocess
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
 from support import wait_until
 
 from blkback.clients import HOLD_SCRIPT, libnbd_python
-from blkback.server.ctl_command import request
+from blkback.server.control_client import request
 
 MiB = 2**20
 
@@ -62,6 +62,16 @@ def pools(control: str) -> list[int]:
     return [r["pool_pages"] for d in stats["devices"] for r in d["rings"]]
 
 
+def device(control: str) -> dict[str, Any]:
+    """The first (only) device of ``ctl stats --json``, with ``now_ms`` of the server clock."""
+    stats = request(control, {"op": "stats"})
+    return {**stats["devices"][0], "now_ms": stats["now_ms"]}
+
+
+def woken_passes(dev: dict[str, Any]) -> list[int]:
+    return [r["requests"]["woken_passes"] for r in dev["rings"]]
+
+
 def test_pools_grow_trim_and_fall_to_zero_on_param_change(serve) -> None:  # type: ignore[no-untyped-def]
     s = serve("disk=memory:64M", params=("lru_interval_ms=100",))
     with holding(s.uri(), 4) as h:
@@ -94,18 +104,29 @@ def test_squeeze_wakes_idle_rings_and_lazy_mode_misses_them(serve) -> None:  # t
         wait_until(lambda: pools(s.control) == [512, 512, 512], 1.0, "the post-I/O pass")
         s.ctl("set", "squeeze_wake", "0")
         request(s.control, {"op": "pressure", "level": "critical"})
-        time.sleep(0.3)
-        assert pools(s.control) == [512, 512, 512]  # the kernel's lazy squeeze missed them
+        # The report reached the device and its whole window passed on the server's clock...
+        lazy = device(s.control)
+        assert lazy["reclaims"] == 1
+        assert lazy["squeezes"] == 1
+        wait_until(
+            lambda: device(s.control)["now_ms"] >= lazy["squeeze_end_ms"], 1.0, "the window's end"
+        )
+        assert pools(s.control) == [512, 512, 512]  # ...and the kernel's lazy squeeze missed them
+        assert woken_passes(device(s.control)) == [0, 0, 0]
         s.ctl("set", "squeeze_wake", "1")
-        t0 = time.monotonic()
         request(s.control, {"op": "pressure", "level": "critical"})
         wait_until(lambda: pools(s.control) == [0, 0, 0], 1.0, "squeezed pools")
-        assert time.monotonic() - t0 < 0.5
-        dev = s.stats()["devices"][0]
+        dev = device(s.control)
+        # Woken, not lazy: every ring freed its pool inside the 10 ms window (server clock).
+        for r in dev["rings"]:
+            assert r["last_free_ms"] < dev["squeeze_end_ms"], (r["last_free_ms"], dev)
         assert dev["squeezes"] == 2
         assert all(r["requests"]["woken_passes"] >= 1 for r in dev["rings"])
         assert all(r["requests"]["pages_squeezed"] == 512 for r in dev["rings"])
         # I/O after the window refills the pool up to the cap again.
+        wait_until(
+            lambda: device(s.control)["now_ms"] >= dev["squeeze_end_ms"], 1.0, "the window's end"
+        )
         assert h.do(f"write {1 * MiB}") == "ok"
         wait_until(lambda: pools(s.control) == [256, 256, 256], 1.0, "refilled pools")
 
@@ -115,10 +136,20 @@ def test_duration_zero_keeps_pools(serve) -> None:  # type: ignore[no-untyped-de
     with holding(s.uri(), 2) as h:
         assert h.do(f"write {1 * MiB}") == "ok"
         wait_until(lambda: pools(s.control) == [256, 256], 1.0, "the post-I/O pass")
+        before = device(s.control)
+        assert before["reclaims"] == 0
+        assert woken_passes(before) == [0, 0]
         request(s.control, {"op": "pressure"})
-        time.sleep(0.25)
+        # The cause arrived: the device counted the report, and (squeeze_wake) every ring ran
+        # the pass it woke. Only then does an unchanged pool mean the report squeezed nothing.
+        wait_until(
+            lambda: woken_passes(device(s.control)) == [1, 1], 1.0, "the passes the report woke"
+        )
+        after = device(s.control)
+        assert after["reclaims"] == 1
         assert pools(s.control) == [256, 256]
-        assert s.stats()["devices"][0]["squeezes"] == 0
+        assert after["squeezes"] == 0
+        assert not after["squeezed"]
 
 
 def test_ctl_refuses_bad_parameters_with_one_line(serve) -> None:  # type: ignore[no-untyped-def]
@@ -133,6 +164,11 @@ def test_ctl_refuses_bad_parameters_with_one_line(serve) -> None:  # type: ignor
     assert s.ctl("get", "aggressive_shrinking_duration").stdout.strip() == "10"
     params = s.ctl("params").stdout
     assert "squeeze_wake=1" in params and "max_buffer_pages=1024" in params
+    # Each parameter with its unit and meaning (core/params.py's help).
+    [line] = [x for x in params.splitlines() if x.startswith("buffer_squeeze_duration_ms=10 ")]
+    assert " ms " in line and "pools are squeezed to 0" in line
+    [line] = [x for x in params.splitlines() if x.startswith("max_buffer_pages=1024 ")]
+    assert "pages (4 MiB)" in line and "free pages kept in each ring's pool" in line
 
 
 def ring_requests(control: str) -> list[dict[str, int]]:
@@ -151,7 +187,9 @@ def test_idle_rings_rest_yet_trim_and_squeeze_as_the_kernel_would(serve) -> None
             lambda: all(r["rests"] >= 1 for r in ring_requests(s.control)), 2.0, "rings to rest"
         )
         before = [r["passes"] for r in ring_requests(s.control)]
-        time.sleep(0.5)  # ten lru intervals: a timed ring would run ten idle passes
+        t0_ms = device(s.control)["now_ms"]
+        # Ten lru intervals on the server's clock: a timed ring would run ten idle passes.
+        wait_until(lambda: device(s.control)["now_ms"] >= t0_ms + 500, 5.0, "500 ms")
         assert [r["passes"] for r in ring_requests(s.control)] == before
         # A lower max_buffer_pages is applied at once, as the next timed pass would.
         s.ctl("set", "max_buffer_pages", "100")
@@ -160,7 +198,8 @@ def test_idle_rings_rest_yet_trim_and_squeeze_as_the_kernel_would(serve) -> None
         request(s.control, {"op": "pressure", "level": "critical"})
         wait_until(lambda: pools(s.control) == [0, 0], 1.0, "squeezed pools")
         # I/O after the window refills the pool up to the cap, and the ring rests again.
-        time.sleep(0.05)
+        end_ms = device(s.control)["squeeze_end_ms"]
+        wait_until(lambda: device(s.control)["now_ms"] >= end_ms, 1.0, "the window's end")
         assert h.do(f"write {1 * MiB}") == "ok"
         wait_until(lambda: pools(s.control) == [100, 100], 1.0, "refilled pools")
         rests = [r["rests"] for r in ring_requests(s.control)]
@@ -174,6 +213,11 @@ def test_idle_rings_rest_yet_trim_and_squeeze_as_the_kernel_would(serve) -> None
         # The kernel-faithful lazy mode keeps the timed pass.
         s.ctl("set", "squeeze_wake", "0")
         before = [r["idle_passes"] for r in ring_requests(s.control)]
-        time.sleep(0.5)
-        after = [r["idle_passes"] for r in ring_requests(s.control)]
-        assert all(a >= b + 3 for a, b in zip(after, before, strict=True)), (before, after)
+        wait_until(
+            lambda: all(
+                r["idle_passes"] >= n + 3
+                for r, n in zip(ring_requests(s.control), before, strict=True)
+            ),
+            5.0,
+            "timed idle passes again",
+        )

@@ -15,7 +15,7 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
-from blkback.core.clock import NS_PER_MS, ManualClock
+from blkback.clock import NS_PER_MS, ManualClock
 from blkback.core.device import Bus
 from blkback.core.pages import CountingAllocator
 from blkback.core.params import Params

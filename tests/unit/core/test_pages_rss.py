@@ -13,7 +13,7 @@ import tempfile
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from blkback.core.clock import NS_PER_S, ManualClock
+from blkback.clock import NS_PER_S, ManualClock
 from blkback.core.device import Bus
 from blkback.core.pages import PAGE_SIZE, MmapAllocator, Release
 from blkback.core.params import Params

@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from blkback.core.clock import NS_PER_MS, ManualClock
+from blkback.clock import NS_PER_MS, ManualClock
 from blkback.core.device import Bus
 from blkback.core.pages import CountingAllocator
 from blkback.core.params import Params

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from blkback.core.clock import NS_PER_MS, ManualClock
+from blkback.clock import NS_PER_MS, ManualClock
 from blkback.core.device import Bus
 from blkback.core.pages import CountingAllocator
 from blkback.core.params import Params
@@ -112,7 +112,7 @@ def test_device_scope_vs_global_scope() -> None:
     ga.reclaim_memory(clock.now_ns())
     assert ga.squeezed(0)
     assert gb.squeezed(0)
-    assert gbus.global_squeeze_end_ns == 10 * NS_PER_MS
+    assert gbus.global_squeeze.end_ns == 10 * NS_PER_MS
 
 
 def test_lazy_mode_misses_an_idle_ring_and_wake_mode_catches_it() -> None:

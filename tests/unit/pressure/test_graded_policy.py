@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from blkback.core.clock import NS_PER_MS, NS_PER_S, ManualClock
+from blkback.clock import NS_PER_MS, NS_PER_S, ManualClock
 from blkback.core.device import Bus, Device
 from blkback.core.pages import CountingAllocator
 from blkback.core.params import Params

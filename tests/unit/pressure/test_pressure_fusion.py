@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from blkback.core.clock import NS_PER_MS, ManualClock
+from blkback.clock import NS_PER_MS, ManualClock
 from blkback.core.policy import PressureLevel
 from blkback.pressure.fusion import Fuser, FusionConfig
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from blkback.core.clock import NS_PER_MS, ManualClock
+from blkback.clock import NS_PER_MS, ManualClock
 from blkback.core.policy import PressureLevel
 from blkback.errors import ConfigError, EnvironmentProblem
 from blkback.pressure import command

@@ -17,6 +17,7 @@ from blkback.errors import (
 )
 from blkback.protocol.constants import (
     DEFAULT_MAX_BLOCK,
+    MAX_REQUEST,
     MAX_STRING,
     STATE_HOLE,
     STATE_ZERO,
@@ -318,3 +319,22 @@ def test_request_errors_are_nbd_errors() -> None:
     # The server's translation boundary catches NbdError subclasses only.
     for exc in (InvalidRequestError, NoSpaceError, ReadOnlyError, ProtocolError):
         assert issubclass(exc, NbdError)
+
+
+def test_max_request_serves_more_than_advertised_as_nbdkit() -> None:
+    # Advertise 32 MiB, serve 64 MiB: nbdkit's MAX_REQUEST_SIZE.
+    info = ExportInfo("big", 128 * MIB, 0, max_block=DEFAULT_MAX_BLOCK, max_request=MAX_REQUEST)
+    t = tx(info, structured=False, contexts={})
+    assert MAX_REQUEST == 64 * MIB
+    assert t.max_write_payload == MAX_REQUEST
+    t.check(0, Cmd.WRITE, 0, MAX_REQUEST)
+    t.check(0, Cmd.READ, 0, MAX_REQUEST)
+    with pytest.raises(InvalidRequestError):
+        t.check(0, Cmd.READ, 0, MAX_REQUEST + 1)
+    with pytest.raises(ProtocolError):
+        t.check(0, Cmd.WRITE, 0, MAX_REQUEST + 1)
+
+
+def test_max_request_must_fit_the_minimum_block() -> None:
+    with pytest.raises(ValueError, match="max_request"):
+        ExportInfo("odd", MIB, 0, min_block=512, max_request=MAX_REQUEST + 1)

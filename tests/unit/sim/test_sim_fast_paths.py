@@ -10,7 +10,7 @@ from collections.abc import Callable
 
 import pytest
 
-from blkback.core.clock import NS_PER_S
+from blkback.clock import NS_PER_S
 from blkback.core.pages import PAGE_SIZE
 from blkback.sim.guest import SEGS_DIRECT, SEGS_PER_INDIRECT_PAGE, Disk
 from blkback.sim.host import HostAllocator

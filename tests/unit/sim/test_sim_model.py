@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from blkback.core.clock import NS_PER_MS, NS_PER_S
+from blkback.clock import NS_PER_MS, NS_PER_S
 from blkback.sim.guest import WorkloadConfig
 from blkback.sim.scenario import GuestConfig, Scenario, SimHost, run_scenario, seed_pressure
 from blkback.sim.sweep import make_scenario

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from blkback.cli import main
-from blkback.core.clock import NS_PER_S
+from blkback.clock import NS_PER_S
 from blkback.sim.runner import run_many
 from blkback.sim.scenario import SimHost, run_scenario, scenario_from_repro, seed_overhead
 from blkback.sim.sweep import build_grid, make_scenario, mean_grid, rows

@@ -1,10 +1,11 @@
 from __future__ import annotations
 
 import threading
-import time
+from collections.abc import Callable
 
 import pytest
 
+from blkback.clock import NS_PER_MS, NS_PER_S, ManualClock, MonotonicClock
 from blkback.errors import StorageIOError
 from blkback.storage import (
     DelayFilter,
@@ -16,28 +17,13 @@ from blkback.storage import (
 )
 
 
-class FakeTime:
-    """A clock that only sleeping moves (single-threaded tests)."""
-
-    def __init__(self) -> None:
-        self.now = 100.0
-        self.sleeps: list[float] = []
-
-    def clock(self) -> float:
-        return self.now
-
-    def sleep(self, seconds: float) -> None:
-        self.sleeps.append(seconds)
-        self.now += seconds
-
-
 def buf(n: int) -> list[memoryview]:
     return [memoryview(bytearray(n))]
 
 
 def test_filters_pass_capabilities_through_and_are_not_inline():
     inner = MemoryStorage(1 << 20)
-    st = DelayFilter(inner, read_s=0, write_s=0)
+    st = DelayFilter(inner, read_ns=0, write_ns=0)
     for name in ("size", "readonly", "can_flush", "can_fua", "can_trim", "can_zero"):
         assert getattr(st, name) == getattr(inner, name)
     assert st.can_fast_zero == inner.can_fast_zero
@@ -47,40 +33,50 @@ def test_filters_pass_capabilities_through_and_are_not_inline():
     st.close()
 
 
+def waited(clock: ManualClock, call: Callable[[], object]) -> int:
+    """How long ``call`` waited on ``clock`` (ns)."""
+    before = clock.now_ns()
+    call()
+    return clock.now_ns() - before
+
+
 def test_delay_per_operation_class():
-    ft = FakeTime()
-    st = DelayFilter(NullStorage(1 << 20), read_s=0.01, write_s=0.02, sleep=ft.sleep)
-    st.preadv(buf(10), 0)
-    st.cache(0, 10)
-    st.pwritev(buf(10), 0, fua=False)
-    st.trim(0, 10, fua=False)
-    st.zero(0, 10, may_trim=True, fast_only=False, fua=False)
-    st.flush()
-    st.extents(0, 10)  # not delayed
-    assert ft.sleeps == [0.01, 0.01, 0.02, 0.02, 0.02, 0.02]
+    clock = ManualClock()
+    st = DelayFilter(
+        NullStorage(1 << 20), read_ns=10 * NS_PER_MS, write_ns=20 * NS_PER_MS, clock=clock
+    )
+    waits = [
+        waited(clock, lambda: st.preadv(buf(10), 0)),
+        waited(clock, lambda: st.cache(0, 10)),
+        waited(clock, lambda: st.pwritev(buf(10), 0, fua=False)),
+        waited(clock, lambda: st.trim(0, 10, fua=False)),
+        waited(clock, lambda: st.zero(0, 10, may_trim=True, fast_only=False, fua=False)),
+        waited(clock, st.flush),
+        waited(clock, lambda: st.extents(0, 10)),  # not delayed
+    ]
+    ms = NS_PER_MS
+    assert waits == [10 * ms, 10 * ms, 20 * ms, 20 * ms, 20 * ms, 20 * ms, 0]
 
 
 def test_delay_is_really_observed():
     st = open_storage("null:1M,delay=5ms")
-    t0 = time.monotonic()
+    clock = MonotonicClock()
+    t0 = clock.now_ns()
     st.preadv(buf(4096), 0)
     st.pwritev(buf(4096), 0, fua=False)
-    assert time.monotonic() - t0 >= 0.009  # two 5 ms sleeps (lower bound only)
+    assert clock.now_ns() - t0 >= 10 * NS_PER_MS  # two 5 ms waits (lower bound only)
 
 
 def test_rate_bucket_arithmetic():
-    ft = FakeTime()
-    st = RateFilter(NullStorage(1 << 30), rate=1000, burst=500, clock=ft.clock, sleep=ft.sleep)
-    st.preadv(buf(500), 0)  # the full bucket pays for it
-    assert ft.sleeps == []
-    st.pwritev(buf(1000), 0, fua=False)  # 1000 bytes of debt at 1000 B/s
-    assert ft.sleeps == [pytest.approx(1.0)]
-    st.trim(0, 10**6, fua=False)  # no data moved: free
-    st.flush()
-    assert len(ft.sleeps) == 1
-    ft.now += 10  # idle: refills only up to the burst
-    st.preadv(buf(700), 0)
-    assert ft.sleeps[-1] == pytest.approx(0.2)
+    clock = ManualClock(100 * NS_PER_S)
+    st = RateFilter(NullStorage(1 << 30), rate=1000, burst=500, clock=clock)
+    assert waited(clock, lambda: st.preadv(buf(500), 0)) == 0  # the full bucket pays for it
+    # 1000 bytes of debt at 1000 B/s
+    assert waited(clock, lambda: st.pwritev(buf(1000), 0, fua=False)) == NS_PER_S
+    assert waited(clock, lambda: st.trim(0, 10**6, fua=False)) == 0  # no data moved: free
+    assert waited(clock, st.flush) == 0
+    clock.advance_ns(10 * NS_PER_S)  # idle: refills only up to the burst
+    assert waited(clock, lambda: st.preadv(buf(700), 0)) == NS_PER_S // 5
     assert st.bytes_admitted == 2200
     assert "rate(" in repr(st)
 
@@ -98,13 +94,14 @@ def test_rate_shared_by_threads():
         except Exception as exc:
             errors.append(exc)
 
-    t0 = time.monotonic()
+    clock = MonotonicClock()
+    t0 = clock.now_ns()
     threads = [threading.Thread(target=worker, args=(k,)) for k in range(2)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    elapsed = time.monotonic() - t0
+    elapsed = (clock.now_ns() - t0) / NS_PER_S
     assert not errors
     assert st.bytes_admitted == 512 << 10
     assert elapsed >= ((512 - 16) << 10) / (2 << 20) * 0.9

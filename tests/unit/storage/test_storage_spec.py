@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import pytest
 
+from blkback.clock import NS_PER_MS
 from blkback.errors import ConfigError
 from blkback.storage import (
     AnonMemoryStorage,
@@ -57,10 +58,34 @@ def test_parse_size_errors(text, fragment):
 
 @pytest.mark.parametrize(
     ("text", "seconds"),
-    [("10ms", 0.01), ("2", 2.0), ("0.5s", 0.5), ("200us", 0.0002), ("5ns", 5e-9)],
+    [("10ms", 0.01), ("2s", 2.0), ("0.5s", 0.5), ("200us", 0.0002), ("5ns", 5e-9), ("0", 0.0)],
 )
 def test_parse_duration(text, seconds):
     assert parse_duration(text) == pytest.approx(seconds)
+
+
+@pytest.mark.parametrize("text", ["2", "10", "0.5"])
+def test_a_bare_number_is_not_a_duration(text):
+    """Issue 15: `delay=10` silently meant 10 s; now it asks for the unit."""
+    with pytest.raises(ConfigError, match=rf"give a unit, e\.g\. {text}ms, {text}us or {text}s"):
+        parse_duration(text, "delay")
+
+
+@pytest.mark.parametrize(
+    ("option", "readonly"),
+    [
+        ("readonly", True), ("ro", True), ("readonly=yes", True), ("readonly=no", False),
+        ("ro=true", True), ("ro=false", False), ("readonly=1", True), ("readonly=0", False),
+        ("readonly=on", True), ("readonly=OFF", False),
+    ],
+)  # fmt: skip
+def test_readonly_takes_a_boolean(option, readonly):
+    assert parse_spec(f"memory:1G,{option}").readonly is readonly
+
+
+@pytest.mark.parametrize(("value", "direct"), [("auto", "auto"), ("yes", "on"), ("0", "off")])
+def test_direct_takes_auto_or_a_boolean(value, direct):
+    assert parse_spec(f"file:/var/tmp/x.img:1G,direct={value}").direct == direct
 
 
 def test_parse_duration_error():
@@ -107,7 +132,7 @@ def test_one_layer_per_family_run_and_repeats_stack():
     assert [f.family for f in spec.filters] == ["delay", "rate", "delay", "delay"]
     st = open_storage("null:1M,delay-read=1ms,delay-write=2ms")
     assert isinstance(st, DelayFilter)
-    assert (st.read_s, st.write_s) == (0.001, 0.002)
+    assert (st.read_ns, st.write_ns) == (NS_PER_MS, 2 * NS_PER_MS)
     assert isinstance(st.inner, NullStorage)
 
 
@@ -145,8 +170,15 @@ def test_rate_with_per_second_suffix():
         ("memory:1G,fast", "unknown option 'fast'"),
         ("memory:1G,speed=3", "unknown option 'speed'"),
         ("memory:1G,direct=on", "file: only"),
-        ("file:/x:1G,direct=maybe", "auto, on or off"),
+        ("file:/x:1G,direct=maybe", "auto, on or off \\(or yes/no"),
         ("memory:1G,delay=soon", "bad delay"),
+        ("memory:1G,delay=10", "bad delay '10': give a unit"),
+        ("memory:1G,delay-write=2.5", "bad delay-write '2.5': give a unit"),
+        (
+            "memory:1G,readonly=maybe",
+            "readonly= takes yes/no, true/false, on/off or 1/0, not 'maybe'",
+        ),
+        ("memory:1G,ro=", "ro= takes yes/no"),
         ("memory:1G,delay-read=1parsec", "bad delay-read"),
         ("memory:1G,rate=fast", "bad rate"),
         ("memory:1G,rate=0", "must be above 0"),

@@ -1,5 +1,7 @@
 """How fast a pressure report empties every idle ring: the squeeze latency benchmark.
 
+Run as ``blkback pressure latency`` (registered by cli.py: pressure/ does not import bench/).
+
 Starts ``blkback serve`` with N exports on the null backend, holds one libnbd connection to
 each (idle rings), and repeats: fill every ring's pool (a write of ``fill`` bytes per
 connection), wait for the rings to go idle, report pressure, and record
@@ -16,7 +18,9 @@ window).
 
 from __future__ import annotations
 
+import argparse
 import contextlib
+import functools
 import json
 import os
 import signal
@@ -24,28 +28,50 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 from blkback.clients import HOLD_SCRIPT, libnbd_python
+from blkback.clock import NS_PER_MS, NS_PER_S, Clock, MonotonicClock
 from blkback.errors import EnvironmentProblem
-from blkback.server.ctl_command import request
+from blkback.server.control_client import ControlClient
+
+POLL_NS = 2 * NS_PER_MS  # how often the benchmark asks the server for its pools
+SETTLE_NS = 50 * NS_PER_MS  # for every ring to be back in its blocking wait
 
 
-def _pools(control: str) -> list[int]:
-    stats = request(control, {"op": "stats"})
-    return [r["pool_pages"] for d in stats["devices"] for r in d["rings"]]
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Register the benchmark's options."""
+    parser.add_argument("--connections", type=int, default=64, help="idle rings (default 64)")
+    parser.add_argument("--fill-mib", type=int, default=4, help="pool fill per ring (default 4)")
+    parser.add_argument("--reports", type=int, default=30, help="reports per mode (default 30)")
+    parser.add_argument("--json", action="store_true", help="print JSON")
 
 
-def _wait(pred: Any, timeout_s: float) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if pred():
+def run(args: argparse.Namespace) -> int:
+    """Run the benchmark and print its figures."""
+    return run_cli(args.connections, args.fill_mib, args.reports, args.json)
+
+
+def _wait_pools(
+    clock: Clock, control: ControlClient, pred: Callable[[list[int]], bool], timeout_ns: int
+) -> bool:
+    """Poll the pools every :data:`POLL_NS` until ``pred(pools)`` (True) or the timeout."""
+    deadline = clock.now_ns() + timeout_ns
+    while clock.now_ns() < deadline:
+        if pred(control.pool_pages()):
             return True
-        time.sleep(0.002)
+        clock.wait_until(min(deadline, clock.now_ns() + POLL_NS))
     return False
+
+
+def _all_empty(pools: list[int]) -> bool:
+    return max(pools) == 0
+
+
+def _all_hold(pages: int, pools: list[int]) -> bool:
+    return min(pools) >= pages
 
 
 @contextlib.contextmanager
@@ -78,6 +104,7 @@ def measure(
     connections: int = 64, fill_bytes: int = 4 << 20, reports: int = 30, lru_interval_ms: int = 100
 ) -> dict[str, Any]:
     """Run the benchmark for squeeze_wake on and off; return the figures."""
+    clock = MonotonicClock()
     results: dict[str, Any] = {
         "connections": connections,
         "fill_pages_per_ring": fill_bytes // 4096,
@@ -87,7 +114,8 @@ def measure(
     for wake in (1, 0):
         with tempfile.TemporaryDirectory(prefix="blkback-latency-") as tmp:
             params = [f"squeeze_wake={wake}", f"lru_interval_ms={lru_interval_ms}"]
-            with _server(Path(tmp), connections, params) as (sock, control):
+            with _server(Path(tmp), connections, params) as (sock, control_path):
+                control = ControlClient(control_path)
                 uris = ",".join(f"nbd+unix:///v{i}?socket={sock}" for i in range(connections))
                 hold = subprocess.Popen(
                     [libnbd_python(), HOLD_SCRIPT, uris, "1"],
@@ -106,15 +134,18 @@ def measure(
                         hold.stdin.flush()
                         assert hold.stdout.readline().strip() == "ok"
                         full = min(fill_bytes // 4096, 1024)
-                        _wait(lambda f=full: min(_pools(control)) >= f, 2.0)
-                        time.sleep(0.05)  # idle rings: every ring back in its blocking wait
-                        t0 = time.monotonic()
-                        request(control, {"op": "pressure", "level": "critical"})
-                        if _wait(lambda: max(_pools(control)) == 0, 1.0 + lru_interval_ms / 500):
-                            observed.append((time.monotonic() - t0) * 1000)
+                        _wait_pools(
+                            clock, control, functools.partial(_all_hold, full), 2 * NS_PER_S
+                        )
+                        clock.wait_until(clock.now_ns() + SETTLE_NS)  # idle rings
+                        t0 = clock.now_ns()
+                        control.report_pressure("critical")
+                        timeout_ns = NS_PER_S + 2 * lru_interval_ms * NS_PER_MS
+                        if _wait_pools(clock, control, _all_empty, timeout_ns):
+                            observed.append((clock.now_ns() - t0) / NS_PER_MS)
                         else:
                             missed += 1
-                    stats = request(control, {"op": "stats"})
+                    stats = control.stats()
                 finally:
                     hold.stdin.close()
                     hold.wait(30)
