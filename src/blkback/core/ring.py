@@ -210,8 +210,9 @@ class Ring:
         # pressure the memory must leave now.
         freed = 0
         if len(pool) > target:
-            freed = pool.shrink(target, params.batch_free_pages, self._release(now_ns))
-        elif not had_io and self._release(now_ns) is Release.NOW:
+            release = self._release(target, trim_floor, now_ns)
+            freed = pool.shrink(target, params.batch_free_pages, release)
+        elif not had_io and self._release(target, trim_floor, now_ns) is Release.NOW:
             pool.allocator.flush(Release.NOW)
         if freed:
             self.last_free_ns = now_ns
@@ -231,12 +232,11 @@ class Ring:
             self.reset_print_stats(now_ns)
         return freed
 
-    def _release(self, now_ns: int) -> Release:
-        """How the pages this pass frees leave the process (see :class:`Release`)."""
-        if (
-            self.device.squeezed(now_ns)
-            or self.target(now_ns) < self.device.params.max_buffer_pages
-        ):
+    def _release(self, target: int, trim_floor: int, now_ns: int) -> Release:
+        """How the pages a pass frees leave the process (see :class:`Release`): at once
+        under a squeeze (a target below the trim floor, or inside a squeeze window, which
+        ``max_buffer_pages=0`` would not show), lazily for a trim."""
+        if target < trim_floor or self.device.squeezed(now_ns):
             return Release.NOW
         return Release.LAZY
 
