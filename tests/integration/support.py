@@ -10,13 +10,17 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
+
+from blkback.clock import NS_PER_MS, NS_PER_S, MonotonicClock
+
+CLOCK = MonotonicClock()
+POLL_NS = 20 * NS_PER_MS  # how often the helpers below look again
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -102,25 +106,25 @@ class Served:
 
 def wait_for_socket(path: str, proc: subprocess.Popen[str], timeout_s: float = 30) -> None:
     """Wait until a Unix socket accepts connections (or the process died)."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
+    deadline = CLOCK.now_ns() + round(timeout_s * NS_PER_S)
+    while CLOCK.now_ns() < deadline:
         if proc.poll() is not None:
             err = proc.stderr.read() if proc.stderr else ""
             raise AssertionError(f"server exited with {proc.returncode}: {err}")
         with contextlib.suppress(OSError), socket.socket(socket.AF_UNIX) as s:
             s.connect(path)
             return
-        time.sleep(0.02)
+        CLOCK.wait_until(CLOCK.now_ns() + POLL_NS)
     raise AssertionError(f"{path} did not accept connections in {timeout_s} s")
 
 
 def wait_until(pred: Callable[[], bool], timeout_s: float, what: str) -> None:
     """Poll ``pred`` until true; fail with ``what`` after ``timeout_s``."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
+    deadline = CLOCK.now_ns() + round(timeout_s * NS_PER_S)
+    while CLOCK.now_ns() < deadline:
         if pred():
             return
-        time.sleep(0.02)
+        CLOCK.wait_until(CLOCK.now_ns() + POLL_NS)
     raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
 
 

@@ -28,6 +28,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 
 from blkback.clock import NS_PER_MS
+from blkback.core.autotune import NO_FACTS, PoolFacts
 from blkback.core.pages import PageAllocator
 from blkback.core.params import Params
 from blkback.core.policy import (
@@ -89,7 +90,9 @@ class Device:
         self.reclaims += 1
         current = self.squeeze
         was_squeezed = now_ns < current.end_ns
-        decision = self.bus.policy.decide(current, level, now_ns, self.params)
+        policy = self.bus.policy
+        facts = self.pool_facts() if policy.reads_pools else NO_FACTS
+        decision = policy.decide(current, level, now_ns, self.params, facts)
         self._store_squeeze(decision)
         if not was_squeezed and now_ns < decision.end_ns:
             self.squeezes += 1
@@ -98,9 +101,21 @@ class Device:
             for ring in self.rings:
                 ring.request_wake(now_ns)
 
+    def pool_facts(self) -> PoolFacts:
+        """What this device's rings hold and have allocated under squeezes (auto reads it)."""
+        held = squeezed_allocs = 0
+        for ring in self.rings:
+            held += len(ring.pool)
+            squeezed_allocs += ring.stats.squeezed_alloc_pages
+        return PoolFacts(held, squeezed_allocs)
+
     def pool_target(self, last_io_ns: int, now_ns: int) -> int:
         """The pool size a ring whose last I/O was at ``last_io_ns`` shrinks to at ``now_ns``."""
-        return self.bus.policy.target(self.squeeze, now_ns, last_io_ns, self.params)
+        params = self.params
+        bus = self.bus
+        # self.squeeze, inlined: this runs on every loop pass.
+        squeeze = bus.global_squeeze if params.squeeze_scope == "global" else self._own_squeeze
+        return bus.policy.target(squeeze, now_ns, last_io_ns, params)
 
     # -- rings ----------------------------------------------------------------------------
     def add_ring(self, allocator: PageAllocator, now_ns: int) -> Ring:
@@ -134,6 +149,7 @@ class Device:
     def snapshot(self, now_ns: int) -> dict[str, object]:
         """This device's state for ``ctl stats --json``."""
         end = self.squeeze_end_ns
+        auto = self.squeeze.auto
         return {
             "name": self.name,
             "squeeze_end_ms": None if end == 0 else end / NS_PER_MS,
@@ -143,6 +159,7 @@ class Device:
             else self.squeeze_level.name.lower(),
             "reclaims": self.reclaims,
             "squeezes": self.squeezes,
+            "auto": None if auto is None else auto.snapshot(),
             "rings": [ring.snapshot() for ring in self.rings],
         }
 

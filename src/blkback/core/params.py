@@ -138,8 +138,18 @@ SPECS: tuple[ParamSpec, ...] = (
         str,
         "kernel",
         "'kernel': any pressure report squeezes every ring to 0 for the duration; "
-        "'graded': the response grows with the pressure level (see docs).",
-        choices=("kernel", "graded"),
+        "'graded': the response grows with the pressure level (see docs); "
+        "'auto': the kernel's squeeze with a duration tuned per device from what the "
+        "last window did (see core/autotune.py).",
+        choices=("kernel", "graded", "auto"),
+    ),
+    ParamSpec(
+        "squeeze_ceiling_ms",
+        int,
+        1000,
+        "The longest squeeze the 'auto' policy may choose, in ms (it never goes below 1 ms).",
+        minimum=1,
+        maximum=3_600_000,
     ),
 )
 
@@ -176,6 +186,7 @@ class Params:
     squeeze_scope: str
     squeeze_wake: bool
     squeeze_policy: str
+    squeeze_ceiling_ms: int
 
     def __init__(self, **overrides: object) -> None:
         for spec in SPECS:

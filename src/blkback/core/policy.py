@@ -25,10 +25,11 @@ Every pass at or after the report sees the same answer either way.
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Protocol
 
 from blkback.clock import NS_PER_MS, NS_PER_S
+from blkback.core.autotune import AutoState, PoolFacts
 from blkback.core.params import Params
 
 
@@ -64,18 +65,30 @@ class SqueezeDecision:
         level: the pressure level in force right after the report (``ctl stats``), or None.
         level_ends_ns: the deadline of each level, indexed by ``level - 1`` (0: never set),
             for policies that answer by level. Policies that do not use it pass it on.
+        auto: the auto policy's tuned duration and its reasons (None until auto decides).
+            Policies that do not use it pass it on, so a switch away and back keeps it.
     """
 
     end_ns: int = 0
     level: PressureLevel | None = None
     level_ends_ns: tuple[int, int, int] = NO_LEVEL_ENDS
+    auto: AutoState | None = None
 
     def level_at(self, now_ns: int) -> PressureLevel | None:
         """The highest level whose deadline is still ahead of ``now_ns``."""
-        for level in (PressureLevel.CRITICAL, PressureLevel.MEDIUM, PressureLevel.LOW):
-            if now_ns < self.level_ends_ns[level - 1]:
-                return level
-        return None
+        return level_in_force(self.level_ends_ns, now_ns)
+
+
+def level_in_force(level_ends_ns: tuple[int, int, int], now_ns: int) -> PressureLevel | None:
+    """The highest level whose deadline (``level_ends_ns[level - 1]``) is ahead of ``now_ns``."""
+    low, medium, critical = level_ends_ns
+    if now_ns < critical:
+        return PressureLevel.CRITICAL
+    if now_ns < medium:
+        return PressureLevel.MEDIUM
+    if now_ns < low:
+        return PressureLevel.LOW
+    return None
 
 
 NO_SQUEEZE = SqueezeDecision()
@@ -85,11 +98,23 @@ class SqueezePolicy(Protocol):
     """Decides the squeeze at a report, and the pool target at a ring's loop pass."""
 
     name: str
+    #: Whether :meth:`decide` reads the device's pools (``facts``); the device counts them
+    #: only for a policy that does, so the others cost nothing more at a report.
+    reads_pools: bool
 
     def decide(
-        self, current: SqueezeDecision, level: PressureLevel, now_ns: int, params: Params
+        self,
+        current: SqueezeDecision,
+        level: PressureLevel,
+        now_ns: int,
+        params: Params,
+        facts: PoolFacts,
     ) -> SqueezeDecision:
-        """The decision after a report at ``level`` to a device that follows ``current``."""
+        """The decision after a report at ``level`` to a device that follows ``current``.
+
+        ``facts`` are the device's pools at the report when :attr:`reads_pools` is set (else
+        an empty :class:`~blkback.core.autotune.PoolFacts`).
+        """
         ...
 
     def target(self, squeeze: SqueezeDecision, now_ns: int, last_io_ns: int, params: Params) -> int:
@@ -114,13 +139,20 @@ class KernelPolicy:
     """Any report squeezes every ring of the device to 0 for the configured duration."""
 
     name = "kernel"
+    reads_pools = False
 
     def decide(
-        self, current: SqueezeDecision, level: PressureLevel, now_ns: int, params: Params
+        self,
+        current: SqueezeDecision,
+        level: PressureLevel,
+        now_ns: int,
+        params: Params,
+        facts: PoolFacts,
     ) -> SqueezeDecision:
         end = now_ns + params.buffer_squeeze_duration_ms * NS_PER_MS
+        # The constructor, not dataclasses.replace: a report reaches every device (~0.3 us).
         return SqueezeDecision(
-            store_deadline(current.end_ns, now_ns, end), level, current.level_ends_ns
+            store_deadline(current.end_ns, now_ns, end), level, current.level_ends_ns, current.auto
         )
 
     def target(self, squeeze: SqueezeDecision, now_ns: int, last_io_ns: int, params: Params) -> int:
@@ -163,34 +195,81 @@ class GradedPolicy:
     """
 
     name = "graded"
+    reads_pools = False
 
     def __init__(self, idle_ns: int = NS_PER_S) -> None:
         self.idle_ns = idle_ns
 
     def decide(
-        self, current: SqueezeDecision, level: PressureLevel, now_ns: int, params: Params
+        self,
+        current: SqueezeDecision,
+        level: PressureLevel,
+        now_ns: int,
+        params: Params,
+        facts: PoolFacts,
     ) -> SqueezeDecision:
         ends = list(current.level_ends_ns)
         end = now_ns + params.buffer_squeeze_duration_ms * NS_PER_MS
         ends[level - 1] = store_deadline(ends[level - 1], now_ns, end)
         level_ends = (ends[0], ends[1], ends[2])
-        window = SqueezeDecision(end_ns=max(level_ends), level_ends_ns=level_ends)
-        return replace(window, level=window.level_at(now_ns))
+        return SqueezeDecision(
+            max(level_ends), level_in_force(level_ends, now_ns), level_ends, current.auto
+        )
 
     def target(self, squeeze: SqueezeDecision, now_ns: int, last_io_ns: int, params: Params) -> int:
+        # The table above, level by level from the highest (as squeeze.level_at, unrolled:
+        # this runs on every loop pass).
+        low, medium, critical = squeeze.level_ends_ns
         full = params.max_buffer_pages
-        level = squeeze.level_at(now_ns)
-        if level is None:
-            return full
-        if level >= PressureLevel.CRITICAL:
+        if now_ns < critical:
             return 0
-        idle = now_ns - last_io_ns >= self.idle_ns
-        if level == PressureLevel.MEDIUM:
-            return 0 if idle else full // 2
-        return full // 2 if idle else full
+        if now_ns < medium:
+            return 0 if now_ns - last_io_ns >= self.idle_ns else full // 2
+        if now_ns < low:
+            return full // 2 if now_ns - last_io_ns >= self.idle_ns else full
+        return full
 
 
-POLICIES: dict[str, SqueezePolicy] = {"kernel": KernelPolicy(), "graded": GradedPolicy()}
+class AutoPolicy:
+    """The kernel's squeeze with a duration each device tunes for itself (``auto``).
+
+    The target is the kernel policy's: 0 inside the window, ``max_buffer_pages`` outside.
+    Only the window's length differs: at each report the device's
+    :class:`~blkback.core.autotune.AutoState` (carried in the decision) judges the last
+    window from the pools' facts and gives the duration of the next one; its control law is
+    in :mod:`blkback.core.autotune`. Bounded by ``[1 ms, squeeze_ceiling_ms]``; the first
+    window lasts ``buffer_squeeze_duration_ms`` (within those bounds).
+    """
+
+    name = "auto"
+    reads_pools = True
+
+    def decide(
+        self,
+        current: SqueezeDecision,
+        level: PressureLevel,
+        now_ns: int,
+        params: Params,
+        facts: PoolFacts,
+    ) -> SqueezeDecision:
+        ceiling = params.squeeze_ceiling_ms * NS_PER_MS
+        state = current.auto
+        if state is None:
+            state = AutoState.starting(params.buffer_squeeze_duration_ms * NS_PER_MS, ceiling)
+        state = state.after_report(now_ns, current.end_ns, facts, ceiling)
+        return SqueezeDecision(now_ns + state.duration_ns, level, current.level_ends_ns, state)
+
+    def target(self, squeeze: SqueezeDecision, now_ns: int, last_io_ns: int, params: Params) -> int:
+        if now_ns < squeeze.end_ns:
+            return 0
+        return params.max_buffer_pages
+
+
+POLICIES: dict[str, SqueezePolicy] = {
+    "kernel": KernelPolicy(),
+    "graded": GradedPolicy(),
+    "auto": AutoPolicy(),
+}
 
 
 def policy_named(name: str) -> SqueezePolicy:

@@ -46,6 +46,7 @@ class RingStats:
     pages_squeezed: int = 0  # freed because a squeeze (or a graded cap) held the target lower
     squeeze_passes: int = 0  # passes that freed pages because of a squeeze
     refill_after_squeeze_pages: int = 0  # pages allocated within 1 s of a squeeze (wasted)
+    squeezed_alloc_pages: int = 0  # pages allocated while the device was squeezed
     extra: dict[str, int] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, int]:
@@ -69,6 +70,7 @@ class RingStats:
             "pages_squeezed": self.pages_squeezed,
             "squeeze_passes": self.squeeze_passes,
             "refill_after_squeeze_pages": self.refill_after_squeeze_pages,
+            "squeezed_alloc_pages": self.squeezed_alloc_pages,
         }
         out.update(self.extra)
         return out
@@ -133,9 +135,12 @@ class Ring:
             self.stats.alloc_failures += 1
             raise
         new = pool.misses - misses_before
-        last = self.last_squeeze_free_ns
-        if new and last is not None and now_ns - last <= REFILL_WINDOW_NS:
-            self.stats.refill_after_squeeze_pages += new
+        if new:
+            last = self.last_squeeze_free_ns
+            if last is not None and now_ns - last <= REFILL_WINDOW_NS:
+                self.stats.refill_after_squeeze_pages += new
+            if self.device.squeezed(now_ns):
+                self.stats.squeezed_alloc_pages += new
         return pages
 
     def put_pages(self, pages: Sequence[int]) -> None:

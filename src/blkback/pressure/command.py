@@ -46,6 +46,7 @@ def run(args: argparse.Namespace) -> int:
 
 def _probe(args: argparse.Namespace) -> int:
     from blkback.pressure.cgroups import read_layout
+    from blkback.pressure.display import probe_table
     from blkback.pressure.probe import layout_summary, probe
 
     layout = read_layout()
@@ -58,9 +59,15 @@ def _probe(args: argparse.Namespace) -> int:
             )
         )
     else:
-        print(layout_summary(layout))
-        for s in statuses:
-            print(f"{s.name:<20} {'works' if s.works else 'NO':<6} {s.detail}")
+        from rich.console import Console
+
+        console = Console()
+        if console.is_terminal:  # a table that wraps the long details
+            console.print(probe_table(layout_summary(layout), statuses))
+        else:  # one line per source, for scripts and logs
+            print(layout_summary(layout))
+            for s in statuses:
+                print(f"{s.name:<20} {'works' if s.works else 'NO':<6} {s.detail}")
     return 0 if any(s.works and s.name != "manual" for s in statuses) else 1
 
 

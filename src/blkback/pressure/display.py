@@ -6,8 +6,13 @@ Shared by ``blkback pressure watch`` (its header and summary) and ``blkback ctl 
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from rich.table import Table
+
+    from blkback.pressure.probe import SourceStatus
 
 
 def _levels(counts: Mapping[str, Any]) -> str:
@@ -112,3 +117,19 @@ def monitor_status_lines(status: Mapping[str, Any]) -> list[str]:
             f"last delivery: {last['level']} from {last['source']}, {last['age_s']:.1f} s ago"
         )
     return lines
+
+
+def probe_table(layout: str, statuses: Sequence[SourceStatus]) -> Table:
+    """``pressure probe`` on a terminal: one row per source, details wrapped."""
+    from rich import box
+    from rich.table import Table
+    from rich.text import Text
+
+    table = Table(title=Text(layout), title_justify="left", box=box.SIMPLE_HEAD, show_edge=False)
+    table.add_column("source", no_wrap=True)
+    table.add_column("works", no_wrap=True)
+    table.add_column("why", overflow="fold")
+    for s in statuses:
+        works = Text("yes") if s.works else Text("no", style="bold red")
+        table.add_row(Text(s.name), works, Text(s.detail))  # Text: no markup in details
+    return table

@@ -6,7 +6,7 @@ memory-pressure  dom0 = a memory cgroup with a limit and swap, holding `blkback 
                  memory hog; guests outside it write bursts to many null-backed devices.
                  squeeze off (buffer_squeeze_duration_ms=0) vs on (10 ms): pswpin/pswpout,
                  beside the seed's 76,672 / 185,799 -> 212 / 3,325. Beyond the seed: the
-                 kernel's lazy squeeze (squeeze_wake=0) and squeeze_policy=graded.
+                 kernel's lazy squeeze (squeeze_wake=0), squeeze_policy=graded and =auto.
 duration-sweep   the same with buffer_squeeze_duration_ms 1, 10, 100.
 overhead         ext4 on nbdfuse + loop over a blkback export (outside the cgroup), the seed's
                  dd loop with max_buffer_pages 1024 then 0, on a ~40 MB/s and a fast volume.

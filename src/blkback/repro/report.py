@@ -124,7 +124,9 @@ def write_report(results: dict[str, Any], path: Path) -> None:
             "own columns and the rest: medians over all runs):"
         )
         add("")
-        add(_config_table(per, [n for n in ("off", "10", "wake-off", "graded") if n in per]))
+        add(
+            _config_table(per, [n for n in ("off", "10", "wake-off", "graded", "auto") if n in per])
+        )
         add("")
     ds = results.get("duration_sweep")
     if ds:
@@ -147,11 +149,11 @@ def write_report(results: dict[str, Any], path: Path) -> None:
         add(_config_table(per, ["1", "10", "100"]))
         add("")
     if mp and mp.get("beyond"):
-        add("## 4. Beyond the seed: lazy squeeze and graded policy")
+        add("## 4. Beyond the seed: lazy squeeze, graded and auto policies")
         add("")
         add("| configuration | pswpin | pswpout | squeezes | pages squeezed | pools mean |")
         add("|---|---:|---:|---:|---:|---:|")
-        for n in ("off", "10", "wake-off", "graded"):
+        for n in ("off", "10", "wake-off", "graded", "auto"):
             if n in per:
                 o = per[n]
                 add(
@@ -217,6 +219,7 @@ CONF_LABEL = {
     "100": "squeeze 100 ms",
     "wake-off": "10 ms, lazy (squeeze_wake=0)",
     "graded": "10 ms, graded",
+    "auto": "auto (from 10 ms)",
 }
 
 

@@ -44,6 +44,10 @@ CONFIGS: dict[str, tuple[dict[str, int | str], str]] = {
         {"buffer_squeeze_duration_ms": 10, "squeeze_policy": "graded"},
         "squeeze 10 ms, graded policy",
     ),
+    "auto": (
+        {"buffer_squeeze_duration_ms": 10, "squeeze_policy": "auto"},
+        "squeeze_policy=auto (a duration tuned per device, from 10 ms)",
+    ),
 }
 
 
@@ -72,7 +76,7 @@ class Runner:
     def memory_configs(self) -> list[str]:
         names: list[str] = []
         if self.experiment in ("memory-pressure", "all"):
-            names += ["off", "10", "wake-off", "graded"]
+            names += ["off", "10", "wake-off", "graded", "auto"]
         if self.experiment in ("duration-sweep", "all"):
             names += [n for n in ("1", "10", "100") if n not in names]
         return names
@@ -306,7 +310,7 @@ def aggregate_memory(runs: dict[str, list[dict[str, Any]]], configs: list[str]) 
             },
             "beyond": {
                 n: {"pswpin": per[n]["pswpin"], "pswpout": per[n]["pswpout"]}
-                for n in ("wake-off", "graded")
+                for n in ("wake-off", "graded", "auto")
                 if n in per
             },
         }

@@ -24,7 +24,8 @@ from blkback.storage.base import format_size
 RING_COLUMNS_LEGEND = (
     "pool: free pages kept in the ring's pool now (the bytes they hold); peak: its largest "
     "size; in flight: pages held by requests being served; alloc, freed: pages allocated "
-    "and freed since the ring began; rd, wr, f, ds: read, write (and write-zeroes), flush "
+    "and freed since the ring began; lazy (where shown): freed pages the kernel may still "
+    "hold (MADV_FREE) until it needs them; rd, wr, f, ds: read, write (and write-zeroes), flush "
     "and discard requests served (the kernel's st_rd_req, st_wr_req, st_f_req, st_ds_req); "
     "oo: requests that found no free request slot and waited (st_oo_req); err: requests "
     f"answered with an error; read, written: bytes moved. A page is {PAGE_SIZE} bytes."
@@ -91,7 +92,8 @@ def params_table(params: Mapping[str, object]) -> Table:
             unit = f"pages ({format_size(value * PAGE_SIZE)})"
         default = "" if spec is None else show_value(spec.default)
         meaning = spec.help if spec is not None else "(unknown to this client)"
-        table.add_row(f"{name}={show_value(value)}", unit, default, meaning)
+        # Text, not str: a value or a help text with [brackets] is not rich markup.
+        table.add_row(Text(f"{name}={show_value(value)}"), Text(unit), Text(default), Text(meaning))
     return table
 
 
@@ -115,16 +117,25 @@ def _server_line(stats: Mapping[str, Any]) -> str:
     return line
 
 
-def _device_line(dev: Mapping[str, Any]) -> str:
+def _device_line(dev: Mapping[str, Any], now_ms: float | None) -> str:
     if dev["squeezed"]:
         level = dev.get("squeeze_level")
         state = f"squeezed ({level})" if level else "squeezed"
+        end_ms = dev.get("squeeze_end_ms")
+        if end_ms is not None and now_ms is not None:
+            state += f" for {end_ms - now_ms:,.0f} ms more"
     else:
         state = "not squeezed"
-    return (
+    line = (
         f"device {dev['name']}: {state}; {plural(dev['squeezes'], 'squeeze')} started by "
         f"{plural(dev.get('reclaims', 0), 'pressure report')}; {plural(len(dev['rings']), 'ring')}"
     )
+    auto = dev.get("auto")
+    if isinstance(auto, Mapping) and "duration_ms" in auto:
+        line += f"; auto squeeze {auto['duration_ms']:g} ms"
+        if auto.get("verdict"):
+            line += f" ({auto['verdict']}: {auto.get('reason', '')})"
+    return line
 
 
 def rings_table(rings: list[Mapping[str, Any]]) -> Table:
@@ -132,6 +143,10 @@ def rings_table(rings: list[Mapping[str, Any]]) -> Table:
     table = Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False)
     for name in ("ring", "pool", "peak", "in flight", "alloc", "freed"):
         table.add_column(name, justify="right", no_wrap=True)
+    # Lazily freed pages (MADV_FREE), where the allocator reports them (issue 12).
+    lazy = any("pages_lazy" in r for r in rings)
+    if lazy:
+        table.add_column("lazy", justify="right", no_wrap=True)
     for name in ("rd", "wr", "f", "ds", "oo", "err", "read", "written"):
         table.add_column(name, justify="right", no_wrap=True)
     for r in rings:
@@ -143,6 +158,7 @@ def rings_table(rings: list[Mapping[str, Any]]) -> Table:
             pages(r["in_flight_pages"]),
             f"{r['pages_allocated']:,}",
             f"{r['pages_freed']:,}",
+            *([pages(int(r.get("pages_lazy", 0)))] if lazy else []),
             *(f"{q.get(k, 0):,}" for k in ("rd", "wr", "f", "ds", "oo", "errors")),
             format_size(q.get("rd_bytes", 0)),
             format_size(q.get("wr_bytes", 0)),
@@ -155,7 +171,7 @@ def stats_view(stats: Mapping[str, Any]) -> Group:
     parts: list[RenderableType] = [Text(_server_line(stats))]
     any_ring = False
     for dev in stats["devices"]:
-        parts.append(Text(_device_line(dev)))
+        parts.append(Text(_device_line(dev, stats.get("now_ms"))))
         if dev["rings"]:
             any_ring = True
             parts.append(rings_table(dev["rings"]))

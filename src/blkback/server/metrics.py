@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 from prometheus_client import CollectorRegistry, ProcessCollector, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -29,7 +29,14 @@ log = logging.getLogger("blkback.server")
 if TYPE_CHECKING:
     from wsgiref.simple_server import WSGIServer
 
-    from blkback.server.server import Server
+
+class StatsSource(Protocol):
+    """What the exporter needs of a server (``Server`` is one): its ``ctl stats`` snapshot."""
+
+    def stats(self) -> dict[str, Any]:
+        """Everything ``ctl stats --json`` shows."""
+        ...
+
 
 Kind = Literal["gauge", "counter"]
 
@@ -37,12 +44,16 @@ Kind = Literal["gauge", "counter"]
 @dataclass(frozen=True, slots=True)
 class Series:
     """How one snapshot field is exported: metric name (counters without ``_total``), type,
-    help, and optionally a fixed label (several fields of one metric told apart by it)."""
+    help, optionally a fixed label (several fields of one metric told apart by it), a scale
+    to the metric's base unit (ms to seconds: 0.001), and whether every scrape declares it
+    (False for fields only some configurations report, such as the auto policy's)."""
 
     name: str
     kind: Kind
     help: str
     label: tuple[str, str] | None = None
+    scale: float = 1.0
+    declare: bool = True
 
 
 def _requests(kind: str) -> Series:
@@ -68,6 +79,34 @@ RING_SERIES: dict[str, Series | None] = {
     "misses": Series("blkback_pool_misses", "counter", "Page requests that allocated"),
     "last_pass_ms": None,  # a timestamp on the server's monotonic clock: meaningless outside
     "last_free_ms": None,
+    # The allocator's release counts (issue 12: lazy freeing with MADV_FREE).
+    "pages_held": Series(
+        "blkback_pages_held",
+        "gauge",
+        "Pages the ring holds: its pool and its pages in flight",
+        declare=False,
+    ),
+    "pages_lazy": Series(
+        "blkback_pages_lazy",
+        "gauge",
+        "Pages freed lazily (MADV_FREE) and not reused since: the kernel may still hold them",
+        declare=False,
+    ),
+    "pages_lazily_freed": Series(
+        "blkback_pages_lazily_freed", "counter", "Pages freed lazily (MADV_FREE)", declare=False
+    ),
+    "pages_lazy_reused": Series(
+        "blkback_pages_lazy_reused",
+        "counter",
+        "Lazily freed pages handed out again",
+        declare=False,
+    ),
+    "pages_returned": Series(
+        "blkback_pages_returned",
+        "counter",
+        "Pages given back at once (MADV_DONTNEED)",
+        declare=False,
+    ),
 }
 #: Counters of a ring's ``requests`` dict (``RingStats.as_dict()``).
 REQUEST_SERIES: dict[str, Series | None] = {
@@ -97,6 +136,26 @@ DEVICE_SERIES: dict[str, Series | None] = {
     "squeezes": Series("blkback_squeezes", "counter", "Squeeze windows started, per device"),
     "squeezed": Series("blkback_squeezed", "gauge", "Whether the device is squeezed now"),
     "reclaims": Series("blkback_reclaims", "counter", "Pressure reports received, per device"),
+    # The auto policy's state (a nested dict "auto", flattened to auto_<key>).
+    "auto_duration_ms": Series(
+        "blkback_auto_squeeze_duration_seconds",
+        "gauge",
+        "The squeeze duration the auto policy has tuned for the device",
+        scale=0.001,
+        declare=False,
+    ),
+    "auto_lengthened": Series(
+        "blkback_auto_lengthened",
+        "counter",
+        "Times the auto policy lengthened the squeeze",
+        declare=False,
+    ),
+    "auto_shortened": Series(
+        "blkback_auto_shortened",
+        "counter",
+        "Times the auto policy shortened the squeeze",
+        declare=False,
+    ),
 }
 #: Fields of ``stats["server"]``, unlabelled; the rest is left to the process collector.
 SERVER_SERIES: dict[str, Series] = {
@@ -146,14 +205,14 @@ class _Families:
     def declare_table(self, table: Mapping[str, Series | None], label_names: list[str]) -> None:
         """Declare every family of a table."""
         for series in table.values():
-            if series is not None:
+            if series is not None and series.declare:
                 self.declare(series, label_names)
 
     def add(self, series: Series, labels: dict[str, str], value: float) -> None:
         """One sample of ``series``."""
         family = self.declare(series, list(labels))
         values = list(labels.values()) + ([series.label[1]] if series.label else [])
-        family.add_metric(values, value)
+        family.add_metric(values, value * series.scale)
 
     def add_fields(
         self,
@@ -162,8 +221,14 @@ class _Families:
         labels: dict[str, str],
         auto: tuple[str, Kind, str],
     ) -> None:
-        """Export every numeric field: by the table, or by the ``auto`` naming rule."""
+        """Export every numeric field: by the table, or by the ``auto`` naming rule. A nested
+        dict's fields are ``<key>_<field>`` (a device's ``auto`` state: ``auto_duration_ms``)."""
         for key, value in fields.items():
+            skipped = key in table and table[key] is None
+            if isinstance(value, Mapping) and not skipped:
+                nested = {f"{key}_{k}": v for k, v in value.items()}
+                self.add_fields(nested, table, labels, auto)
+                continue
             number = _number(value)
             if number is None:
                 continue
@@ -224,17 +289,22 @@ def families(stats: Mapping[str, Any]) -> Iterator[Metric]:
             value = pressure["squeeze_latency_ms"][field] / 1000
             out.add(latency, {"quantile": quantile}, value)
     param = Series("blkback_param", "gauge", "Numeric runtime parameters (see ctl params)")
+    choice = Series(
+        "blkback_param_choice", "gauge", "Runtime parameters that name a choice: 1 for the one set"
+    )
     for name, value in stats["params"].items():
         number = _number(value)
         if number is not None:
             out.add(param, {"name": name}, number)
+        elif isinstance(value, str):
+            out.add(choice, {"name": name, "value": value}, 1.0)
     yield from out.by_name.values()
 
 
 class ServerCollector(Collector):
     """Reads ``server.stats()`` at every scrape."""
 
-    def __init__(self, server: Server) -> None:
+    def __init__(self, server: StatsSource) -> None:
         self.server = server
 
     def collect(self) -> Iterable[Metric]:
@@ -242,7 +312,7 @@ class ServerCollector(Collector):
         return list(families(self.server.stats()))
 
 
-def registry_for(server: Server) -> CollectorRegistry:
+def registry_for(server: StatsSource) -> CollectorRegistry:
     """A registry with the server's series and the process collector."""
     registry = CollectorRegistry()
     ProcessCollector(registry=registry)
@@ -250,7 +320,7 @@ def registry_for(server: Server) -> CollectorRegistry:
     return registry
 
 
-def start_metrics(server: Server, address: str) -> WSGIServer:
+def start_metrics(server: StatsSource, address: str) -> WSGIServer:
     """Serve ``/metrics`` on ``HOST:PORT`` (``[v6]:PORT`` too) from a daemon thread."""
     host, sep, port = address.rpartition(":")
     if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:

@@ -20,7 +20,7 @@ from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING
 
 from blkback.clock import NS_PER_S, Clock, MonotonicClock
-from blkback.protocol.constants import Cmd
+from blkback.protocol.constants import Cmd, CmdFlag
 
 if TYPE_CHECKING:
     from blkback.core.device import Bus
@@ -173,9 +173,17 @@ def error_reply(
     log.log(level, "%s: %s answered %s: %s%s", peer, what, name, message, suffix)
 
 
+def _flag_names(flags: int) -> str:
+    known = CmdFlag(flags & sum(CmdFlag))
+    names = [f.name.lower().replace("_", "-") for f in CmdFlag if f in known and f.name]
+    unknown = flags & ~sum(CmdFlag)
+    return ",".join(names + ([f"{unknown:#x}"] if unknown else []))
+
+
 def request(peer: str, cmd: int, flags: int, offset: int, length: int) -> None:
-    """One request as it arrives (``-vv``)."""
-    log.debug("%s: %s %d+%d flags %#x", peer, _cmd_name(cmd), offset, length, flags)
+    """One request as it arrives (``-vv``): command, offset+length, flags by name."""
+    shown = f" [{_flag_names(flags)}]" if flags else ""
+    log.debug("%s: %s %d+%d%s", peer, _cmd_name(cmd), offset, length, shown)
 
 
 def squeeze_counts(bus: Bus) -> dict[str, tuple[int, int]]:

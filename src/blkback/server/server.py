@@ -23,7 +23,7 @@ import struct
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from blkback.clock import NS_PER_MS, NS_PER_S, Clock, MonotonicClock
 from blkback.core.device import Bus
@@ -37,6 +37,9 @@ from blkback.server import oplog
 from blkback.server.connection import Connection
 from blkback.server.exports import Catalog, Export, tflags_for
 from blkback.storage.base import Storage
+
+if TYPE_CHECKING:
+    from wsgiref.simple_server import WSGIServer
 
 log = logging.getLogger("blkback.server")
 
@@ -245,7 +248,7 @@ class Server:
         self._threads: list[threading.Thread] = []
         self._warned: set[str] = set()
         self.control: ControlServer | None = None
-        self.metrics_server: Any = None
+        self.metrics_server: WSGIServer | None = None
         #: The kernel's pressure signals, when :meth:`start_pressure_monitor` started them.
         self.monitor: PressureMonitor | None = None
         self.pressure_events: dict[str, int] = {}

@@ -3,6 +3,7 @@
   blkback sim seed  [--out DIR]     the seed mail's three tables, simulated, beside the seed's
   blkback sim sweep --duration 1,10,100 --devices 50,100,200 [--replicas N] [--out DIR]
   blkback sim run   [--variant after] [--duration 10] ...   one host, all counters
+  blkback sim policies [--quick] --out DIR   fixed durations 1-100 ms against auto, a grid
   blkback sim calibrate --repro DIR_OR_results.json --out DIR   a repro run, simulated
 
 Hosts run locally by default (a Dask LocalCluster, or a process pool without Dask), or on a
@@ -78,6 +79,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--out", type=Path, help="write results.csv and heat maps here")
 
     p = sub.add_parser(
+        "policies",
+        parents=[common],
+        help="fixed squeeze durations (1-100 ms) against squeeze_policy=auto over a grid",
+    )
+    p.add_argument("--quick", action="store_true", help="a small grid, 2 s per host")
+    p.add_argument("--sim-seconds", type=float, help="per host (10; --quick: 2)")
+    p.add_argument("--out", type=Path, help="write results.json, report.md and policies.png")
+    p.add_argument("--no-plots", action="store_true")
+
+    p = sub.add_parser(
         "calibrate",
         parents=[common],
         help="simulate a blkback repro run's configurations; report them side by side",
@@ -117,6 +128,8 @@ def run(args: argparse.Namespace) -> int:
             events, hosts = _sweep(args)
         elif cmd == "calibrate":
             events, hosts = _calibrate(args)
+        elif cmd == "policies":
+            events, hosts = _policies(args)
         else:
             events, hosts = _run_one(args)
     except ValueError as exc:
@@ -197,6 +210,26 @@ def _sweep(args: argparse.Namespace) -> tuple[int, int]:
         for path in plot_heatmaps(table, axes, args.out):
             print(f"wrote {path}")
     return sum(int(r["events"]) for r in results), len(results)
+
+
+def _policies(args: argparse.Namespace) -> tuple[int, int]:
+    from blkback.progress import HostProgress
+    from blkback.sim.policies import POLICIES, run_policies, summary, write_outputs
+
+    doc = run_policies(
+        quick=args.quick,
+        seed=args.seed,
+        sim_seconds=args.sim_seconds,
+        engine=args.engine,
+        scheduler=args.scheduler,
+        workers=args.workers,
+        progress=HostProgress("policies", enabled=not args.quiet),
+    )
+    summary(doc, print)
+    if args.out:
+        for path in write_outputs(doc, args.out, plots=not args.no_plots):
+            print(f"wrote {path}")
+    return sum(int(e["events"]) for e in doc["grid"]), len(doc["grid"]) * len(POLICIES)
 
 
 def _calibrate(args: argparse.Namespace) -> tuple[int, int]:

@@ -228,6 +228,8 @@ class SimHost:
             "pages_allocated": host.allocator.allocs,
             "pages_freed": host.allocator.frees,
             "pages_squeezed": squeezed,
+            "refills": sum(d.ring.stats.refill_after_squeeze_pages for d in self.disks),
+            "squeezed_alloc_pages": sum(d.ring.stats.squeezed_alloc_pages for d in self.disks),
             "squeezes": sum(dev.squeezes for dev in self.bus.devices.values()),
             "idle_passes": self.idle_passes,
             "wake_passes": self.wake_passes,
@@ -235,6 +237,8 @@ class SimHost:
             "failed_submits": sum(d.stats.failed_submits for d in self.disks),
             "throughput_mbps": bytes_done / 1e6 / secs if secs else 0.0,
         }
+        if self.params.squeeze_policy == "auto":
+            out["auto"] = self.auto_state()
         if self.samples:
             out["samples"] = self.samples
         runs = [r for d in self.disks for r in d.stats.dd_runs]
@@ -243,6 +247,20 @@ class SimHost:
                 self.sc.guests.workload.dd_bytes / 1e6 / ((e - s) / NS_PER_S) for s, e in runs
             ]
         return out
+
+    def auto_state(self) -> dict[str, Any]:
+        """The auto policy's durations in force at the end (ms: devices) and its decisions."""
+        durations: dict[str, int] = {}
+        lengthened = shortened = 0
+        for device in self.bus.devices.values():
+            ctl = device.squeeze.auto
+            if ctl is None:
+                continue
+            key = f"{ctl.duration_ns / NS_PER_MS:g}"
+            durations[key] = durations.get(key, 0) + 1
+            lengthened += ctl.lengthened
+            shortened += ctl.shortened
+        return {"durations_ms": durations, "lengthened": lengthened, "shortened": shortened}
 
 
 def run_scenario(sc: Scenario | Mapping[str, Any]) -> dict[str, Any]:

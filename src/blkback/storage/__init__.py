@@ -15,7 +15,7 @@ from .base import HOLE, ZERO, DirectAccess, MappedMemory, PlainDescriptor, Stora
 from .fd import FileStorage, MemoryStorage, open_file
 from .filters import DelayFilter, ErrorFilter, RateFilter, StorageFilter
 from .null import NullStorage
-from .spec import StorageSpec, describe, open_storage, parse_duration, parse_size, parse_spec
+from .spec import StorageSpec, describe, open_storage, parse_duration_ns, parse_size, parse_spec
 
 __all__ = [
     "HOLE",
@@ -36,7 +36,7 @@ __all__ = [
     "describe",
     "open_file",
     "open_storage",
-    "parse_duration",
+    "parse_duration_ns",
     "parse_size",
     "parse_spec",
 ]

@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 from decimal import Decimal, InvalidOperation
 from typing import Final
 
-from blkback.clock import NS_PER_S
+from blkback.clock import NS_PER_MS, NS_PER_S, NS_PER_US
 from blkback.errors import ConfigError
 
 from .anon import AnonMemoryStorage
@@ -47,7 +47,7 @@ from .null import NullStorage
 _SIZE_RE: Final = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*(?:([kmgtpe])(?:i?b)?|b)?\s*$", re.I)
 _SHIFTS: Final = {"k": 10, "m": 20, "g": 30, "t": 40, "p": 50, "e": 60}
 _DUR_RE: Final = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?(?:e-?[0-9]+)?)\s*(s|ms|us|µs|ns)?\s*$", re.I)
-_DUR_UNITS: Final = {"s": 1, "ms": 10**-3, "us": 10**-6, "µs": 10**-6, "ns": 10**-9}
+_DUR_UNITS_NS: Final = {"s": NS_PER_S, "ms": NS_PER_MS, "us": NS_PER_US, "µs": NS_PER_US, "ns": 1}
 
 _FLAGS: Final = {"readonly", "ro"}
 _BOOLS: Final = {
@@ -99,8 +99,8 @@ def parse_size(text: str, what: str = "size") -> int:
     return int(value)
 
 
-def parse_duration(text: str, what: str = "duration") -> float:
-    """Parse ``10ms``, ``0.5s``, ``200us``, ``0`` into seconds.
+def parse_duration_ns(text: str, what: str = "duration") -> int:
+    """Parse ``10ms``, ``0.5s``, ``200us``, ``0`` into nanoseconds (rounded).
 
     Raises:
         ConfigError: Not a duration, or a number other than 0 without a unit.
@@ -115,7 +115,8 @@ def parse_duration(text: str, what: str = "duration") -> float:
             "(a bare number is ambiguous: nbdkit reads seconds, latency tools print ms)"
         )
     try:
-        value = float(Decimal(m.group(1)) * Decimal(_DUR_UNITS[(m.group(2) or "s").lower()]))
+        unit_ns = _DUR_UNITS_NS[(m.group(2) or "s").lower()]
+        value = round(Decimal(m.group(1)) * unit_ns)
     except InvalidOperation as exc:  # pragma: no cover - the regex admits only numbers
         raise ConfigError(f"bad {what} {text!r}") from exc
     return value
@@ -289,14 +290,14 @@ def _split_file(rest: str) -> tuple[str, int | None]:
 def _build_filter(inner: Storage, layer: FilterSpec) -> Storage:
     opts = {k: v[0] for k, v in layer.options.items()}
     if layer.family == "delay":
-        both = parse_duration(opts["delay"], "delay") if "delay" in opts else 0.0
-        read_s = parse_duration(opts["delay-read"], "delay-read") if "delay-read" in opts else both
-        write_s = (
-            parse_duration(opts["delay-write"], "delay-write") if "delay-write" in opts else both
+        both = parse_duration_ns(opts["delay"], "delay") if "delay" in opts else 0
+        read_ns = (
+            parse_duration_ns(opts["delay-read"], "delay-read") if "delay-read" in opts else both
         )
-        return DelayFilter(
-            inner, read_ns=round(read_s * NS_PER_S), write_ns=round(write_s * NS_PER_S)
+        write_ns = (
+            parse_duration_ns(opts["delay-write"], "delay-write") if "delay-write" in opts else both
         )
+        return DelayFilter(inner, read_ns=read_ns, write_ns=write_ns)
     if layer.family == "rate":
         if "rate" not in opts:
             raise ConfigError("rate-burst= needs rate= next to it, e.g. rate=40M,rate-burst=1M")

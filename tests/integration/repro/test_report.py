@@ -77,6 +77,7 @@ def _results(tmp: Path) -> dict[str, Any]:
         "100": (50, 2000, 200),
         "wake-off": (9000, 14000, 3000),
         "graded": (9000, 13000, 2000),
+        "auto": (1200, 3900, 1500),
     }
     runs = {
         n: [_run(n, pi - r, po + r, sq, r) for r in range(3)] for n, (pi, po, sq) in numbers.items()
@@ -144,6 +145,8 @@ def test_aggregate_checks_report_and_plots(tmp_path: Path) -> None:
     text = (tmp_path / "report.md").read_text()
     assert "| before (squeeze off) | 76,672 | 185,799 | 69,999 | 110,001 |" in text
     assert "## 2. Squeeze duration sweep" in text and "## Host noise" in text
+    assert res["memory_pressure"]["beyond"]["auto"] == {"pswpin": 1200 - 1, "pswpout": 3900 + 1}
+    assert "| auto (from 10 ms) | 1,199 | 3,901 |" in text
     json.dumps(res)  # everything is JSON-able
 
 

@@ -9,8 +9,10 @@ import pytest
 
 from blkback.core.policy import PressureLevel
 from blkback.pressure import command
-from blkback.pressure.display import event_line, monitor_status_lines
+from blkback.pressure.display import event_line, monitor_status_lines, probe_table
 from blkback.pressure.monitor import PressureMonitor
+from blkback.pressure.probe import SourceStatus
+from blkback.server.ctl_output import to_text
 
 
 def test_status_lines_of_a_real_monitor() -> None:
@@ -55,3 +57,11 @@ def test_probe_text_has_no_bytes_repr(capsys: pytest.CaptureFixture[str]) -> Non
     out = capsys.readouterr().out
     assert "psi-trigger" in out
     assert "b'" not in out and "\\x00" not in out
+
+
+def test_probe_table_shows_details_verbatim() -> None:
+    """Details with [brackets] (IPv6, paths) are text, not rich markup."""
+    statuses = [SourceStatus("vmpressure", False, "no [bold]memory[/] cgroup at [::1]")]
+    text = to_text(probe_table("cgroup layout v2", statuses))
+    assert text.splitlines()[0] == "cgroup layout v2"
+    assert "vmpressure   no      no [bold]memory[/] cgroup at [::1]" in text

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 
 import pytest
 
 from blkback.core.pages import CountingAllocator
+from blkback.core.policy import PressureLevel
 from blkback.server.ctl_output import params_table, stats_view, to_text
 from blkback.server.server import Server
 from blkback.storage.null import NullStorage
@@ -50,3 +52,23 @@ def test_params_have_value_unit_default_and_meaning(server: Server) -> None:
     assert "After memory pressure is reported" in line
     [line] = [x for x in lines if x.startswith("squeeze_scope=device ")]
     assert "device|global" in line
+
+
+def test_a_squeezed_device_says_for_how_long(server: Server) -> None:
+    server.params.set("buffer_squeeze_duration_ms", 60_000)
+    server.report_pressure(PressureLevel.CRITICAL, "manual")
+    text = to_text(stats_view(server.stats()))
+    assert re.search(r"device vol: squeezed \(critical\) for [0-9,]+ ms more; 1 squeeze ", text)
+
+
+def test_auto_state_and_lazy_pages_are_shown_where_reported(server: Server) -> None:
+    server.bus.devices["vol"].add_ring(CountingAllocator(), server.clock.now_ns())
+    stats = server.stats()
+    stats["devices"][0]["auto"] = {"duration_ms": 25.0, "verdict": "lengthen", "reason": "why"}
+    stats["devices"][0]["rings"][0]["pages_lazy"] = 512
+    text = to_text(stats_view(stats))
+    assert "; 1 ring; auto squeeze 25 ms (lengthen: why)" in text
+    header, _rule, row = text.splitlines()[2:5]
+    assert header.split()[7] == "lazy"
+    assert "512 (2 MiB)" in row
+    assert "lazy (where shown): freed pages the kernel may still hold" in text

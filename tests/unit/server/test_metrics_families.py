@@ -66,6 +66,8 @@ def test_scrape_has_blkback_series_and_process_metrics(server: Server) -> None:
     assert _value(samples, "blkback_pressure_events_total", source="manual", level="critical") == 1
     _, samples = parsed["blkback_param"]
     assert _value(samples, "blkback_param", name="max_buffer_pages") == 1024
+    _, samples = parsed["blkback_param_choice"]
+    assert _value(samples, "blkback_param_choice", name="squeeze_policy", value="kernel") == 1
     # The process collector, as every exporter has it.
     for name in ("process_cpu_seconds", "process_resident_memory_bytes", "process_open_fds"):
         assert name in parsed, sorted(parsed)
@@ -80,21 +82,22 @@ def test_new_snapshot_fields_flow_through_without_code(server: Server) -> None:
     ring = device.add_ring(CountingAllocator(), server.clock.now_ns())
     ring.stats.extra["pages_lazily_freed"] = 7
     stats = server.stats()
-    stats["devices"][0]["auto_duration_ms"] = 25
-    stats["devices"][0]["rings"][0]["pages_held"] = 5
+    stats["devices"][0]["tuned_window_ms"] = 25
+    stats["devices"][0]["rings"][0]["pages_in_limbo"] = 5
 
     parsed = _parse(_exposition(stats))
 
     kind, samples = parsed["blkback_ring_pages_lazily_freed"]
     assert kind == "counter"
     assert _value(samples, "blkback_ring_pages_lazily_freed_total", device="vol", ring="0") == 7
-    kind, samples = parsed["blkback_device_auto_duration_ms"]
+    kind, samples = parsed["blkback_device_tuned_window_ms"]
     assert kind == "gauge"
-    assert _value(samples, "blkback_device_auto_duration_ms", device="vol") == 25
-    kind, samples = parsed["blkback_ring_pages_held"]
+    assert _value(samples, "blkback_device_tuned_window_ms", device="vol") == 25
+    kind, samples = parsed["blkback_ring_pages_in_limbo"]
     assert kind == "gauge"
-    assert _value(samples, "blkback_ring_pages_held", device="vol", ring="0") == 5
+    assert _value(samples, "blkback_ring_pages_in_limbo", device="vol", ring="0") == 5
     # Strings and timestamps on the server's own clock are not exported.
+    assert not any("verdict" in name for name in parsed)
     assert not any("squeeze_end" in name or "last_pass" in name for name in parsed)
 
 
@@ -111,3 +114,42 @@ def _exposition(stats: dict[str, Any]) -> str:
     registry = CollectorRegistry()
     registry.register(_FixedStats(stats))
     return generate_latest(registry).decode()
+
+
+def test_fields_other_issues_add_get_their_names_types_and_units(server: Server) -> None:
+    """Issue 12's release counts on a ring and issue 14's auto state (a nested dict) on a
+    device, in the shapes those branches report them."""
+    device = server.bus.devices["vol"]
+    device.add_ring(CountingAllocator(), server.clock.now_ns())
+    stats = server.stats()
+    ring = stats["devices"][0]["rings"][0]
+    ring.update(pages_held=40, pages_lazy=3, pages_lazily_freed=9, pages_returned=11)
+    stats["devices"][0]["auto"] = {
+        "duration_ms": 25.0,
+        "verdict": "lengthen",
+        "reason": "pressure came back",
+        "lengthened": 2,
+        "shortened": 0,
+    }
+
+    parsed = _parse(_exposition(stats))
+
+    assert parsed["blkback_pages_held"][0] == "gauge"
+    assert (
+        _value(parsed["blkback_pages_held"][1], "blkback_pages_held", device="vol", ring="0") == 40
+    )
+    kind, samples = parsed["blkback_pages_lazily_freed"]
+    assert kind == "counter"
+    assert _value(samples, "blkback_pages_lazily_freed_total", device="vol", ring="0") == 9
+    kind, samples = parsed["blkback_auto_squeeze_duration_seconds"]
+    assert kind == "gauge"
+    assert _value(samples, "blkback_auto_squeeze_duration_seconds", device="vol") == 0.025
+    kind, samples = parsed["blkback_auto_lengthened"]
+    assert kind == "counter"
+    assert _value(samples, "blkback_auto_lengthened_total", device="vol") == 2
+
+
+def test_fields_of_other_configurations_are_not_declared_without_a_value(server: Server) -> None:
+    parsed = _parse(_exposition(server.stats()))
+    assert "blkback_pool_pages" in parsed  # declared even with no ring
+    assert "blkback_auto_squeeze_duration_seconds" not in parsed  # not under this policy

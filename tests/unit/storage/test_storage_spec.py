@@ -12,7 +12,7 @@ from blkback.storage import (
     RateFilter,
     describe,
     open_storage,
-    parse_duration,
+    parse_duration_ns,
     parse_size,
     parse_spec,
 )
@@ -57,18 +57,27 @@ def test_parse_size_errors(text, fragment):
 
 
 @pytest.mark.parametrize(
-    ("text", "seconds"),
-    [("10ms", 0.01), ("2s", 2.0), ("0.5s", 0.5), ("200us", 0.0002), ("5ns", 5e-9), ("0", 0.0)],
+    ("text", "ns"),
+    [
+        ("10ms", 10_000_000),
+        ("2s", 2_000_000_000),
+        ("0.5s", 500_000_000),
+        ("200us", 200_000),
+        ("5ns", 5),
+        ("0", 0),
+        ("1.5ns", 2),  # rounded half to even
+        ("2e-05s", 20_000),
+    ],
 )
-def test_parse_duration(text, seconds):
-    assert parse_duration(text) == pytest.approx(seconds)
+def test_parse_duration_ns(text, ns):
+    assert parse_duration_ns(text) == ns
 
 
 @pytest.mark.parametrize("text", ["2", "10", "0.5"])
 def test_a_bare_number_is_not_a_duration(text):
     """Issue 15: `delay=10` silently meant 10 s; now it asks for the unit."""
     with pytest.raises(ConfigError, match=rf"give a unit, e\.g\. {text}ms, {text}us or {text}s"):
-        parse_duration(text, "delay")
+        parse_duration_ns(text, "delay")
 
 
 @pytest.mark.parametrize(
@@ -90,7 +99,7 @@ def test_direct_takes_auto_or_a_boolean(value, direct):
 
 def test_parse_duration_error():
     with pytest.raises(ConfigError, match=r"expected e\.g\. 10ms"):
-        parse_duration("10 minutes")
+        parse_duration_ns("10 minutes")
 
 
 def test_backends_and_sizes():
