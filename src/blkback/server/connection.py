@@ -455,7 +455,10 @@ class Connection:
                 resting = ring.at_rest(now)
             if resting:
                 self._rest()
-                now = self._now_ns()
+                # Awake again (the client sent, or a nudge ran the pass): the next timed
+                # pass is a whole interval away; a batch runs its own pass anyway.
+                self._set_recv_timeout(server.params.lru_interval_ms * NS_PER_MS)
+                return
         self._set_recv_timeout(ring.next_pass_ns() - now)
 
     def _rest(self) -> None:
