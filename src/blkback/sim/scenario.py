@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import random
+import statistics
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -426,7 +427,7 @@ def scenario_from_repro(doc: Mapping[str, Any], config: str = "10", *, seed: int
     hog_mib = int(sz.get("hog_mib", 256))
     slack_mib = int(sz.get("slack_mib", 128))
     bases = [r["sizes"]["baseline_bytes"] / mib for r in runs if "sizes" in r]
-    baseline = round(_median(bases)) if bases else DEFAULT_BASELINE_MIB
+    baseline = round(statistics.median(bases)) if bases else DEFAULT_BASELINE_MIB
     swaps = cfg.get("swap", {}).get("swaps", [])
     swap_mib = sum(int(s.get("size_kib", 0)) for s in swaps) // 1024 or 2048
     burst = int(sz.get("burst", 8 * mib))
@@ -435,7 +436,7 @@ def scenario_from_repro(doc: Mapping[str, Any], config: str = "10", *, seed: int
         r["guest"]["burst_s_median"] for r in runs if (r.get("guest") or {}).get("burst_s_median")
     ]
     if burst_s:
-        mbps = burst / _median(burst_s) / 1e6
+        mbps = burst / statistics.median(burst_s) / 1e6
     else:
         mbps = _rate_mbps(str(sz.get("rate", "40M")))
     host = HostConfig(
@@ -479,12 +480,6 @@ def scenario_from_repro(doc: Mapping[str, Any], config: str = "10", *, seed: int
         guests=guests,
         sample_ms=float(sz.get("sample_ms", 200)),
     )
-
-
-def _median(xs: list[float]) -> float:
-    s = sorted(xs)
-    n = len(s)
-    return s[n // 2] if n % 2 else (s[n // 2 - 1] + s[n // 2]) / 2
 
 
 def _rate_mbps(text: str) -> float:
