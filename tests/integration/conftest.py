@@ -19,6 +19,19 @@ PRESSURE_LIMIT = 96 << 20  # the memory limit of the pressure tests' cgroup
 
 
 @pytest.fixture
+def procs() -> Iterator[list[subprocess.Popen[str]]]:
+    """Processes a test starts; every one still running is killed at the end."""
+    started: list[subprocess.Popen[str]] = []
+    try:
+        yield started
+    finally:
+        for p in started:
+            if p.poll() is None:
+                p.kill()
+            p.communicate(timeout=30)
+
+
+@pytest.fixture
 def serve(tmp_path: Path) -> Iterator[Callable[..., Served]]:
     """Start ``blkback serve`` processes on Unix sockets; all are stopped at the end."""
     started: list[Served] = []

@@ -43,7 +43,9 @@ PACKAGE_MAP: dict[str, frozenset[str]] = {
     # The command line loads every command module by name (importlib), at the very top.
     "cli": LEAVES,
     "__main__": frozenset({"cli"}),
-    "__init__": frozenset(),
+    # Which hot modules load compiled (mypyc) or from source; imports nothing of ours.
+    "_native": frozenset(),
+    "__init__": frozenset({"_native"}),
 }
 
 

@@ -21,6 +21,10 @@ from blkback.bench.workloads import MIB, WORKLOADS
 
 PRICE_VARIANTS: tuple[str, ...] = ("blkback-nopool", "blkback-squeeze")
 
+#: Issue 12's bounds on the price of ``max_buffer_pages=0``: throughput lost, in percent,
+#: by block size (4 KiB random cells, 1 MiB sequential cells).
+NOPOOL_BOUND_PCT: dict[int, float] = {4 * 1024: 5.0, MIB: 10.0}
+
 
 def _median(values: Iterable[float | int | None]) -> float | None:
     vals = [float(v) for v in values if v is not None and not math.isnan(float(v))]
@@ -97,7 +101,10 @@ def build_report(results: BenchResults) -> dict[str, Any]:
         )
         b_us = blk["server_us_per_op"] if blk else None
         n_us = best["server_us_per_op"] if best else None
+        row["blkback_us_per_op"] = b_us
+        row["best_nbdkit_us_per_op"] = n_us
         row["cpu_per_op_ratio"] = b_us / n_us if b_us is not None and n_us else None
+        row["target_met"] = _targets_met(row)
         ratios.append(row)
 
     price = []
@@ -109,10 +116,14 @@ def build_report(results: BenchResults) -> dict[str, Any]:
             cur = summary.get((v, w))
             if cur is None:
                 continue
+            change = _pct(cur["mb_s"], base["mb_s"])
+            bound = NOPOOL_BOUND_PCT.get(WORKLOADS[w].bs_bytes) if v == "blkback-nopool" else None
             price.append(
                 {
                     "workload": w,
                     "variant": v,
+                    "bound_pct": bound,
+                    "within_bound": None if bound is None or change is None else -change <= bound,
                     "mb_s": cur["mb_s"],
                     "server_us_per_op": cur["server_us_per_op"],
                     "throughput_change_pct": _pct(cur["mb_s"], base["mb_s"]),
@@ -164,6 +175,14 @@ def build_report(results: BenchResults) -> dict[str, Any]:
     }
 
 
+def _targets_met(row: dict[str, Any]) -> bool | None:
+    """Issue 12's per-cell target: CPU per op ≤ best nbdkit's and throughput ≥ it."""
+    cpu, tput = row["cpu_per_op_ratio"], row["throughput_ratio"]
+    if cpu is None or tput is None:
+        return None
+    return bool(cpu <= 1.0 and tput >= 1.0)
+
+
 def _order_key(ws: tuple[str, str]) -> tuple[int, int]:
     w, s = ws
     return list(WORKLOADS).index(w), list(SERVERS).index(s)
@@ -196,6 +215,47 @@ def _load_warning(other: float | None) -> list[str]:
     ]
 
 
+def _yes_no(v: bool | None) -> str:
+    return "-" if v is None else ("yes" if v else "**no**")
+
+
+def _headline(report: dict[str, Any]) -> list[str]:
+    """Server CPU per op against the best nbdkit, cell by cell: the figure to beat."""
+    lines = [
+        "## Headline: server CPU per op, blkback / best nbdkit",
+        "",
+        "Per cell, the nbdkit configuration with the higher throughput is the one to beat.",
+        "Target (issue 12): CPU ratio ≤ 1.00 and throughput ratio ≥ 1.00 on every cell.",
+        "",
+        "| workload | blkback µs/op | best nbdkit µs/op | **CPU ratio** | throughput ratio "
+        "| both met |",
+        "|---|---|---|---|---|---|",
+    ]
+    lines.extend(
+        f"| {r['workload']} | {_f(r.get('blkback_us_per_op'), '{:.1f}')} | "
+        f"{_f(r.get('best_nbdkit_us_per_op'), '{:.1f}')} ({r.get('best_nbdkit') or '-'}) | "
+        f"**{_f(r.get('cpu_per_op_ratio'), '{:.2f}')}** | "
+        f"{_f(r.get('throughput_ratio'), '{:.2f}')} | {_yes_no(r.get('target_met'))} |"
+        for r in report["ratios"]
+    )
+    nopool = [p for p in report["price"] if p.get("bound_pct") is not None]
+    if nopool:
+        lines += [
+            "",
+            "Price of `max_buffer_pages=0` (throughput lost against default blkback in the "
+            "same run; bound: 5 % at 4 KiB, 10 % at 1 MiB):",
+            "",
+            "| workload | Δ throughput | bound | within |",
+            "|---|---|---|---|",
+        ]
+        lines.extend(
+            f"| {p['workload']} | {_f(p['throughput_change_pct'], '{:+.1f}%')} | "
+            f"-{p['bound_pct']:.0f}% | {_yes_no(p['within_bound'])} |"
+            for p in nopool
+        )
+    return [*lines, ""]
+
+
 def render_markdown(report: dict[str, Any]) -> str:
     """The human report (report.md)."""
     cfg, env = report["config"], report["environment"]
@@ -219,6 +279,7 @@ def render_markdown(report: dict[str, Any]) -> str:
         "so the 4k QD16 cells are bounded by total CPU: compare servers on server µs/op there.",
         "",
         *_load_warning(report.get("other_load_pct")),
+        *_headline(report),
         "## Throughput (median)",
         "",
     ]

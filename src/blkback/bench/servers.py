@@ -47,6 +47,7 @@ class ServerSpec:
         description: one line for the report.
         params: blkback ``--param NAME=VALUE`` settings.
         threads: nbdkit ``--threads``; None keeps nbdkit's default (16).
+        serve_args: more ``blkback serve`` options.
         pressure: send one ``blkback ctl pressure`` after start (the permanent squeeze).
         price_only: run only the pool-price workloads.
     """
@@ -58,12 +59,19 @@ class ServerSpec:
     threads: int | None = None
     pressure: bool = False
     price_only: bool = False
+    serve_args: tuple[str, ...] = ()
 
 
 SERVERS: dict[str, ServerSpec] = {
     s.name: s
     for s in (
         ServerSpec("blkback", "blkback", "blkback memory export, default params"),
+        ServerSpec(
+            "blkback-poll",
+            "blkback",
+            "blkback, busy polling 50 us after each batch (serve --poll-us 50)",
+            serve_args=("--poll-us", "50"),
+        ),
         ServerSpec("nbdkit", "nbdkit", "nbdkit memory plugin, default threads"),
         ServerSpec("nbdkit-t1", "nbdkit", "nbdkit memory plugin, --threads 1", threads=1),
         ServerSpec("qemu-nbd", "qemu-nbd", "qemu-nbd, raw file in tmpfs"),
@@ -272,7 +280,7 @@ def server_argv(
             argv += ["--param", f"{name}={value}"]
         # Host pressure signals must not squeeze the default server in the middle of a cell;
         # manual reports through the control socket (blkback-squeeze) still work.
-        argv += ["--pressure", "off"]
+        argv += ["--pressure", "off", *spec.serve_args]
         return [*argv, "--control", str(control)]
     if spec.kind == "nbdkit":
         argv = ["nbdkit", "-f", "-U", str(sock)]

@@ -4,15 +4,17 @@ Control law. Each device keeps its own duration ``d``, starting at
 ``buffer_squeeze_duration_ms`` and always within ``[1 ms, squeeze_ceiling_ms]``. A report
 inside an open window extends it to ``now + d``, as the kernel's plain store does. A report
 after the window closed first judges the window that closed, from what the device's rings
-did around it: if the pressure came back within ``d`` of the close and the pools held more
-pages again (refilled, or never emptied) than the rings had allocated under the window's
-quiet tail (the time after its last report), the window ended in the middle of the
-pressure and ``d`` doubles ("too short"); otherwise, if the rings allocated pages under
-that quiet tail, the squeeze held the pools empty past the pressure and those pages were
-taken only to be given back, so ``d`` halves ("wasted reclaim"); with neither, ``d``
-stays. The new ``d`` then opens the next window. Early returns double and quiet tails
-halve, so ``d`` settles near the gaps that separate reports within one pressure episode:
-a window bridges them and ends soon after the episode does.
+did around it: if the pressure came back within ``4 d`` of the close (``RETURN_WINDOWS``)
+and the pools held pages again (refilled, or never emptied) worth more than what the rings
+allocated under the window's quiet tail (the time after its last report), a held page
+counting as 4 tail pages (``HELD_WEIGHT``), the window ended in the middle of the pressure
+and ``d`` doubles ("too short"); otherwise, if the rings allocated pages under that quiet
+tail, the squeeze held the pools empty past the pressure and those pages were taken only to
+be given back, so ``d`` halves ("wasted reclaim"); with neither, ``d`` stays. The new ``d``
+then opens the next window. Early returns double and wasteful tails halve, so ``d`` settles
+where a longer window would allocate under its tail about four times what the pools would
+take back before the next report: long enough to bridge the gaps inside one pressure
+episode, short enough to end soon after it.
 
 Why these observations. A window's length costs what its rings allocate while it is open
 (each request takes fresh pages, which the next pass frees: ``squeezed_alloc_pages``); a
@@ -30,6 +32,12 @@ from dataclasses import dataclass
 from blkback.clock import NS_PER_MS
 
 FLOOR_NS = NS_PER_MS  # never squeeze for less than 1 ms
+# The two constants of the law. A page the pools hold again when the pressure returns is
+# memory the host must reclaim once more (from someone: swap), while a page allocated under
+# a quiet tail costs an allocation and a free: hence the weight. Both were chosen on the
+# `blkback sim policies` grid among (1, 1), (2, 2) and (4, 4): see docs/sim/policies.
+RETURN_WINDOWS = 4  # pressure back within this many durations of the close is "early"
+HELD_WEIGHT = 4  # a page held again before the pressure returns, in pages wasted by a tail
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,7 +108,7 @@ class AutoState:
         tail = allocs - self.allocs_at_last_report
         held = facts.held_pages
         lengthened, shortened = self.lengthened, self.shortened
-        if gap <= d and held > tail:
+        if gap <= RETURN_WINDOWS * d and HELD_WEIGHT * held > tail:
             d = clamp(2 * d, ceiling_ns)
             verdict = "lengthen"
             reason = (

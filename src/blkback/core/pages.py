@@ -21,14 +21,29 @@ from __future__ import annotations
 import bisect
 import ctypes
 import ctypes.util
+import enum
 import errno
 import mmap
 import os
 import resource
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from typing import Protocol
 
 PAGE_SIZE = 4096
+
+
+class Release(enum.Enum):
+    """How freed pages go back to the system (an argument of ``flush``).
+
+    ``LAZY``: a trim. ``MADV_FREE``: the kernel takes the frames whenever it needs memory,
+    without swapping, and a page it has not taken yet is reused without a fault. ``NOW``: a
+    squeeze or a close. ``MADV_DONTNEED`` of everything freed, lazily freed pages included:
+    the frames leave at once, because under pressure the memory must leave now.
+    """
+
+    LAZY = "lazy"
+    NOW = "now"
 
 
 class PageAllocator(Protocol):
@@ -42,14 +57,41 @@ class PageAllocator(Protocol):
         """Give pages back to the system (possibly deferred until :meth:`flush`)."""
         ...
 
-    def flush(self) -> None:
-        """Finish giving back what :meth:`free` received (one call per shrink)."""
+    def flush(self, release: Release = Release.NOW) -> None:
+        """Finish giving back what :meth:`free` received (one call per shrink), as ``release``
+        says (see :class:`Release`)."""
         ...
 
     @property
     def live_pages(self) -> int:
         """Pages handed out and not freed."""
         ...
+
+    def release_counts(self) -> ReleaseCounts:
+        """How many pages are held, lazily freed, and given back (for stats)."""
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class ReleaseCounts:
+    """Where an allocator's pages are.
+
+    Attributes:
+        held: handed out and not freed (a ring's pool plus its pages in flight).
+        lazy: freed lazily and not reused since: the kernel may still hold their frames in
+            the process (they count in RSS until it takes them, which needs no swap).
+        lazily_freed: pages ever freed lazily (``MADV_FREE``).
+        lazy_reused: pages handed out again while lazily freed (no page fault if the kernel
+            had not taken them).
+        returned: pages ever given back at once (``MADV_DONTNEED``), lazily freed ones
+            included when a squeeze dropped them.
+    """
+
+    held: int
+    lazy: int
+    lazily_freed: int
+    lazy_reused: int
+    returned: int
 
 
 class CountingAllocator:
@@ -79,12 +121,15 @@ class CountingAllocator:
         self.frees += len(pages)
         self._free_ids.extend(pages)
 
-    def flush(self) -> None:
+    def flush(self, release: Release = Release.NOW) -> None:
         return
 
     @property
     def live_pages(self) -> int:
         return self._live
+
+    def release_counts(self) -> ReleaseCounts:
+        return ReleaseCounts(self._live, 0, 0, 0, self.frees)
 
     def released_ids(self) -> list[int]:
         """Ids freed and not handed out again (for invariant checks)."""
@@ -132,9 +177,13 @@ class MmapAllocator:
         self._views: list[memoryview] = []
         #: Every page's 4096 bytes by page id (the list grows with the chunks).
         self.page_views = self._views
-        self._free_ids: list[int] = []
-        self._pending: list[int] = []  # freed, frames not yet dropped
+        self._free_ids: list[int] = []  # slots with no frame (never touched, or dropped)
+        self._lazy_ids: list[int] = []  # MADV_FREE'd: the frame may still be there
+        self._pending: list[int] = []  # freed, not yet given back (until flush)
         self._live = 0
+        self.pages_lazily_freed = 0
+        self.pages_lazy_reused = 0
+        self.pages_returned = 0
         self._mlock = mlock
         self._warn = warn
         self._libc = _load_libc() if mlock else None
@@ -149,12 +198,17 @@ class MmapAllocator:
 
     # -- allocator protocol ---------------------------------------------------------------
     def alloc(self) -> int:
-        if not self._free_ids:
-            if self._pending:
-                self.flush()
-            else:
-                self._map_chunk()
-        page = self._free_ids.pop()
+        # Lazily freed pages first: one the kernel has not taken is reused without a fault.
+        if self._lazy_ids:
+            page = self._lazy_ids.pop()
+            self.pages_lazy_reused += 1
+        else:
+            if not self._free_ids:
+                if self._pending:
+                    self.flush()
+                else:
+                    self._map_chunk()
+            page = self._free_ids.pop()
         self._live += 1
         if self._mlock:
             self._pin(page)
@@ -181,8 +235,9 @@ class MmapAllocator:
                 self.flush()
                 raise
             return pinned
+        out = self._take(self._lazy_ids, n)  # no fault if the kernel left them
+        n_lazy = len(out)
         free_ids = self._free_ids
-        out: list[int] = []
         try:
             while len(out) < n:
                 if not free_ids:
@@ -190,16 +245,25 @@ class MmapAllocator:
                         self.flush()
                     else:
                         self._map_chunk()
-                k = min(n - len(out), len(free_ids))
-                got = free_ids[-k:]
-                del free_ids[-k:]
-                got.reverse()
-                out.extend(got)
+                out.extend(self._take(free_ids, n - len(out)))
         except BaseException:
-            free_ids.extend(reversed(out))
+            self._lazy_ids.extend(reversed(out[:n_lazy]))
+            free_ids.extend(reversed(out[n_lazy:]))
             raise
+        self.pages_lazy_reused += n_lazy
         self._live += n
         return out
+
+    @staticmethod
+    def _take(ids: list[int], n: int) -> list[int]:
+        """Up to ``n`` ids from the top of the stack ``ids``, in the order ``pop`` gives."""
+        k = min(n, len(ids))
+        if not k:
+            return []
+        got = ids[-k:]
+        del ids[-k:]
+        got.reverse()
+        return got
 
     def free(self, pages: Sequence[int]) -> None:
         # The frames are dropped in :meth:`flush`, at the end of the shrink: one madvise per
@@ -213,42 +277,70 @@ class MmapAllocator:
         self._live -= len(pages)
         self._pending.extend(pages)
 
-    def flush(self) -> None:
+    def flush(self, release: Release = Release.NOW) -> None:
+        """Give back the pages freed since the last flush as ``release`` says.
+
+        One ``madvise`` per run of adjacent pages; ``NOW`` gives back the lazily freed pages
+        too, since under pressure memory must leave now.
+        """
         pending = self._pending
+        if release is Release.NOW:
+            pending += self._lazy_ids
+            self._lazy_ids.clear()
         if not pending:
             return
         pending.sort()
+        lazy = release is Release.LAZY
+        advice = mmap.MADV_FREE if lazy else mmap.MADV_DONTNEED
+        for start, end in self._runs(pending):
+            self._advise(advice, start, end)
+        if lazy:
+            self._lazy_ids += pending
+            self.pages_lazily_freed += len(pending)
+        else:
+            self._free_ids += pending
+            self.pages_returned += len(pending)
+        pending.clear()
+
+    def _runs(self, pages: list[int]) -> Iterator[tuple[int, int]]:
+        """Runs ``(start, end)`` of adjacent ``pages`` (sorted), each inside one chunk."""
         chunk_pages = self.chunk_pages
-        chunks = self._chunks
         i = 0
-        n = len(pending)
+        n = len(pages)
         while i < n:
-            # The pages of one chunk are pending[i:j]; usually they are one run (a pool
-            # that gave back whole chunks), which is checked without a loop in Python.
-            first = pending[i]
+            # The pages of one chunk are pages[i:j]; usually they are one run (a pool that
+            # gave back whole chunks), which is checked without a loop in Python.
+            first = pages[i]
             chunk_end = (first // chunk_pages + 1) * chunk_pages
-            j = bisect.bisect_left(pending, chunk_end, i)
-            last = pending[j - 1]
+            j = bisect.bisect_left(pages, chunk_end, i)
+            last = pages[j - 1]
             if last - first == j - 1 - i:
-                self._dontneed(chunks, first, last + 1)
+                yield first, last + 1
             else:
                 run_start = run_end = first
-                for page in pending[i:j]:
+                for page in pages[i:j]:
                     if page == run_end:
                         run_end += 1
                         continue
-                    self._dontneed(chunks, run_start, run_end)
+                    yield run_start, run_end
                     run_start, run_end = page, page + 1
-                self._dontneed(chunks, run_start, run_end)
+                yield run_start, run_end
             i = j
-        self._free_ids.extend(pending)
-        pending.clear()
 
-    def _dontneed(self, chunks: list[mmap.mmap], start: int, end: int) -> None:
-        """Drop the frames of pages ``start`` to ``end - 1`` (all in one chunk)."""
+    def release_counts(self) -> ReleaseCounts:
+        return ReleaseCounts(
+            held=self._live,
+            lazy=len(self._lazy_ids),
+            lazily_freed=self.pages_lazily_freed,
+            lazy_reused=self.pages_lazy_reused,
+            returned=self.pages_returned,
+        )
+
+    def _advise(self, advice: int, start: int, end: int) -> None:
+        """``madvise`` pages ``start`` to ``end - 1`` (all in one chunk)."""
         chunk_pages = self.chunk_pages
-        chunks[start // chunk_pages].madvise(
-            mmap.MADV_DONTNEED, (start % chunk_pages) * PAGE_SIZE, (end - start) * PAGE_SIZE
+        self._chunks[start // chunk_pages].madvise(
+            advice, (start % chunk_pages) * PAGE_SIZE, (end - start) * PAGE_SIZE
         )
 
     @property
@@ -323,6 +415,7 @@ class MmapAllocator:
             v.release()
         self._chunk_views.clear()
         self._free_ids.clear()
+        self._lazy_ids.clear()
         self._addrs.clear()
         for chunk in self._chunks:
             try:
@@ -335,6 +428,7 @@ class MmapAllocator:
         """Ids handed out by :meth:`alloc` and not freed since (for cleanup at disconnect)."""
         free = set(self._free_ids)
         free.update(self._pending)  # freed, frames not dropped yet: not live either
+        free.update(self._lazy_ids)
         return [i for i in range(len(self._views)) if i not in free]
 
     @property

@@ -26,7 +26,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from blkback.core.pages import PageAllocator
+from blkback.core.pages import PageAllocator, Release
 
 
 @dataclass(frozen=True, slots=True)
@@ -161,8 +161,12 @@ class PagePool:
         if len(free) > self.peak_pool:
             self.peak_pool = len(free)
 
-    def shrink(self, target: int, batch: int = 10) -> int:
-        """Free pool pages down to ``min(size, target)``, ``batch`` at a time; return the count."""
+    def shrink(self, target: int, batch: int = 10, release: Release = Release.NOW) -> int:
+        """Free pool pages down to ``min(size, target)``, ``batch`` at a time; return the count.
+
+        ``release`` is passed to the allocator's ``flush``: how soon the freed pages leave
+        the process (a trim may keep or free them lazily, a squeeze frees them at once).
+        """
         if target < 0:
             raise ValueError(f"shrink target must be >= 0, not {target}")
         if batch < 1:
@@ -191,7 +195,7 @@ class PagePool:
                 chunk.reverse()  # most recently returned first, as the kernel pops the head
                 allocator_free(chunk)
                 left -= k
-        allocator.flush()
+        allocator.flush(release)
         self.pages_freed += excess
         return excess
 

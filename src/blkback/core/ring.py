@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from blkback.clock import NS_PER_MS, NS_PER_S
-from blkback.core.pages import PageAllocator
+from blkback.core.pages import PageAllocator, Release
 from blkback.core.params import Params
 from blkback.core.pool import PagePool
 
@@ -41,6 +41,7 @@ class RingStats:
     passes: int = 0
     idle_passes: int = 0
     woken_passes: int = 0
+    rests: int = 0  # times the idle ring slept with no timed pass (see Ring.at_rest)
     pages_trimmed: int = 0  # freed down to max_buffer_pages
     pages_squeezed: int = 0  # freed because a squeeze (or a graded cap) held the target lower
     squeeze_passes: int = 0  # passes that freed pages because of a squeeze
@@ -64,6 +65,7 @@ class RingStats:
             "passes": self.passes,
             "idle_passes": self.idle_passes,
             "woken_passes": self.woken_passes,
+            "rests": self.rests,
             "pages_trimmed": self.pages_trimmed,
             "pages_squeezed": self.pages_squeezed,
             "squeeze_passes": self.squeeze_passes,
@@ -154,6 +156,26 @@ class Ring:
         """When the next idle pass is due."""
         return self.last_pass_ns + self.device.params.lru_interval_ms * NS_PER_MS
 
+    def at_rest(self, now_ns: int) -> bool:
+        """Whether this idle ring needs no timed pass until a request, squeeze or parameter change.
+
+        The kernel wakes an idle ring every ``LRU_INTERVAL`` for a pass; that wake-up is a
+        habit, not a semantic. A pass changes the pool only when the pool is above its target,
+        and without a new event the target cannot fall below the pool: no squeeze is pending
+        (its window would end, or a graded level would see the ring turn idle), no page is in
+        flight (a worker returning pages could lift the pool above the target), and every
+        event that could lower the target wakes the ring (``squeeze_wake`` is on: with it off,
+        the kernel's lazy squeeze is what the timed pass reproduces). ``log_stats`` prints
+        from timed passes, so it keeps them too.
+        """
+        params = self.device.params
+        if not params.squeeze_wake or params.log_stats:
+            return False
+        pool = self.pool
+        if pool.in_flight or self.device.squeezed(now_ns):
+            return False
+        return len(pool) <= self.target(now_ns)
+
     def target(self, now_ns: int) -> int:
         """The pool size this ring's pass would shrink to at ``now_ns``."""
         return self.device.pool_target(self.last_io_ns, now_ns)
@@ -184,13 +206,21 @@ class Ring:
         floor_before = params.max_buffer_pages
         target = device.pool_target(self.last_io_ns, now_ns)
         pool = self.pool
-        freed = pool.shrink(target, params.batch_free_pages) if len(pool) > target else 0
+        # Pages above max_buffer_pages would have gone anyway: only the rest is squeeze.
+        # (The lower of two reads: `ctl set` may change it while the policy reads it, and
+        # a trim must not be counted as a squeeze then.)
+        trim_floor = min(floor_before, params.max_buffer_pages)
+        # A trim frees lazily (reused without a fault until the kernel needs the memory); a
+        # squeeze frees at once, pages freed lazily before it included, because under
+        # pressure the memory must leave now.
+        freed = 0
+        if len(pool) > target:
+            release = self._release(target, trim_floor, now_ns)
+            freed = pool.shrink(target, params.batch_free_pages, release)
+        elif not had_io and self._release(target, trim_floor, now_ns) is Release.NOW:
+            pool.allocator.flush(Release.NOW)
         if freed:
             self.last_free_ns = now_ns
-            # Pages above max_buffer_pages would have gone anyway: only the rest is squeeze.
-            # (The lower of two reads: `ctl set` may change it while the policy reads it, and
-            # a trim must not be counted as a squeeze then.)
-            trim_floor = min(floor_before, params.max_buffer_pages)
             if target < trim_floor:
                 size_before = len(self.pool) + freed
                 by_trim = max(0, size_before - trim_floor)
@@ -206,6 +236,14 @@ class Ring:
             self.device.emit_stats(self.stats_line())
             self.reset_print_stats(now_ns)
         return freed
+
+    def _release(self, target: int, trim_floor: int, now_ns: int) -> Release:
+        """How the pages a pass frees leave the process (see :class:`Release`): at once
+        under a squeeze (a target below the trim floor, or inside a squeeze window, which
+        ``max_buffer_pages=0`` would not show), lazily for a trim."""
+        if target < trim_floor or self.device.squeezed(now_ns):
+            return Release.NOW
+        return Release.LAZY
 
     def request_wake(self, now_ns: int | None = None) -> None:
         """Ask the ring's runner to run a pass now (a squeeze began at ``now_ns``).
@@ -247,6 +285,7 @@ class Ring:
     def snapshot(self) -> dict[str, object]:
         """This ring's state for ``ctl stats --json``."""
         c = self.pool.counters()
+        r = self.pool.allocator.release_counts()
         return {
             "id": self.ring_id,
             "pool_pages": c.pool_pages,
@@ -257,6 +296,11 @@ class Ring:
             "pages_freed": c.pages_freed,
             "hits": c.hits,
             "misses": c.misses,
+            "pages_held": r.held,
+            "pages_lazy": r.lazy,
+            "pages_lazily_freed": r.lazily_freed,
+            "pages_lazy_reused": r.lazy_reused,
+            "pages_returned": r.returned,
             "last_pass_ms": self.last_pass_ns / NS_PER_MS,
             "last_free_ms": None if self.last_free_ns is None else self.last_free_ns / NS_PER_MS,
             "requests": self.stats.as_dict(),

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import errno as _errno
 import struct
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Final
 
 from blkback.errors import (
@@ -69,6 +69,10 @@ _CHUNK_HOLE: Final = struct.Struct(">IHHQIQI")  # header + offset + hole size
 _CHUNK_ERROR: Final = struct.Struct(">IHHQIIH")  # header + error + message length
 _CHUNK_BLOCK_STATUS: Final = struct.Struct(">IHHQII")  # header + context id
 _U64: Final = struct.Struct(">Q")
+_SIMPLE_PACK: Final = SIMPLE_REPLY.pack
+_SIMPLE_MAGIC: Final = int(SIMPLE_REPLY_MAGIC)
+_STRUCTURED_MAGIC: Final = int(STRUCTURED_REPLY_MAGIC)
+_OFFSET_DATA_INT: Final = int(ReplyType.OFFSET_DATA)
 
 _DONE: Final = int(ReplyFlag.DONE)
 _U32_MAX: Final = 0xFFFFFFFF
@@ -93,6 +97,18 @@ _WIRE_ERRNO: Final = {
     )
     if hasattr(_errno, name)
 }
+
+
+def _structured_read_header(cookie: int, offset: int, length: int) -> bytes:
+    # Packed here rather than through chunk_offset_data_header: this is the reply of every
+    # fast-path READ, and plain int constants pack faster than enum members.
+    return _CHUNK_OFFSET_DATA.pack(
+        _STRUCTURED_MAGIC, _DONE, _OFFSET_DATA_INT, cookie, length + 8, offset
+    )
+
+
+def _simple_read_header(cookie: int, offset: int, length: int) -> bytes:
+    return _SIMPLE_PACK(_SIMPLE_MAGIC, 0, cookie)
 
 
 def wire_errno(err: int) -> int:
@@ -163,6 +179,7 @@ class Transmission:
         # of service", so a WRITE up to max(accepted length, 32 MiB) is read and failed with
         # EINVAL (as nbdkit skips over-large payloads); only a longer one drops the connection.
         self.max_write_payload = max(self._max_request, DEFAULT_MAX_BLOCK)
+        self._read_header = _structured_read_header if self.structured else _simple_read_header
 
         # Which flags each advertised command accepts ("Command flags"). FUA "is valid for all
         # commands, provided NBD_FLAG_SEND_FUA has been negotiated". A command missing here was
@@ -301,9 +318,28 @@ class Transmission:
             header: send it only when every byte is in hand, because a chunk marked DONE MUST
             NOT be sent "if there is still a possibility of detecting an error".
         """
-        if self.structured:
-            return self.chunk_offset_data_header(cookie, offset, length, done=True)
-        return SIMPLE_REPLY.pack(SIMPLE_REPLY_MAGIC, 0, cookie)
+        return self._read_header(cookie, offset, length)
+
+    def read_header_encoder(self) -> Callable[[int, int, int], bytes]:
+        """:meth:`read_reply_header` as a plain function ``(cookie, offset, length)``.
+
+        For the server's fast path, which encodes one per READ and binds it once.
+        """
+        return self._read_header
+
+    def ok_reply(self, cookie: int) -> bytes:
+        """Encodes the whole reply of a successful request that returns no data.
+
+        A simple reply in every negotiation: it is allowed for any request but a READ
+        (structured replies only add what a simple reply cannot carry).
+
+        Args:
+            cookie: The request's cookie.
+
+        Returns:
+            16 bytes.
+        """
+        return _SIMPLE_PACK(_SIMPLE_MAGIC, 0, cookie)
 
     def error_reply(self, cookie: int, errno: int, message: str = "") -> bytes:
         """Encodes a whole error reply in the form the negotiation requires.

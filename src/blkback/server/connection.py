@@ -33,32 +33,23 @@ import errno
 import logging
 import os
 import queue
+import select
 import socket
 import struct
 import threading
-import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from blkback.clock import NS_PER_S, NS_PER_US
+from blkback.clock import NS_PER_MS, NS_PER_S, NS_PER_US
 from blkback.core.pages import PAGE_SIZE, MmapAllocator
 from blkback.core.ring import Ring
 from blkback.errors import ProtocolError, RequestError
-from blkback.protocol.constants import (
-    REQUEST_MAGIC,
-    SIMPLE_REPLY_MAGIC,
-    STRUCTURED_REPLY_MAGIC,
-    Cmd,
-    CmdFlag,
-    ReplyFlag,
-    ReplyType,
-    TFlag,
-)
+from blkback.protocol.constants import REQUEST_MAGIC, Cmd, CmdFlag, TFlag
 from blkback.protocol.handshake import HandshakeState, Negotiated, ServerHandshake
 from blkback.protocol.transmission import REQUEST, REQUEST_SIZE, Transmission
 from blkback.server import oplog
+from blkback.server.direct_io import DirectIO, direct_io
 from blkback.server.tls import TlsSocket, start_tls
-from blkback.storage.base import os_error
 
 if TYPE_CHECKING:
     from blkback.server.exports import Export
@@ -71,8 +62,6 @@ GROUP_PAGES = 64  # a group of fast requests takes at most about this many pages
 LARGE_PAYLOAD = 64 * 1024  # a write this large is received straight into its pages
 PAGE_SHIFT = 12
 PAGE_SIZE_MASK = PAGE_SIZE - 1
-_SIMPLE = struct.Struct(">IIQ")
-_OFFSET_DATA = struct.Struct(">IHHQIQ")  # structured chunk header (DONE, OFFSET_DATA) + offset
 IOV_MAX = 1024
 MSG_DONTWAIT = socket.MSG_DONTWAIT
 MAX_SEND_BYTES = 1 << 30
@@ -85,24 +74,15 @@ C_TRIM = int(Cmd.TRIM)
 C_CACHE = int(Cmd.CACHE)
 C_ZEROES = int(Cmd.WRITE_ZEROES)
 C_BLOCK_STATUS = int(Cmd.BLOCK_STATUS)
-R_DONE = int(ReplyFlag.DONE)
-R_OFFSET_DATA = int(ReplyType.OFFSET_DATA)
 F_FUA = int(CmdFlag.FUA)
 F_NO_HOLE = int(CmdFlag.NO_HOLE)
 F_FAST_ZERO = int(CmdFlag.FAST_ZERO)
 F_REQ_ONE = int(CmdFlag.REQ_ONE)
 
-
-def _structured_read_header(cookie: int, offset: int, length: int) -> bytes:
-    """The one chunk of a successful structured READ reply: OFFSET_DATA with DONE."""
-    return _OFFSET_DATA.pack(
-        STRUCTURED_REPLY_MAGIC, R_DONE, R_OFFSET_DATA, cookie, length + 8, offset
-    )
-
-
-def _simple_read_header(cookie: int, offset: int, length: int) -> bytes:
-    """A successful simple READ reply's header (the data follows)."""
-    return _SIMPLE.pack(SIMPLE_REPLY_MAGIC, 0, cookie)
+#: One request of a group: command, cookie, offset, length, pages.
+_Request = tuple[int, int, int, int, int]
+_Replies = list[bytes | memoryview]
+_NO_GROUP: tuple[list[_Request], int] = ([], 0)
 
 
 def _never(buf: memoryview, nbytes: int, flags: int) -> int:
@@ -147,6 +127,21 @@ class Connection:
         self.closed = threading.Event()
         self._alloc_failed_ns = -(10**18)  # last page allocation failure
         self._alloc_backoff_ns = 0
+        self.direct: DirectIO | None = None  # the fast path's I/O, if the storage has one
+        # The ring loop's state between its steps.
+        self._staging = bytearray(STAGING_BYTES)
+        self._view = memoryview(self._staging)
+        self._small_recv = False  # receive the next header alone (after a large payload)
+        self._served = False  # a batch was just served: busy-poll before sleeping
+        self._now_ns = server.clock.now_ns
+        self._last_request_ns = self._now_ns()
+        self._recv_into: Callable[[memoryview], int] = sock.recv_into
+        self._poll_recv: Callable[[memoryview, int, int], int] = _never
+        self._poll_ns = 0
+        # Resting (see _rest): a poll on the socket and this eventfd, which nudge() writes.
+        self._rest_poller: select.poll | None = None
+        self._wake_fd = -1
+        self._wake_lock = threading.Lock()
 
     # -- life cycle -----------------------------------------------------------------------
     def start(self) -> None:
@@ -155,7 +150,10 @@ class Connection:
         self.thread.start()
 
     def wake_pass(self) -> None:
-        """Run the ring's loop pass now, on the calling thread (a squeeze began)."""
+        """Run the ring's loop pass now, on the calling thread (a squeeze began).
+
+        The ring's own thread is nudged too: while the squeeze lasts it keeps timed passes.
+        """
         ring = self.ring
         if ring is None:
             return
@@ -163,6 +161,7 @@ class Connection:
             if not ring.closed:
                 at = ring.wake_ns if ring.wake_ns is not None else self.server.clock.now_ns()
                 ring.loop_pass(at, had_io=False, woken=True)
+        self.nudge()
 
     def stop_reading(self) -> None:
         """Make the ring's blocking ``recv`` return end-of-file: the graceful stop.
@@ -202,6 +201,10 @@ class Connection:
                 self.ring = None
             if self.allocator is not None:
                 self.allocator.close()
+            with self._wake_lock:
+                if self._wake_fd >= 0:
+                    os.close(self._wake_fd)
+                    self._wake_fd = -1
         finally:
             # Whatever went wrong above, the client and the server's table let go of us.
             with contextlib.suppress(OSError):
@@ -252,10 +255,10 @@ class Connection:
         # One deadline for the whole handshake (TLS included), not per recv: a client that
         # drips a byte at a time must not hold a thread forever.
         clock = server.clock
-        deadline_ns = clock.now_ns() + int(timeout_s * 1e9)
+        deadline_ns = clock.now_ns() + server.config.handshake_timeout_ns
         while hs.state is HandshakeState.IN_PROGRESS:
             try:
-                left_s = (deadline_ns - clock.now_ns()) / 1e9
+                left_s = (deadline_ns - clock.now_ns()) / NS_PER_S
                 if left_s <= 0:
                     raise TimeoutError
                 sock.settimeout(left_s)
@@ -270,7 +273,7 @@ class Connection:
                 ctx = server.config.tls_context
                 assert ctx is not None and isinstance(sock, socket.socket)
                 # The handshake timeout covers the TLS handshake too.
-                left_s = max(0.001, (deadline_ns - clock.now_ns()) / 1e9)
+                left_s = max(0.001, (deadline_ns - clock.now_ns()) / NS_PER_S)
                 self.sock = sock = start_tls(ctx, sock, left_s)
                 hs.tls_started()
                 continue
@@ -290,16 +293,13 @@ class Connection:
             return
         self.export = export
         self.codec = Transmission(neg)
+        self._read_header = self.codec.read_header_encoder()
         self.storage = export.storage
-        self.structured = neg.structured_replies
         self.contexts = sorted(neg.meta_contexts)
         self.max_payload = self.codec.max_write_payload
         self.export_size = neg.export.size
         self.max_block = neg.export.max_block
         self.writable = not neg.tflags & TFlag.READ_ONLY
-        self.plain_fd = getattr(self.storage, "plain_fd", -1)
-        mem = getattr(self.storage, "mem", None)
-        self.mem: memoryview | None = mem if isinstance(mem, memoryview) else None
         self.allocator = MmapAllocator(
             chunk_pages=server.config.chunk_pages,
             mlock=server.config.mlock,
@@ -309,273 +309,336 @@ class Connection:
         self.ring.waker = self.wake_pass
         oplog.connected(self.peer, neg)
         self.trace = oplog.tracing()
+        # Tracing logs every request: then every request takes the general path.
+        self.direct = None if self.trace else direct_io(self.storage)
         if not self.storage.inline:
             self._start_workers(server.config.workers)
-        self.sock.settimeout(None)  # blocking; waits are bounded by SO_RCVTIMEO below
-        self._set_timeouts(server.params.lru_interval_ms * 1_000_000)
+        self._bind_socket(self.sock)
+        self._set_send_timeout()
+        self._set_recv_timeout(server.params.lru_interval_ms * NS_PER_MS)
         self._loop(leftover)
 
-    def _set_timeouts(self, recv_ns: int) -> None:
-        recv_us = max(1000, recv_ns // 1000)
+    def _bind_socket(self, sock: socket.socket | TlsSocket) -> None:
+        """Make the (possibly TLS) socket blocking and set up the receive, poll and rest."""
+        sock.settimeout(None)  # blocking; waits are bounded by SO_RCVTIMEO
+        self._recv_into = sock.recv_into
+        if not isinstance(sock, socket.socket):
+            return  # TLS may hold decrypted bytes a poll cannot see: it keeps timed passes
+        if self.direct is not None:
+            # Busy polling needs the plain socket's recv flags, and only a ring that serves
+            # inline polls (a ring with workers would take the GIL from its own workers).
+            self._poll_recv = sock.recv_into
+            self._poll_ns = self.server.config.poll_ns
+        self._wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        poller = select.poll()
+        poller.register(sock.fileno(), select.POLLIN | select.POLLPRI)
+        poller.register(self._wake_fd, select.POLLIN)
+        self._rest_poller = poller
+
+    def _set_recv_timeout(self, recv_ns: int) -> None:
+        """Bound the ring's blocking ``recv`` (the kernel's wait with ``LRU_INTERVAL``)."""
+        recv_us = max(1000, recv_ns // NS_PER_US)
         tv = struct.pack("ll", recv_us // 1_000_000, recv_us % 1_000_000)
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, tv)
+
+    def _set_send_timeout(self) -> None:
         send_us = self.server.config.io_timeout_ns // NS_PER_US
         tv = struct.pack("ll", send_us // 1_000_000, send_us % 1_000_000)
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, tv)
 
     def _loop(self, leftover: bytes) -> None:
-        """The ring's loop: receive, serve every complete request, run the pass; repeat.
+        """The ring's loop (``xen_blkif_schedule``): receive, serve the batch, pass; repeat.
 
-        The common requests (READ and WRITE without flags, inside the export, on storage
-        that is the server's memory or a plain descriptor, served inline) are served in
-        *groups*: the complete requests at the front of the staging buffer, up to
-        ``group_pages`` pages, take their pages from the pool in one call, do their I/O, send
-        their replies in one ``sendmsg`` and give the pages back in one call. A group is what
-        one pass of the kernel's ``do_block_io_op`` maps at once; 16 random 4 KiB requests are
-        one group, a 1 MiB request is a group of its own (so that the pages of a stream of
-        large requests are reused request after request and the pool stays small). Anything
-        else goes one request at a time through ``Transmission.check`` and ``_execute``.
-
-        Everything the hot path needs is bound once here, not per batch: at QD1 a batch is
-        one request, and the per-batch set-up was a measurable part of its cost.
+        A *batch* is every complete request in the staging buffer. Its common requests (READ
+        and WRITE without flags, inside the export, on a storage with direct access served
+        inline) are served in *groups*: the requests at the front of the staging buffer, up
+        to ``group_pages`` pages, take their pages from the pool in one call, do their I/O,
+        send their replies in one ``sendmsg`` and give the pages back in one call. A group is
+        what one pass of the kernel's ``do_block_io_op`` maps at once; 16 random 4 KiB
+        requests are one group, a 1 MiB request is a group of its own (so that a stream of
+        large requests reuses the same pages and the pool stays small). Anything else goes
+        one request at a time through ``Transmission.check`` and ``_execute``.
         """
-        ring = self.ring
-        alloc = self.allocator
-        assert ring is not None and alloc is not None
-        server = self.server
-        now_ns = server.clock.now_ns
-        sock = self.sock
-        recv_into = sock.recv_into
-        staging = bytearray(STAGING_BYTES)
-        view = memoryview(staging)
-        start = 0
-        end = len(leftover)
-        staging[:end] = leftover
-        idle_timeout_ns = server.config.idle_timeout_ns
-        last_request_ns = now_ns()
-        storage = self.storage
-        fast = storage.inline and (self.mem is not None or self.plain_fd >= 0) and not self.trace
-        stats = ring.stats
-        lock = self.ring_lock
-        get_pages = ring.get_pages
-        put_pages = ring.put_pages
-        loop_pass = ring.loop_pass
-        spans = alloc.spans
-        page_views = alloc.page_views
-        group_pages = self.group_pages
-        plain_fd = self.plain_fd
-        mem = self.mem
-        mark = getattr(storage, "mark", None)
-        # The memory backend's map of pages that may hold data (see AnonMemoryStorage.mark).
-        used: bytearray = getattr(storage, "used", bytearray())
-        size = self.export_size
-        max_block = self.max_block
-        writable = self.writable
-        unpack = REQUEST.unpack_from
-        simple = _SIMPLE.pack
-        read_header = _structured_read_header if self.structured else _simple_read_header
-        preadv = os.preadv
-        pwritev = os.pwritev
-        send = self._send
-        small_recv = False
-        # Busy polling needs the plain socket's recv flags (not over TLS).
-        # Only a ring that serves inline polls (a ring with workers would take the GIL from
-        # its own workers), and only while the server has no more connections than polling
-        # slots (a precaution: a spinning thread takes the GIL back at every recv, from
-        # every other ring of the process; see docs/design-notes.md).
-        poll_recv: Callable[[memoryview, int, int], int] = _never
-        poll_ns = 0
-        if isinstance(sock, socket.socket) and fast:
-            poll_recv = sock.recv_into
-            poll_ns = server.config.poll_ns
-        poll_slots = server.poll_slots
-        connections = server.connections
-        served = False  # a batch was just served: poll before sleeping
+        self._staging[: len(leftover)] = leftover
+        start, end = 0, len(leftover)
+        receive = self._receive
+        serve_batch = self._serve_batch
+        pass_after_batch = self._pass_after_batch
         while True:
             if self._fatal is not None:
                 raise self._fatal
             if end - start < REQUEST_SIZE:
-                if start:
-                    # Keep the partial header at the front of the staging buffer.
-                    staging[: end - start] = view[start:end]
-                    end -= start
-                    start = 0
+                start, end = receive(start, end)
+            else:
+                start, end = serve_batch(start, end)
+                pass_after_batch()
+
+    # -- step 1: receive ------------------------------------------------------------------
+    def _receive(self, start: int, end: int) -> tuple[int, int]:
+        """Wait for more request bytes; return the new staging ``(start, end)``.
+
+        The partial header left at ``start`` moves to the front first. When the wait ends
+        with no data (the ring was idle until its pass was due), :meth:`_receive_timed_out` runs.
+        """
+        view = self._view
+        if start:
+            self._staging[: end - start] = view[start:end]
+            end -= start
+            start = 0
+        # After a large write received straight into its pages, receive the next header
+        # alone rather than a staging buffer's worth of the next payload, which would then
+        # be copied once more.
+        dst = view[end:REQUEST_SIZE] if self._small_recv else view[end:]
+        n = self._busy_poll(dst) if self._served else -1
+        self._served = False
+        if n < 0:
+            try:
+                n = self._recv_into(dst)
+            except BlockingIOError:
+                self._receive_timed_out()
+                return start, end
+        if n == 0:
+            raise Disconnect
+        self._small_recv = False
+        return start, end + n
+
+    def _busy_poll(self, dst: memoryview) -> int:
+        """Poll the socket right after a batch, before sleeping in ``recv``; -1: no data.
+
+        See ``ServerConfig.poll_ns``: only rings that serve inline poll, at most one per
+        polling slot, and only while the server has no more connections than slots.
+        """
+        poll_ns = self._poll_ns
+        slots = self.server.poll_slots
+        if not poll_ns or len(self.server.connections) > len(slots):
+            return -1
+        for slot in slots:
+            if slot.acquire(False):
                 try:
-                    # After a large write received straight into its pages, receive the next
-                    # header alone rather than a staging buffer's worth of the next payload,
-                    # which would then be copied once more.
-                    dst = view[end:REQUEST_SIZE] if small_recv else view[end:]
-                    n = -1
-                    if served and poll_ns and len(connections) <= len(poll_slots):
-                        # Busy polling right after a batch (see ServerConfig.poll_ns).
-                        served = False
-                        for slot in poll_slots:
-                            if slot.acquire(False):
-                                try:
-                                    deadline = now_ns() + poll_ns
-                                    while True:
-                                        try:
-                                            n = poll_recv(dst, 0, MSG_DONTWAIT)
-                                            break
-                                        except BlockingIOError:
-                                            if now_ns() >= deadline:
-                                                break
-                                finally:
-                                    slot.release()
-                                break
-                    if n < 0:
-                        n = recv_into(dst)
-                except BlockingIOError:
-                    # SO_RCVTIMEO expired: the ring was idle until its pass is due.
-                    if server.stopping:
-                        raise Disconnect from None
-                    now = now_ns()
-                    if idle_timeout_ns and now - last_request_ns > idle_timeout_ns:
-                        log.info("%s: idle timeout", self.peer)
-                        raise Disconnect from None
-                    if ring.pass_due(now):
-                        self._pass(now, had_io=False, woken=False)
-                    self._set_timeouts(ring.next_pass_ns() - now_ns())
-                    continue
-                if n == 0:
-                    raise Disconnect
-                small_recv = False
-                end += n
-                continue
-            # A batch: every complete request in the staging buffer.
-            now = now_ns()
-            while end - start >= REQUEST_SIZE:
-                # 1. The group: fast requests whose headers (and write payloads) are
-                #    staged; a write whose payload is still arriving ends it.
-                group: list[tuple[int, int, int, int, int]] = []
-                need = 0
-                pos = start
-                while fast and need < group_pages and end - pos >= REQUEST_SIZE:
-                    magic, flags, cmd, cookie, offset, length = unpack(view, pos)
-                    if (
-                        magic != REQUEST_MAGIC
-                        or flags
-                        or not 0 < length <= max_block
-                        or offset + length > size
-                    ):
-                        break
-                    if cmd == C_READ:
-                        pos += REQUEST_SIZE
-                    elif cmd == C_WRITE and writable:
-                        pos += REQUEST_SIZE + length
-                    else:
-                        break
-                    npages = (length + PAGE_SIZE_MASK) >> PAGE_SHIFT
-                    group.append((cmd, cookie, offset, length, npages))
-                    need += npages
-                    if pos >= end:
-                        break
-                if not group:
-                    start, end = self._one_request(view, start, end)
-                    continue
-                # 2. Its pages, in one call.
-                try:
-                    with lock:
-                        pages = get_pages(need, now)
-                except MemoryError:
-                    # Serve the first request alone: it gets pages or its ENOMEM reply.
-                    start, end = self._one_request(view, start, end)
-                    continue
-                # 3. Its I/O, in order, and one send; the pages go back once their data is
-                #    out (or the connection failed: nothing else holds them then).
-                try:
-                    out: list[bytes | memoryview] = []
-                    j = 0
-                    for cmd, cookie, offset, length, npages in group:
-                        start += REQUEST_SIZE
-                        if npages == 1 and mem is not None:
-                            # One page to or from the server's memory: the common 4 KiB case,
-                            # written out without lists and loops.
-                            v = page_views[pages[j]]
-                            j += 1
-                            if length != PAGE_SIZE:
-                                v = v[:length]
-                            if cmd == C_READ:
-                                v[:] = mem[offset : offset + length]
-                                stats.rd_req += 1
-                                stats.rd_bytes += length
-                                out.append(read_header(cookie, offset, length))
-                                out.append(v)
-                                continue
-                            if end - start >= length:
-                                v[:] = view[start : start + length]
-                                start += length
-                            else:
-                                start = end = self._receive_payload(view, start, end, length, [v])
-                            # Data first, then the mark (see AnonMemoryStorage.mark).
-                            mem[offset : offset + length] = v
-                            used[offset >> PAGE_SHIFT] = 1
-                            used[(offset + length - 1) >> PAGE_SHIFT] = 1
-                            stats.wr_req += 1
-                            stats.wr_bytes += length
-                            out.append(simple(SIMPLE_REPLY_MAGIC, 0, cookie))
-                            continue
-                        if npages == 1:
-                            v = page_views[pages[j]]
-                            views = [v if length == PAGE_SIZE else v[:length]]
-                        else:
-                            views = spans(pages[j : j + npages], length)
-                        j += npages
-                        if cmd == C_READ:
-                            if mem is not None:
-                                p = offset
-                                for v in views:
-                                    n = len(v)
-                                    v[:] = mem[p : p + n]
-                                    p += n
-                            else:
-                                try:
-                                    if preadv(plain_fd, views, offset) != length:
-                                        self._fill_short_read(views, offset, length)
-                                except (OSError, RequestError) as exc:
-                                    out.append(self._io_error_reply(cookie, exc))
-                                    continue
-                            stats.rd_req += 1
-                            stats.rd_bytes += length
-                            out.append(read_header(cookie, offset, length))
-                            out.extend(views)
-                            continue
-                        if end - start >= length:
-                            # Staged with the headers: one copy into the pages.
-                            self._receive_payload(view, start, end, length, list(views))
-                            start += length
-                        else:
-                            start = end = self._receive_payload(
-                                view, start, end, length, list(views)
-                            )
-                            small_recv = length >= LARGE_PAYLOAD
-                        if mem is not None:
-                            assert mark is not None
-                            p = offset
-                            for v in views:
-                                n = len(v)
-                                mem[p : p + n] = v
-                                p += n
-                            mark(offset, length)  # after the data (AnonMemoryStorage.mark)
-                        else:
-                            try:
-                                if pwritev(plain_fd, views, offset) != length:
-                                    storage.pwritev(views, offset, False)  # finish a short one
-                            except (OSError, RequestError) as exc:
-                                out.append(self._io_error_reply(cookie, exc))
-                                continue
-                        stats.wr_req += 1
-                        stats.wr_bytes += length
-                        out.append(simple(SIMPLE_REPLY_MAGIC, 0, cookie))
-                    send(out)
+                    return self._spin(dst, poll_ns)
                 finally:
-                    with lock:
-                        put_pages(pages)
-            # The loop pass after the I/O: trim, or squeeze.
-            served = True
-            last_request_ns = now = now_ns()
-            with lock:
-                loop_pass(now, had_io=True, woken=False)
+                    slot.release()
+        return -1
+
+    def _spin(self, dst: memoryview, poll_ns: int) -> int:
+        now_ns = self._now_ns
+        recv = self._poll_recv
+        deadline = now_ns() + poll_ns
+        while True:
+            try:
+                return recv(dst, 0, MSG_DONTWAIT)
+            except BlockingIOError:
+                if now_ns() >= deadline:
+                    return -1
+
+    def _receive_timed_out(self) -> None:
+        """The ring's receive timed out: run its pass if due, then rest if it may.
+
+        A ring at rest (:meth:`Ring.at_rest`: pool at its target, no squeeze pending, the
+        default wake-up mode) needs no timed pass: it sleeps until the client sends or
+        :meth:`nudge` says a squeeze or a parameter change needs it.
+        """
+        server = self.server
+        ring = self.ring
+        assert ring is not None
+        if server.stopping:
+            raise Disconnect
+        now = self._now_ns()
+        timeout_ns = server.config.idle_timeout_ns
+        if timeout_ns and now - self._last_request_ns > timeout_ns:
+            log.info("%s: idle timeout", self.peer)
+            raise Disconnect
+        if ring.pass_due(now):
+            self._pass(now, had_io=False, woken=False)
+        if self._rest_poller is not None:
+            with self.ring_lock:
+                resting = ring.at_rest(now)
+            if resting:
+                self._rest()
+                # Awake again (the client sent, or a nudge ran the pass): the next timed
+                # pass is a whole interval away; a batch runs its own pass anyway.
+                self._set_recv_timeout(server.params.lru_interval_ms * NS_PER_MS)
+                return
+        self._set_recv_timeout(ring.next_pass_ns() - now)
+
+    def _rest(self) -> None:
+        """Sleep with no timer until the socket is readable or the ring is nudged.
+
+        A nudge (a squeeze began, a parameter changed) runs a pass at once: the pool state is
+        then what the kernel's next timed pass would leave. The receive that follows finds
+        the client's bytes, or times out as usual and decides again whether to rest.
+        """
+        poller = self._rest_poller
+        assert poller is not None
+        timeout_ns = self.server.config.idle_timeout_ns
+        wait_ms = -1
+        if timeout_ns:
+            left_ns = self._last_request_ns + timeout_ns - self._now_ns()
+            wait_ms = max(1, left_ns // NS_PER_MS + 1)
+        ring = self.ring
+        assert ring is not None
+        ring.stats.rests += 1
+        nudged = False
+        for fd, _ in poller.poll(wait_ms):
+            if fd == self._wake_fd:
+                with contextlib.suppress(BlockingIOError):
+                    os.eventfd_read(fd)
+                nudged = True
+        if nudged:
+            self._pass(self._now_ns(), had_io=False, woken=False)
+
+    def nudge(self) -> None:
+        """Wake a resting ring (a parameter changed, or a squeeze began): callable anywhere."""
+        with self._wake_lock:
+            if self._wake_fd >= 0:
+                with contextlib.suppress(OSError):  # the counter is full: it is awake anyway
+                    os.eventfd_write(self._wake_fd, 1)
+
+    # -- step 2: serve a batch ------------------------------------------------------------
+    def _serve_batch(self, start: int, end: int) -> tuple[int, int]:
+        """Serve every complete request in the staging buffer; return the new ``(start, end)``."""
+        now = self._now_ns()
+        view = self._view
+        while end - start >= REQUEST_SIZE:
+            group, need = self._parse_group(start, end) if self.direct else _NO_GROUP
+            if not group:
+                start, end = self._one_request(view, start, end)
+                continue
+            pages = self._get_pages(need, now)
+            if pages is None:
+                # Serve the first request alone: it gets pages or its ENOMEM reply.
+                start, end = self._one_request(view, start, end)
+                continue
+            try:
+                start, end = self._serve_group(group, pages, start, end)
+            finally:
+                # Their data is out (or the connection failed: nothing else holds them).
+                self._put_back(pages)
+        return start, end
+
+    def _parse_group(self, start: int, end: int) -> tuple[list[_Request], int]:
+        """The group at ``start`` and the pages it needs.
+
+        Fast requests whose headers (and write payloads) are staged; a write whose payload
+        is still arriving ends it, and so does any request the fast path does not take.
+        """
+        view = self._view
+        unpack = REQUEST.unpack_from
+        group_pages = self.group_pages
+        max_block = self.max_block
+        size = self.export_size
+        writable = self.writable
+        group: list[_Request] = []
+        need = 0
+        pos = start
+        while need < group_pages and end - pos >= REQUEST_SIZE:
+            magic, flags, cmd, cookie, offset, length = unpack(view, pos)
+            if magic != REQUEST_MAGIC or flags or not 0 < length <= max_block:
+                break
+            if offset + length > size:
+                break
+            if cmd == C_READ:
+                pos += REQUEST_SIZE
+            elif cmd == C_WRITE and writable:
+                pos += REQUEST_SIZE + length
+            else:
+                break
+            npages = (length + PAGE_SIZE_MASK) >> PAGE_SHIFT
+            group.append((cmd, cookie, offset, length, npages))
+            need += npages
+            if pos >= end:
+                break
+        return group, need
+
+    # -- step 3: get pages ----------------------------------------------------------------
+    def _get_pages(self, n: int, now_ns: int) -> list[int] | None:
+        """``n`` pages from the ring's pool in one call; None if the pool cannot grow."""
+        ring = self.ring
+        assert ring is not None
+        try:
+            with self.ring_lock:
+                return ring.get_pages(n, now_ns)
+        except MemoryError:
+            return None
+
+    # -- step 4: do the I/O, and reply ----------------------------------------------------
+    def _serve_group(
+        self, group: list[_Request], pages: list[int], start: int, end: int
+    ) -> tuple[int, int]:
+        """Do the group's I/O in order and send its replies in one ``sendmsg``.
+
+        A request whose storage I/O fails gets its error reply in its place.
+        """
+        ring = self.ring
+        alloc = self.allocator
+        direct = self.direct
+        assert ring is not None and alloc is not None and direct is not None
+        page_views = alloc.page_views
+        read = direct.read
+        write = direct.write
+        read_header = self._read_header
+        ok_reply = self.codec.ok_reply
+        out: _Replies = []
+        reads = writes = read_bytes = write_bytes = 0
+        j = 0
+        for cmd, cookie, offset, length, npages in group:
+            start += REQUEST_SIZE
+            if npages == 1:  # the common 4 KiB request: no span machinery
+                v = page_views[pages[j]]
+                views = [v if length == PAGE_SIZE else v[:length]]
+            else:
+                views = alloc.spans(pages[j : j + npages], length)
+            j += npages
+            try:
+                if cmd == C_READ:
+                    read(views, offset, length)
+                    out.append(read_header(cookie, offset, length))
+                    out += views
+                    reads += 1
+                    read_bytes += length
+                else:
+                    start, end = self._take_payload(start, end, length, views)
+                    write(views, offset, length)
+                    out.append(ok_reply(cookie))
+                    writes += 1
+                    write_bytes += length
+            except RequestError as exc:
+                out.append(self._io_error_reply(cookie, exc))
+        self._send(out)
+        stats = ring.stats
+        stats.rd_req += reads
+        stats.rd_bytes += read_bytes
+        stats.wr_req += writes
+        stats.wr_bytes += write_bytes
+        return start, end
+
+    def _take_payload(
+        self, start: int, end: int, length: int, views: list[memoryview]
+    ) -> tuple[int, int]:
+        """Fill a write's pages with its payload; return the new staging ``(start, end)``.
+
+        A payload staged with the headers is copied once; the rest of a longer one is
+        received straight into the pages, which leaves the staging buffer empty.
+        """
+        staged_whole = end - start >= length
+        start = self._receive_payload(self._view, start, end, length, list(views))
+        if staged_whole:
+            return start, end
+        self._small_recv = length >= LARGE_PAYLOAD
+        return start, start
+
+    # -- step 5: put back, and pass -------------------------------------------------------
+    def _put_back(self, pages: list[int]) -> None:
+        ring = self.ring
+        assert ring is not None
+        with self.ring_lock:
+            ring.put_pages(pages)
+
+    def _pass_after_batch(self) -> None:
+        """The loop pass after the I/O: trim, or squeeze."""
+        self._served = True
+        self._last_request_ns = now = self._now_ns()
+        self._pass(now, had_io=True, woken=False)
 
     def _pass(self, now_ns: int, *, had_io: bool, woken: bool) -> None:
         ring = self.ring
@@ -610,35 +673,26 @@ class Connection:
         reclaim a chance. The next success needs nothing: the pause simply stops doubling.
         """
         now = self.server.clock.now_ns()
-        cap_ns = self.server.params.lru_interval_ms * 1_000_000
-        if now - self._alloc_failed_ns > 1_000_000_000:
-            self._alloc_backoff_ns = 1_000_000
+        cap_ns = self.server.params.lru_interval_ms * NS_PER_MS
+        if now - self._alloc_failed_ns > NS_PER_S:
+            self._alloc_backoff_ns = NS_PER_MS
         else:
             self._alloc_backoff_ns = min(2 * self._alloc_backoff_ns, cap_ns)
         self._alloc_failed_ns = now
         ring = self.ring
         if ring is not None:
             ring.stats.extra["alloc_backoff_ms"] = (
-                ring.stats.extra.get("alloc_backoff_ms", 0) + self._alloc_backoff_ns // 1_000_000
+                ring.stats.extra.get("alloc_backoff_ms", 0) + self._alloc_backoff_ns // NS_PER_MS
             )
-        time.sleep(self._alloc_backoff_ns / 1e9)
+        self.server.clock.wait_until(now + self._alloc_backoff_ns)
 
-    def _io_error_reply(self, cookie: int, exc: OSError | RequestError) -> bytes:
-        """The error reply of a fast-path request whose storage I/O failed.
-
-        A raw ``OSError`` (from the plain descriptor) is mapped by the storage layer's
-        :func:`os_error`, so the client sees what the slow path would have sent.
-        """
-        err = os_error(exc, "fast-path I/O") if isinstance(exc, OSError) else exc
+    def _io_error_reply(self, cookie: int, err: RequestError) -> bytes:
+        """The error reply of a fast-path request whose storage I/O failed (counted, logged)."""
         ring = self.ring
         if ring is not None:
             ring.stats.errors += 1
         oplog.error_reply(self.peer, err.errno, str(err))
         return self.codec.error_reply(cookie, err.errno, str(err))
-
-    def _fill_short_read(self, views: list[memoryview], offset: int, length: int) -> None:
-        """A plain read came back short: redo it through the storage layer (which loops)."""
-        self.storage.preadv(views, offset)
 
     def _slow_request(
         self,
@@ -691,28 +745,39 @@ class Connection:
         except MemoryError:
             # The pool could not grow: fail this request as the kernel does (the pages
             # gathered so far already went back to the pool in get_many).
-            stats.errors += 1
-            oplog.error_reply(self.peer, errno.ENOMEM, "out of memory for buffers", cmd)
             if cmd == C_WRITE:
                 start = self._discard_payload(view, start, end, length)
-            out.append(codec.error_reply(cookie, errno.ENOMEM, "out of memory for buffers"))
-            # The replies so far go out now, not after the pause.
+            self._refuse_no_memory(cmd, cookie, out)
+            return start, max(end, start)
+        self._dispatch((flags, cmd, cookie, offset, length, pages), out, held)
+        return start, max(end, start)
+
+    def _refuse_no_memory(self, cmd: int, cookie: int, out: _Replies) -> None:
+        """Answer ENOMEM, send the replies so far, then pause the ring (``_alloc_backoff``)."""
+        ring = self.ring
+        assert ring is not None
+        ring.stats.errors += 1
+        oplog.error_reply(self.peer, errno.ENOMEM, "out of memory for buffers", cmd)
+        out.append(self.codec.error_reply(cookie, errno.ENOMEM, "out of memory for buffers"))
+        # The replies so far go out now, not after the pause.
+        self._send(out)
+        out.clear()
+        self._alloc_backoff()
+
+    def _dispatch(
+        self, req: tuple[int, int, int, int, int, list[int]], out: _Replies, held: list[int]
+    ) -> None:
+        """Run an admitted request inline (its reply joins ``out``) or hand it to a worker."""
+        if self.storage.inline:
+            out.extend(self._execute(*req))
+            held.extend(req[5])
+            return
+        if out:
             self._send(out)
             out.clear()
-            self._alloc_backoff()
-            return start, max(end, start)
-        end = max(end, start)
-        if self.storage.inline:
-            out.extend(self._execute(flags, cmd, cookie, offset, length, pages))
-            held.extend(pages)
-        else:
-            if out:
-                self._send(out)
-                out.clear()
-                self._return(held)
-                held.clear()
-            self._submit((flags, cmd, cookie, offset, length, pages))
-        return start, end
+            self._return(held)
+            held.clear()
+        self._submit(req)
 
     def _return(self, pages: list[int]) -> None:
         if pages:
@@ -741,9 +806,7 @@ class Connection:
                 storage.preadv(views, offset)
                 stats.rd_req += 1
                 stats.rd_bytes += length
-                if self.structured:
-                    return [codec.chunk_offset_data_header(cookie, offset, length, True), *views]
-                return [codec.simple_reply(cookie), *views]
+                return [codec.read_reply_header(cookie, offset, length), *views]
             if cmd == C_WRITE:
                 storage.pwritev(self._views(pages, length), offset, bool(flags & F_FUA))
                 stats.wr_req += 1

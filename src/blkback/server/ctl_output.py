@@ -144,7 +144,8 @@ def rings_table(rings: list[Mapping[str, Any]]) -> Table:
     for name in ("ring", "pool", "peak", "in flight", "alloc", "freed"):
         table.add_column(name, justify="right", no_wrap=True)
     # Lazily freed pages (MADV_FREE), where the allocator reports them (issue 12).
-    lazy = any("pages_lazy" in r for r in rings)
+    # Every ring reports pages_lazy; the column appears once some ring freed pages lazily.
+    lazy = any(r.get("pages_lazy") or r.get("pages_lazily_freed") for r in rings)
     if lazy:
         table.add_column("lazy", justify="right", no_wrap=True)
     for name in ("rd", "wr", "f", "ds", "oo", "err", "read", "written"):

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from blkback.clock import NS_PER_MS, NS_PER_S, NS_PER_US, Clock, MonotonicClock
+from blkback.clock import NS_PER_MS, NS_PER_S, Clock, MonotonicClock
 from blkback.core.device import Bus
 from blkback.core.params import Params
 from blkback.core.policy import PressureLevel
@@ -77,8 +77,9 @@ class ServerConfig:
     max_option_bytes: int = 64 * 1024  # larger option payloads get REP_ERR_TOO_BIG
     max_options: int = 1000  # options per connection before it is dropped
     # Busy polling: after serving a batch, a ring polls its socket this long before it
-    # sleeps in recv (Linux's net.core.busy_read, whose recommended value is 50 us).
-    poll_ns: int = 50 * NS_PER_US
+    # sleeps in recv (Linux's net.core.busy_read, whose recommended value is 50 us). Off by
+    # default: it buys IOPS at queue depth 1 with CPU (docs/data-path.md).
+    poll_ns: int = 0
     # At most this many rings poll at once, and none while the server has more connections
     # than that. Default: half the CPUs (at least 1), so that polling rings never take every
     # core from their clients, nor the GIL from many other rings.
@@ -254,6 +255,14 @@ class Server:
         self.squeeze_latency_ns: collections.deque[int] = collections.deque(maxlen=10_000)
         self.connections_total = 0
         self.connections_refused = 0
+        self.params.subscribe(self._param_changed)
+
+    def _param_changed(self, name: str, old: object, new: object) -> None:
+        """Wake every resting ring: its pass may have something to do now."""
+        with self.conn_lock:
+            conns = list(self.connections)
+        for conn in conns:
+            conn.nudge()
 
     @property
     def stopping(self) -> bool:

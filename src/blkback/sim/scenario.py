@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import random
+import statistics
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -60,6 +61,10 @@ class Scenario:
     io_quantum_ms: float = 5.0
     trace: bool = False
     sample_ms: float = 0.0  # >0: record pool pages and memory every sample_ms ("samples")
+    # True: each disk draws from its own random stream (seeded by the host's seed and the
+    # disk's index), so hosts that differ only in a policy see the same guest I/O even when
+    # the policy changes the order of events; False: one stream for the host (the seed runs).
+    disk_rng: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -82,6 +87,7 @@ class Scenario:
             io_quantum_ms=float(d.get("io_quantum_ms", 5.0)),
             trace=bool(d.get("trace", False)),
             sample_ms=float(d.get("sample_ms", 0.0)),
+            disk_rng=bool(d.get("disk_rng", False)),
         )
 
     def replace(self, **changes: Any) -> Scenario:
@@ -117,7 +123,7 @@ class SimHost:
                         f"{device.name}/{ring.ring_id}",
                         ring,
                         self.loop,
-                        self.rng,
+                        self._disk_rng(len(self.disks)),
                         volume=g.volume,
                         workload=g.workload,
                         cost=sc.cost,
@@ -137,6 +143,12 @@ class SimHost:
             disk.start()
         if sc.sample_ms > 0:
             self.loop.at(0, self._sample)
+
+    def _disk_rng(self, index: int) -> random.Random:
+        """The random stream of the disk with this index (see ``Scenario.disk_rng``)."""
+        if not self.sc.disk_rng:
+            return self.rng
+        return random.Random(self.sc.seed * 1_000_003 + index)
 
     # -- the ring loop ----------------------------------------------------------------------
     def _timer(self, ring: Ring, now: int) -> None:
@@ -415,7 +427,7 @@ def scenario_from_repro(doc: Mapping[str, Any], config: str = "10", *, seed: int
     hog_mib = int(sz.get("hog_mib", 256))
     slack_mib = int(sz.get("slack_mib", 128))
     bases = [r["sizes"]["baseline_bytes"] / mib for r in runs if "sizes" in r]
-    baseline = round(_median(bases)) if bases else DEFAULT_BASELINE_MIB
+    baseline = round(statistics.median(bases)) if bases else DEFAULT_BASELINE_MIB
     swaps = cfg.get("swap", {}).get("swaps", [])
     swap_mib = sum(int(s.get("size_kib", 0)) for s in swaps) // 1024 or 2048
     burst = int(sz.get("burst", 8 * mib))
@@ -424,7 +436,7 @@ def scenario_from_repro(doc: Mapping[str, Any], config: str = "10", *, seed: int
         r["guest"]["burst_s_median"] for r in runs if (r.get("guest") or {}).get("burst_s_median")
     ]
     if burst_s:
-        mbps = burst / _median(burst_s) / 1e6
+        mbps = burst / statistics.median(burst_s) / 1e6
     else:
         mbps = _rate_mbps(str(sz.get("rate", "40M")))
     host = HostConfig(
@@ -468,12 +480,6 @@ def scenario_from_repro(doc: Mapping[str, Any], config: str = "10", *, seed: int
         guests=guests,
         sample_ms=float(sz.get("sample_ms", 200)),
     )
-
-
-def _median(xs: list[float]) -> float:
-    s = sorted(xs)
-    n = len(s)
-    return s[n // 2] if n % 2 else (s[n // 2 - 1] + s[n // 2]) / 2
 
 
 def _rate_mbps(text: str) -> float:

@@ -11,7 +11,7 @@ network-backed volumes. :func:`open_storage` builds a stack from a spec string s
 from __future__ import annotations
 
 from .anon import AnonMemoryStorage
-from .base import HOLE, ZERO, Storage
+from .base import HOLE, ZERO, DirectAccess, MappedMemory, PlainDescriptor, Storage
 from .fd import FileStorage, MemoryStorage, open_file
 from .filters import DelayFilter, ErrorFilter, RateFilter, StorageFilter
 from .null import NullStorage
@@ -22,10 +22,13 @@ __all__ = [
     "ZERO",
     "AnonMemoryStorage",
     "DelayFilter",
+    "DirectAccess",
     "ErrorFilter",
     "FileStorage",
+    "MappedMemory",
     "MemoryStorage",
     "NullStorage",
+    "PlainDescriptor",
     "RateFilter",
     "Storage",
     "StorageFilter",

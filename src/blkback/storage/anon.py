@@ -26,6 +26,7 @@ from .base import (
     MAX_SIZE,
     ZERO,
     Capabilities,
+    MappedMemory,
     buffers_length,
     check_read_range,
     check_write_range,
@@ -34,6 +35,7 @@ from .base import (
 )
 
 PAGE = 4096
+PAGE_SHIFT = 12
 _MAX_EXTENTS = 1024
 
 
@@ -65,8 +67,10 @@ class AnonMemoryStorage(Capabilities):
         #: The whole disk as one memoryview: the server's fast path copies to and from it.
         self.mem = memoryview(self._map)
         self._used = bytearray(pages)  # 1: the page may hold data
-        #: The same map, for the server's fast path (which marks single pages itself).
-        self.used = self._used
+
+    def direct_access(self) -> MappedMemory:
+        """The server copies to and from :attr:`mem` itself, and calls :meth:`mark`."""
+        return MappedMemory(self.mem, self.mark)
 
     def __repr__(self) -> str:
         ro = ", readonly" if self.readonly else ""
@@ -109,9 +113,12 @@ class AnonMemoryStorage(Capabilities):
         mark, copy, unmark left data unmarked.) A page may stay marked and read as zeroes:
         that only reports a zero page as data, which NBD allows.
         """
-        first = offset // PAGE
-        last = (offset + length - 1) // PAGE
-        self._used[first : last + 1] = b"\x01" * (last - first + 1)
+        first = offset >> PAGE_SHIFT
+        last = (offset + length - 1) >> PAGE_SHIFT
+        if first == last:  # the common 4 KiB write: no bytes object to build
+            self._used[first] = 1
+        else:
+            self._used[first : last + 1] = b"\x01" * (last - first + 1)
 
     def flush(self) -> None:
         return

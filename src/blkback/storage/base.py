@@ -13,7 +13,8 @@ the call that made it by :func:`os_error`, chained with ``raise ... from exc``.
 from __future__ import annotations
 
 import errno
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Final, Protocol
 
 from blkback.errors import (
@@ -36,6 +37,36 @@ MAX_SIZE: Final = 2**63 - 1
 _NO_SPACE_ERRNOS: Final = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
 
 
+@dataclass(frozen=True, slots=True)
+class MappedMemory:
+    """Direct access to a storage whose bytes are this process's own memory.
+
+    The server copies between its pool pages and ``mem`` with no call into the storage, then
+    calls ``mark(offset, length)`` for every written range, *after* the copy (the order is
+    the storage's rule: see ``AnonMemoryStorage.mark``).
+    """
+
+    mem: memoryview
+    mark: Callable[[int, int], None]
+
+
+@dataclass(frozen=True, slots=True)
+class PlainDescriptor:
+    """Direct access to a storage for which plain ``os.preadv``/``os.pwritev`` on ``fd``,
+    inside the size, are the whole read and write (no O_DIRECT, no sync, no filter).
+
+    A short transfer is finished through the storage's own ``preadv``/``pwritev`` (which
+    loop), and an ``OSError`` is mapped by :func:`os_error`, as the storage would.
+    """
+
+    fd: int
+
+
+#: What :meth:`Storage.direct_access` may return: the two ways the server's fast path may
+#: bypass the storage's methods.
+DirectAccess = MappedMemory | PlainDescriptor
+
+
 class Storage(Protocol):
     """A block of ``size`` bytes that NBD requests read and write.
 
@@ -56,6 +87,13 @@ class Storage(Protocol):
     #: True when every call is fast and never sleeps, so the server may run it on the
     #: connection thread; False means it may block and belongs on a worker thread.
     inline: bool
+
+    def direct_access(self) -> DirectAccess | None:
+        """How the server may do reads and writes without calling this object, or None.
+
+        Only storages served inline offer it; a filter never does (its methods are the point).
+        """
+        ...
 
     def preadv(self, bufs: list[memoryview], offset: int) -> None:
         """Fill exactly ``sum(len(b) for b in bufs)`` bytes from ``offset``, or raise."""
@@ -126,6 +164,10 @@ class Capabilities:
         self.can_extents = True
         self.can_multi_conn = True
         self.inline = inline
+
+    def direct_access(self) -> DirectAccess | None:
+        """No direct access unless a backend declares one (see :class:`Storage`)."""
+        return None
 
 
 def buffers_length(bufs: Sequence[memoryview]) -> int:

@@ -43,6 +43,7 @@ from .base import (
     MAX_SIZE,
     ZERO,
     Capabilities,
+    PlainDescriptor,
     buffers_length,
     check_read_range,
     check_write_range,
@@ -586,11 +587,9 @@ class MemoryStorage(FdStorage):
 
     kind = "memory"
 
-    @property
-    def plain_fd(self) -> int:
-        """A descriptor on which plain ``preadv``/``pwritev`` within the size are the whole
-        read and write (no O_DIRECT, no sync): the server's fast path uses it directly."""
-        return self._fd
+    def direct_access(self) -> PlainDescriptor:
+        """Plain ``preadv``/``pwritev`` on the memfd are the whole read and write."""
+        return PlainDescriptor(self._fd)
 
     def __init__(self, size: int, *, readonly: bool = False) -> None:
         """Create the memfd.

@@ -21,7 +21,7 @@ from typing import Final
 from blkback.clock import NS_PER_S, Clock, MonotonicClock
 from blkback.errors import StorageIOError
 
-from .base import Storage, buffers_length, format_size
+from .base import DirectAccess, Storage, buffers_length, format_size
 
 #: Operation names, as used by ``error-ops`` and :meth:`StorageFilter.admit`.
 OPS: Final = ("read", "write", "trim", "zero", "flush", "cache", "extents")
@@ -50,6 +50,10 @@ class StorageFilter:
         self.can_extents = inner.can_extents
         self.can_multi_conn = inner.can_multi_conn
         self.inline = False
+
+    def direct_access(self) -> DirectAccess | None:
+        """Never: every request must pass :meth:`admit`."""
+        return None
 
     def admit(self, op: str, offset: int, length: int) -> None:
         """Called before each request reaches ``inner``; may sleep or raise.

@@ -175,9 +175,16 @@ def test_report_ratios_price_and_steady_state() -> None:
     assert abs(price["blkback-squeeze"]["cpu_per_op_change_pct"] - 10.0) < 1e-9
     assert price["blkback-nopool"]["allocs_per_request"] == 1.0
     assert rep["steady_state"]["warm_pool_allocates"] is False
+    assert ratio["target_met"] is True  # CPU 0.62 <= 1, throughput 1.25 >= 1
+    assert price["blkback-nopool"]["bound_pct"] == 5.0  # a 4 KiB cell
+    assert price["blkback-nopool"]["within_bound"] is False  # -20 % is past -5 %
+    assert price["blkback-squeeze"]["bound_pct"] is None
     md = render_markdown(rep)
     assert "1.25 (nbdkit-t1)" in md
     assert "-20.0%" in md
+    headline = md[md.index("## Headline") : md.index("## Throughput")]
+    assert "| randread-4k-q16 | 5.0 | 8.0 (nbdkit-t1) | **0.62** | 1.25 | yes |" in headline
+    assert "| randread-4k-q16 | -20.0% | -5% | **no** |" in headline
 
 
 def test_report_lists_missing_cells() -> None:

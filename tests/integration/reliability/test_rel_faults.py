@@ -12,6 +12,7 @@ from support import need_root, need_tool
 
 from blkback.core.params import Params
 from blkback.server.server import Server, ServerConfig
+from blkback.storage.base import PlainDescriptor
 from blkback.storage.spec import open_storage
 
 MiB = 2**20
@@ -126,9 +127,11 @@ def test_a_failing_descriptor_on_the_fast_path_gives_an_error_reply(tmp_path: Pa
     # /dev/full under that descriptor: the kernel then fails every write with ENOSPC (and
     # reads give zeroes). Each write must get its error reply, and the connection must live.
     storage = open_storage("memfd:8M")
+    access = storage.direct_access()
+    assert isinstance(access, PlainDescriptor)
     full = os.open("/dev/full", os.O_RDWR)
     try:
-        os.dup2(full, storage.plain_fd)  # type: ignore[attr-defined]
+        os.dup2(full, access.fd)
     finally:
         os.close(full)
     path = str(tmp_path / "nbd.sock")

@@ -12,7 +12,6 @@ import json
 import shlex
 import signal
 import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -58,18 +57,6 @@ def relocated(tmp_path: Path) -> Relocated:
     return Relocated(tmp_path)
 
 
-@pytest.fixture
-def activator() -> Iterator[list[subprocess.Popen[str]]]:
-    started: list[subprocess.Popen[str]] = []
-    try:
-        yield started
-    finally:
-        for p in started:
-            if p.poll() is None:
-                p.kill()
-            p.communicate(timeout=30)
-
-
 def test_example_config_is_valid_and_its_exports_parse() -> None:
     values = load_config(str(CONTRIB / "blkback.toml"))
     assert [e.split("=", 1)[0] for e in values["exports"]] == ["disk", "remote"]
@@ -78,7 +65,7 @@ def test_example_config_is_valid_and_its_exports_parse() -> None:
 
 
 def test_socket_and_service_units_under_systemd_socket_activate(
-    relocated: Relocated, activator: list[subprocess.Popen[str]]
+    relocated: Relocated, procs: list[subprocess.Popen[str]]
 ) -> None:
     need_tool("systemd-socket-activate", "nbdinfo", "qemu-io")
     listens = [relocated.move(v) for v in _unit_values("blkback.socket", "ListenStream")]
@@ -91,7 +78,7 @@ def test_socket_and_service_units_under_systemd_socket_activate(
         [*cmd, *relocated.exec_start("blkback.service")],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=child_env(),
     )  # fmt: skip
-    activator.append(p)
+    procs.append(p)
     wait_for_socket(unix[0], p)  # type: ignore[arg-type]
     uri = f"nbd+unix:///disk?socket={unix[0]}"
     run(["qemu-io", "-f", "raw", uri, "-c", "write -P 0x5a 0 1M", "-c", "read -P 0x5a 0 1M"])
@@ -108,7 +95,7 @@ def test_socket_and_service_units_under_systemd_socket_activate(
 
 
 def test_accept_yes_pair_serves_each_connection_in_its_own_process(
-    relocated: Relocated, activator: list[subprocess.Popen[str]]
+    relocated: Relocated, procs: list[subprocess.Popen[str]]
 ) -> None:
     need_tool("systemd-socket-activate", "nbdinfo")
     assert _unit_values("blkback-single.socket", "Accept") == ["yes"]
@@ -119,7 +106,7 @@ def test_accept_yes_pair_serves_each_connection_in_its_own_process(
          *relocated.exec_start("blkback-single@.service")],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=child_env(),
     )  # fmt: skip
-    activator.append(p)
+    procs.append(p)
     wait_for_socket(path, p)  # type: ignore[arg-type]
     for _ in range(2):  # the config's control socket must not make the second one fail
         info = json.loads(run(["nbdinfo", "--json", f"nbd+unix:///disk?socket={path}"]).stdout)

@@ -16,10 +16,8 @@ import signal
 import socket
 import struct
 import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
 from support import blkback_cmd, child_env, need_tool, run, wait_for_socket, wait_until
 
 NBDMAGIC = 0x4E42444D41474943
@@ -39,19 +37,6 @@ def _recv_exact(sock: socket.socket, n: int) -> bytes:
             raise ConnectionError(f"EOF after {len(buf)} of {n} bytes")
         buf += chunk
     return bytes(buf)
-
-
-@pytest.fixture
-def procs() -> Iterator[list[subprocess.Popen[str]]]:
-    """Processes a test starts; every one still running is killed at the end."""
-    started: list[subprocess.Popen[str]] = []
-    try:
-        yield started
-    finally:
-        for p in started:
-            if p.poll() is None:
-                p.kill()
-            p.communicate(timeout=30)
 
 
 def _spawn(

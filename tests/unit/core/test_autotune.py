@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from blkback.clock import NS_PER_MS, NS_PER_S, ManualClock
-from blkback.core.autotune import FLOOR_NS, AutoState, PoolFacts
+from blkback.core.autotune import FLOOR_NS, HELD_WEIGHT, RETURN_WINDOWS, AutoState, PoolFacts
 from blkback.core.device import Bus
 from blkback.core.pages import CountingAllocator
 from blkback.core.params import Params
@@ -52,23 +52,28 @@ def test_wasted_reclaim_shortens() -> None:
     assert state.shortened == 1 and "64 pages" in state.reason
 
 
-def test_a_tail_that_wasted_more_than_the_pools_took_back_shortens_even_on_an_early_return() -> (
+def test_a_tail_that_wasted_more_than_the_held_pages_are_worth_shortens_on_an_early_return() -> (
     None
 ):
     clock = ManualClock(NS_PER_S)
     law = Law(clock, start_ms=100)
     law.report(squeezed_allocs=0)
-    clock.advance_ms(100 + 30)  # pressure back 30 ms after a 100 ms window...
-    state = law.report(held=50, squeezed_allocs=5_000)  # ...whose tail took 5,000 pages
+    clock.advance_ms(100 + 30)  # pressure back 30 ms after a 100 ms window, whose tail took
+    allocs = HELD_WEIGHT * 50  # as many pages as 50 held pages are worth: not less
+    state = law.report(held=50, squeezed_allocs=allocs)
     assert state.verdict == "shorten"
     assert state.duration_ns == 50 * NS_PER_MS
+    clock.set_ns(law.end_ns + NS_PER_MS)  # the same with one page less under the tail
+    state = law.report(held=50, squeezed_allocs=allocs + HELD_WEIGHT * 50 - 1)
+    assert state.verdict == "lengthen"
+    assert state.duration_ns == 100 * NS_PER_MS
 
 
 def test_a_late_return_does_not_lengthen() -> None:
     clock = ManualClock(NS_PER_S)
     law = Law(clock)
     law.report()
-    clock.advance_ms(10 + 11)  # 11 ms after a 10 ms window: beyond one window's length
+    clock.advance_ms(10 + RETURN_WINDOWS * 10 + 1)  # beyond RETURN_WINDOWS window lengths
     state = law.report(held=300)
     assert state.verdict == "keep"  # and no tail allocations: the window cost nothing
     assert state.duration_ns == 10 * NS_PER_MS

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import resource
 import socket
 import subprocess
 import sys
@@ -12,7 +13,10 @@ import tempfile
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from blkback.core.pages import PAGE_SIZE, MmapAllocator
+from blkback.clock import NS_PER_S, ManualClock
+from blkback.core.device import Bus
+from blkback.core.pages import PAGE_SIZE, MmapAllocator, Release
+from blkback.core.params import Params
 from blkback.core.pool import PagePool
 
 
@@ -223,3 +227,66 @@ def test_alloc_many_that_fails_part_way_gives_back_what_it_took() -> None:
         check=False,
     )
     assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-2000:]
+
+
+def _minor_faults() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
+def _touch(alloc: MmapAllocator, pages: list[int]) -> None:
+    for p in pages:
+        alloc.view(p)[0] = 1
+
+
+def _faults_reusing(release: Release) -> tuple[int, MmapAllocator]:
+    """Minor faults of touching 1024 pool pages again after a shrink to 0."""
+    alloc = MmapAllocator()
+    pool = PagePool(alloc)
+    pages = pool.get_many(1024)
+    _touch(alloc, pages)
+    pool.put(pages)
+    pool.shrink(0, release=release)
+    before = _minor_faults()
+    again = pool.get_many(1024)
+    _touch(alloc, again)
+    faults = _minor_faults() - before
+    pool.put(again)
+    pool.shrink(0)
+    return faults, alloc
+
+
+def test_a_lazy_trim_is_reused_without_faults_and_an_immediate_one_faults_every_page() -> None:
+    lazy_faults, alloc = _faults_reusing(Release.LAZY)
+    counts = alloc.release_counts()
+    assert counts.lazily_freed == 1024
+    assert counts.lazy_reused == 1024
+    assert lazy_faults < 100, lazy_faults  # MADV_FREE: the frames were still there
+    immediate_faults, _ = _faults_reusing(Release.NOW)
+    assert immediate_faults >= 900, immediate_faults  # MADV_DONTNEED: one fault per page
+
+
+def test_a_squeeze_drops_pages_an_earlier_trim_freed_lazily() -> None:
+    # max_buffer_pages=0: every pass trims the pool to 0, lazily. A squeeze then finds the
+    # pool empty, yet the lazily freed pages must leave RSS at once.
+    clock = ManualClock(NS_PER_S)
+    bus = Bus(Params(max_buffer_pages=0))
+    alloc = MmapAllocator()
+    ring = bus.add_device("d").add_ring(alloc, clock.now_ns())
+    n = 100 * 2**20 // PAGE_SIZE
+    base = _rss_anon_kib()
+    pages = ring.get_pages(n, clock.now_ns())
+    _touch(alloc, pages)
+    ring.put_pages(pages)
+    ring.loop_pass(clock.now_ns())
+    assert len(ring.pool) == 0
+    assert alloc.release_counts().lazy == n
+    grown = _rss_anon_kib()
+    assert grown - base >= 0.9 * 100 * 1024  # lazily freed pages stay until the kernel needs them
+    bus.reclaim_memory(clock.now_ns())
+    ring.loop_pass(clock.now_ns(), had_io=False, woken=True)
+    released_kib = grown - _rss_anon_kib()
+    assert released_kib >= 0.9 * 100 * 1024, f"only {released_kib} KiB left the process"
+    counts = alloc.release_counts()
+    assert counts.lazy == 0
+    assert counts.returned == n
+    assert counts.held == 0

@@ -1,0 +1,33 @@
+"""Idle cost: N connections that each wrote 4 KiB once, then idle; server CPU over T seconds.
+
+Usage: .venv/bin/python scripts/measure/idle_cost.py SRC N T [blkback serve options]
+SRC is the source tree whose server runs (e.g. src, or an older checkout's src).
+"""
+import os, subprocess, sys, tempfile, time
+from pathlib import Path
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "tests/integration/reliability"))
+from rsupport import connect, request, simple_reply
+tree, n, t = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
+src = str(Path(tree).resolve())
+def cpu(pid):
+    raw = open(f"/proc/{pid}/stat", "rb").read(); rest = raw[raw.rindex(b")") + 2:].split()
+    return (int(rest[11]) + int(rest[12])) / os.sysconf("SC_CLK_TCK")
+with tempfile.TemporaryDirectory() as d:
+    sock = f"{d}/s.sock"
+    p = subprocess.Popen([sys.executable, "-m", "blkback", "serve", "--listen", f"unix:{sock}",
+        "--export", "d=memory:64M", "--pressure", "off", "--control", f"{d}/c.sock", *sys.argv[4:]],
+        env=dict(os.environ, PYTHONPATH=src), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        while not os.path.exists(sock): time.sleep(0.05)
+        time.sleep(0.3)
+        conns = []
+        for i in range(n):
+            s, _ = connect(sock, b"d"); conns.append(s)
+            s.sendall(request(1, i * 4096, 4096, cookie=i) + b"x" * 4096); simple_reply(s)
+        time.sleep(1.0)
+        c0 = cpu(p.pid); t0 = time.monotonic(); time.sleep(t); c1 = cpu(p.pid); t1 = time.monotonic()
+        print(f"{tree}: {n} idle connections: server CPU {100 * (c1 - c0) / (t1 - t0):.2f} % of a core over {t1 - t0:.1f} s")
+        for s in conns: s.close()
+    finally:
+        p.terminate(); p.wait()

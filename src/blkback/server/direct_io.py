@@ -1,0 +1,98 @@
+"""The fast path's reads and writes: straight between pool pages and the storage's bytes.
+
+A storage that declares :meth:`~blkback.storage.base.Storage.direct_access` lets the ring
+move a request's data without calling the storage object: a copy to or from the server's
+own memory (:class:`~blkback.storage.base.MappedMemory`), or one plain ``preadv``/``pwritev``
+on a descriptor (:class:`~blkback.storage.base.PlainDescriptor`). The storage still owns the
+rules: the memory backend's ``mark`` runs after every write's copy, and a short or failed
+transfer goes back to the storage's own methods and error mapping.
+
+Both classes are called with a request's page *spans* (``MmapAllocator.spans``): one or a
+few memoryviews whose lengths add up to the request's length.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Protocol
+
+from blkback.storage.base import DirectAccess, MappedMemory, Storage, os_error
+
+
+class DirectIO(Protocol):
+    """Reads and writes of the fast path; errors raise ``RequestError``."""
+
+    def read(self, views: list[memoryview], offset: int, length: int) -> None:
+        """Fill ``views`` with ``length`` bytes of the export from ``offset``."""
+        ...
+
+    def write(self, views: list[memoryview], offset: int, length: int) -> None:
+        """Store the ``length`` bytes of ``views`` at ``offset``."""
+        ...
+
+
+class MemoryIO:
+    """Copies to and from the storage's memory; marks what was written, after the copy."""
+
+    __slots__ = ("_mark", "_mem")
+
+    def __init__(self, mapped: MappedMemory) -> None:
+        self._mem = mapped.mem
+        self._mark = mapped.mark
+
+    def read(self, views: list[memoryview], offset: int, length: int) -> None:
+        mem = self._mem
+        for v in views:
+            n = len(v)
+            v[:] = mem[offset : offset + n]
+            offset += n
+
+    def write(self, views: list[memoryview], offset: int, length: int) -> None:
+        mem = self._mem
+        pos = offset
+        for v in views:
+            n = len(v)
+            mem[pos : pos + n] = v
+            pos += n
+        self._mark(offset, length)  # after the data: see AnonMemoryStorage.mark
+
+
+class DescriptorIO:
+    """One plain ``preadv``/``pwritev``; the storage finishes a short one and maps errors."""
+
+    __slots__ = ("_fd", "_storage")
+
+    def __init__(self, fd: int, storage: Storage) -> None:
+        self._fd = fd
+        self._storage = storage
+
+    def read(self, views: list[memoryview], offset: int, length: int) -> None:
+        try:
+            done = os.preadv(self._fd, views, offset)
+        except OSError as exc:
+            raise os_error(exc, "fast-path read") from exc
+        if done != length:
+            self._storage.preadv(views, offset)  # it loops until the end
+
+    def write(self, views: list[memoryview], offset: int, length: int) -> None:
+        try:
+            done = os.pwritev(self._fd, views, offset)
+        except OSError as exc:
+            raise os_error(exc, "fast-path write") from exc
+        if done != length:
+            self._storage.pwritev(views, offset, False)  # it loops until the end
+
+
+def direct_io(storage: Storage) -> DirectIO | None:
+    """The fast path for ``storage``, or None when every request must go through it.
+
+    Only a storage served inline qualifies: one that may block belongs on worker threads.
+    """
+    if not storage.inline:
+        return None
+    access: DirectAccess | None = storage.direct_access()
+    if access is None:
+        return None
+    if isinstance(access, MappedMemory):
+        return MemoryIO(access)
+    return DescriptorIO(access.fd, storage)
