@@ -12,19 +12,20 @@ rarely meets, whatever its length, which is not the kernel's behaviour.
 :class:`ShrinkerFeed` restores the kernel's cadence for the kernel-faithful configurations:
 it watches dom0's ``memory.failcnt`` (one increment per charge that hit the limit, each
 followed by a reclaim pass that would call the shrinker) every ``interval_s`` and, whenever
-it moved, reports pressure to the server over one control connection, as ``count_objects``
+it moved, reports pressure to the server over one control connection
+(:class:`~blkback.server.control_client.ControlConnection`), as ``count_objects``
 would have been called. The server then runs with ``--pressure off``: the feed is its only
 signal, as the shrinker was the patch's.
 """
 
 from __future__ import annotations
 
-import json
 import os
-import socket
 import threading
 import time
 from typing import Any
+
+from blkback.errors import ConfigError, EnvironmentProblem
 
 
 class ShrinkerFeed:
@@ -68,32 +69,27 @@ class ShrinkerFeed:
         }
 
     def _run(self) -> None:
+        from blkback.server.control_client import ControlConnection
+
         fd = os.open(self.failcnt_path, os.O_RDONLY)
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            sock.connect(self.control_path)
-            reader = sock.makefile("rb")
-            request = json.dumps({"op": "pressure", "level": "medium"}).encode() + b"\n"
-            last = int(os.pread(fd, 64, 0))
-            last_report = 0.0
-            while not self._stop.wait(self.interval_s):
-                now_count = int(os.pread(fd, 64, 0))
-                self.polls += 1
-                if now_count == last:
-                    continue
-                self.failcnt += now_count - last
-                last = now_count
-                sock.sendall(request)
-                if not reader.readline():
-                    self.errors += 1
-                    return
-                now = time.monotonic()
-                if last_report:
-                    self.gaps.append(now - last_report)
-                last_report = now
-                self.reports += 1
-        except OSError:
+            with ControlConnection(self.control_path) as conn:
+                last = int(os.pread(fd, 64, 0))
+                last_report = 0.0
+                while not self._stop.wait(self.interval_s):
+                    now_count = int(os.pread(fd, 64, 0))
+                    self.polls += 1
+                    if now_count == last:
+                        continue
+                    self.failcnt += now_count - last
+                    last = now_count
+                    conn.request({"op": "pressure", "level": "medium"})
+                    now = time.monotonic()
+                    if last_report:
+                        self.gaps.append(now - last_report)
+                    last_report = now
+                    self.reports += 1
+        except (OSError, ValueError, EnvironmentProblem, ConfigError):  # server or file gone
             self.errors += 1
         finally:
-            sock.close()
             os.close(fd)

@@ -14,33 +14,58 @@ from typing import Any
 from blkback.errors import ConfigError, EnvironmentProblem
 
 
-def request(path: str, payload: dict[str, Any], timeout_s: float = 30.0) -> dict[str, Any]:
-    """Send one control request to the socket at ``path`` and return the answer.
+class ControlConnection:
+    """One persistent connection to the control socket at ``path``: any number of requests,
+    one JSON line each way (a context manager; :meth:`close` hangs up).
 
-    Raises:
+    Raises (from the constructor and :meth:`request`):
         EnvironmentProblem: No server listens there, it may not be used, or it hung up.
-        ConfigError: The server refused the request (its ``error`` is the message).
+        ConfigError: The server refused a request (its ``error`` is the message).
     """
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    sock.settimeout(timeout_s)
-    try:
-        sock.connect(path)
-    except (FileNotFoundError, ConnectionRefusedError) as exc:
-        sock.close()
-        raise EnvironmentProblem(f"no server listens on control socket {path}") from exc
-    except PermissionError as exc:
-        sock.close()
-        raise EnvironmentProblem(f"not allowed to use control socket {path}") from exc
-    with sock, sock.makefile("rwb") as f:
-        f.write(json.dumps(payload).encode() + b"\n")
-        f.flush()
-        line = f.readline()
-    if not line:
-        raise EnvironmentProblem(f"the server at {path} closed the control connection")
-    answer: dict[str, Any] = json.loads(line)
-    if not answer.pop("ok", False):
-        raise ConfigError(answer.get("error", "request refused"))
-    return answer
+
+    def __init__(self, path: str, timeout_s: float = 30.0) -> None:
+        self.path = path
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(timeout_s)
+        try:
+            sock.connect(path)
+        except (FileNotFoundError, ConnectionRefusedError) as exc:
+            sock.close()
+            raise EnvironmentProblem(f"no server listens on control socket {path}") from exc
+        except PermissionError as exc:
+            sock.close()
+            raise EnvironmentProblem(f"not allowed to use control socket {path}") from exc
+        self._sock = sock
+        self._file = sock.makefile("rwb")
+
+    def request(self, payload: dict[str, Any]) -> dict[str, Any]:
+        """Send one request on this connection and return the answer."""
+        self._file.write(json.dumps(payload).encode() + b"\n")
+        self._file.flush()
+        line = self._file.readline()
+        if not line:
+            raise EnvironmentProblem(f"the server at {self.path} closed the control connection")
+        answer: dict[str, Any] = json.loads(line)
+        if not answer.pop("ok", False):
+            raise ConfigError(answer.get("error", "request refused"))
+        return answer
+
+    def close(self) -> None:
+        self._file.close()
+        self._sock.close()
+
+    def __enter__(self) -> ControlConnection:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def request(path: str, payload: dict[str, Any], timeout_s: float = 30.0) -> dict[str, Any]:
+    """Send one control request to the socket at ``path`` on a connection of its own and
+    return the answer (errors: see :class:`ControlConnection`)."""
+    with ControlConnection(path, timeout_s) as conn:
+        return conn.request(payload)
 
 
 class ControlClient:
