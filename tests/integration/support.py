@@ -137,3 +137,14 @@ def run(cmd: list[str], timeout: float = 120, **kw: Any) -> subprocess.Completed
             f"stderr: {res.stderr[-3000:]}"
         )
     return res
+
+
+def recv_exact(sock: socket.socket, n: int) -> bytes:
+    """Exactly ``n`` bytes from ``sock`` (ConnectionError on an early EOF)."""
+    buf = bytearray()
+    while len(buf) < n:
+        chunk = sock.recv(n - len(buf))
+        if not chunk:
+            raise ConnectionError(f"EOF after {len(buf)} of {n} bytes")
+        buf += chunk
+    return bytes(buf)

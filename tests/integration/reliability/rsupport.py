@@ -8,6 +8,8 @@ import struct
 import subprocess
 from pathlib import Path
 
+from support import recv_exact
+
 NBDMAGIC = 0x4E42444D41474943
 IHAVEOPT = 0x49484156454F5054
 REPLY_MAGIC = 0x3E889045565A9
@@ -20,16 +22,6 @@ FLAG_FUA = 1
 REQ = struct.Struct(">IHHQQI")
 REPLY = struct.Struct(">IIQ")
 USR = "/usr/bin"
-
-
-def recv_exact(sock: socket.socket, n: int) -> bytes:
-    buf = bytearray()
-    while len(buf) < n:
-        chunk = sock.recv(n - len(buf))
-        if not chunk:
-            raise ConnectionError(f"EOF after {len(buf)} of {n} bytes")
-        buf += chunk
-    return bytes(buf)
 
 
 def option(opt: int, data: bytes = b"") -> bytes:

@@ -18,7 +18,15 @@ import struct
 import subprocess
 from pathlib import Path
 
-from support import blkback_cmd, child_env, need_tool, run, wait_for_socket, wait_until
+from support import (
+    blkback_cmd,
+    child_env,
+    need_tool,
+    recv_exact,
+    run,
+    wait_for_socket,
+    wait_until,
+)
 
 NBDMAGIC = 0x4E42444D41474943
 IHAVEOPT = 0x49484156454F5054
@@ -27,16 +35,6 @@ REQ = struct.Struct(">IHHQQI")
 REQ_MAGIC, REPLY_MAGIC = 0x25609513, 0x67446698
 CMD_READ, CMD_WRITE, CMD_DISC = 0, 1, 2
 USR_PY = "/usr/bin/python3"  # Debian's python3 has libnbd's ``nbd`` module
-
-
-def _recv_exact(sock: socket.socket, n: int) -> bytes:
-    buf = bytearray()
-    while len(buf) < n:
-        chunk = sock.recv(n - len(buf))
-        if not chunk:
-            raise ConnectionError(f"EOF after {len(buf)} of {n} bytes")
-        buf += chunk
-    return bytes(buf)
 
 
 def _spawn(
@@ -113,18 +111,18 @@ def test_single_serves_libnbd_connect_command() -> None:
 
 def _oldstyle_export_name_session(sock: socket.socket) -> bytes:
     """What nbd-tester-client does: NBD_OPT_EXPORT_NAME, a write, a read back, DISC."""
-    magic, ihaveopt, _ = struct.unpack(">QQH", _recv_exact(sock, 18))
+    magic, ihaveopt, _ = struct.unpack(">QQH", recv_exact(sock, 18))
     assert (magic, ihaveopt) == (NBDMAGIC, IHAVEOPT)
     sock.sendall(struct.pack(">I", 3))  # FIXED_NEWSTYLE | NO_ZEROES
     sock.sendall(struct.pack(">QII", IHAVEOPT, OPT_EXPORT_NAME, 0))
-    size, _tflags = struct.unpack(">QH", _recv_exact(sock, 10))
+    size, _tflags = struct.unpack(">QH", recv_exact(sock, 10))
     assert size == 4 << 20
     data = os.urandom(65536)
     sock.sendall(REQ.pack(REQ_MAGIC, 0, CMD_WRITE, 1, 4096, len(data)) + data)
-    assert struct.unpack(">IIQ", _recv_exact(sock, 16)) == (REPLY_MAGIC, 0, 1)
+    assert struct.unpack(">IIQ", recv_exact(sock, 16)) == (REPLY_MAGIC, 0, 1)
     sock.sendall(REQ.pack(REQ_MAGIC, 0, CMD_READ, 2, 4096, len(data)))
-    assert struct.unpack(">IIQ", _recv_exact(sock, 16)) == (REPLY_MAGIC, 0, 2)
-    back = _recv_exact(sock, len(data))
+    assert struct.unpack(">IIQ", recv_exact(sock, 16)) == (REPLY_MAGIC, 0, 2)
+    back = recv_exact(sock, len(data))
     sock.sendall(REQ.pack(REQ_MAGIC, 0, CMD_DISC, 3, 0, 0))
     assert sock.recv(1) == b""  # the server closes after DISC
     assert back == data
