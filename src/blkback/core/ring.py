@@ -42,6 +42,9 @@ class RingStats:
     idle_passes: int = 0
     woken_passes: int = 0
     rests: int = 0  # times the idle ring slept with no timed pass (see Ring.at_rest)
+    polls: int = 0  # busy-poll windows spun after a batch (see core/polling.py)
+    poll_hits: int = 0  # windows that found the next request
+    polled_ns: int = 0  # time spent spinning in them
     pages_trimmed: int = 0  # freed down to max_buffer_pages
     pages_squeezed: int = 0  # freed because a squeeze (or a graded cap) held the target lower
     squeeze_passes: int = 0  # passes that freed pages because of a squeeze
@@ -66,6 +69,9 @@ class RingStats:
             "idle_passes": self.idle_passes,
             "woken_passes": self.woken_passes,
             "rests": self.rests,
+            "polls": self.polls,
+            "poll_hits": self.poll_hits,
+            "polled_ns": self.polled_ns,
             "pages_trimmed": self.pages_trimmed,
             "pages_squeezed": self.pages_squeezed,
             "squeeze_passes": self.squeeze_passes,
