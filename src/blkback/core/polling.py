@@ -1,11 +1,13 @@
-"""How long a ring busy-polls its socket after a batch: an adaptive window per ring.
+"""Whether and how long a ring busy-polls its socket after a batch: adaptive, per ring.
 
-KVM's halt-polling (``grow_halt_poll_ns``/``shrink_halt_poll_ns`` in virt/kvm/kvm_main.c)
-in a ring's terms. After serving a batch a ring may spin on its socket for ``window_ns``
-before it sleeps in ``recv``: a request that arrives within the window is served without a
-sleep and two wake-ups (expensive in a VM, where a halt is a VM exit), a window that runs
-out is CPU thrown away. The window follows the gaps the ring sees between the end of a batch
-and the next request:
+Two questions, two mechanisms.
+
+**How long** (the window). KVM's halt-polling (``grow_halt_poll_ns``/``shrink_halt_poll_ns``
+in virt/kvm/kvm_main.c) in a ring's terms. After serving a batch a ring may spin on its
+socket for ``window_ns`` before it sleeps in ``recv``: a request that arrives within the
+window is served without a sleep and two wake-ups, a window that runs out is CPU thrown
+away. The window follows the gaps the ring sees between the end of a batch and the next
+request:
 
 * it starts at 0, so a ring that never saw a short gap never spins;
 * a request that came after the window ran out but within ``max_ns`` of the batch's end
@@ -17,28 +19,77 @@ and the next request:
 * a request caught in the window changes nothing.
 
 An idle ring spins at most once per idle period, for the window it had then, and a client
-whose requests come further apart than ``max_ns`` drives it to 0 for good. Pure: the caller
-measures the gaps with its clock and passes them in.
+whose requests come further apart than ``max_ns`` drives it to 0 for good.
+
+**Whether** (the cost). Spinning through a gap costs the gap; sleeping costs a sleep and a
+wake-up, whose price depends on the machine's state (on an idle VM's vCPU a halt and the
+wake-up IPI are expensive; on a busy one they are cheap, and a spinning ring takes the CPU
+its own client needs). The window cannot see that; the ring's CPU time per batch can. The
+ring's life is cut into epochs of ``epoch_batches`` batches: a *trial* pair (one epoch with
+spinning off, one with it on), then ``hold_epochs`` epochs of whichever cost less CPU per
+batch (spinning is kept while it costs at most ``1 + TIE`` times sleeping: at equal CPU it
+buys throughput), then trials again. The worse choice thus runs at most one epoch in
+``hold_epochs + 2``.
+
+Pure: the caller measures the gaps and the ring thread's CPU time and passes them in.
 """
 
 from __future__ import annotations
 
 #: The first non-zero window (KVM's ``halt_poll_ns_grow_start`` default, 10 us).
 GROW_START_NS = 10_000
+#: Batches per epoch (at QD1 4 KiB, 25-50 ms of a busy ring).
+EPOCH_BATCHES = 1024
+#: Epochs the cheaper choice is kept before the two are tried again.
+HOLD_EPOCHS = 14
+#: Spinning is kept while it costs at most this much more CPU per batch than sleeping.
+TIE = 0.05
+
+_TRY_OFF, _TRY_ON, _HOLD = 0, 1, 2
 
 
 class PollWindow:
-    """One ring's busy-poll window, grown and shrunk by the gaps it sees."""
+    """One ring's busy polling: the window (by the gaps) and whether to spin (by the cost)."""
 
-    __slots__ = ("grow_start_ns", "max_ns", "window_ns")
+    __slots__ = (
+        "_cost_off",
+        "_epoch_cpu_ns",
+        "_epochs_left",
+        "_phase",
+        "batches",
+        "epoch_batches",
+        "grow_start_ns",
+        "hold_epochs",
+        "max_ns",
+        "spinning",
+        "window_ns",
+    )
 
-    def __init__(self, max_ns: int, grow_start_ns: int = GROW_START_NS) -> None:
-        if max_ns < 0 or grow_start_ns <= 0:
-            raise ValueError("the maximum window must be >= 0 and the first window > 0")
+    def __init__(
+        self,
+        max_ns: int,
+        grow_start_ns: int = GROW_START_NS,
+        *,
+        epoch_batches: int = EPOCH_BATCHES,
+        hold_epochs: int = HOLD_EPOCHS,
+    ) -> None:
+        if max_ns < 0 or grow_start_ns <= 0 or epoch_batches <= 0 or hold_epochs <= 0:
+            raise ValueError(
+                "the maximum window must be >= 0; the first window, the epoch and the hold > 0"
+            )
         self.max_ns = max_ns
         self.grow_start_ns = min(grow_start_ns, max_ns) if max_ns else grow_start_ns
-        self.window_ns = 0
+        self.window_ns = 0  # the learnt window; spun only while ``spinning``
+        self.epoch_batches = epoch_batches
+        self.hold_epochs = hold_epochs
+        self.spinning = False  # the first epoch measures sleeping
+        self.batches = 0  # batches served in the current epoch
+        self._phase = _TRY_OFF
+        self._epoch_cpu_ns = -1  # the ring's CPU time when the epoch began (-1: not yet)
+        self._cost_off = 0.0  # CPU per batch of the last trial without spinning
+        self._epochs_left = 0
 
+    # -- the window ----------------------------------------------------------------------
     def slept(self, gap_ns: int) -> None:
         """The window ran out (or was 0), and the next request came ``gap_ns`` after the batch."""
         window = self.window_ns
@@ -58,3 +109,31 @@ class PollWindow:
     def _shrink(self) -> None:
         half = self.window_ns // 2
         self.window_ns = half if half >= self.grow_start_ns else 0
+
+    # -- the cost ------------------------------------------------------------------------
+    def batch_served(self) -> bool:
+        """Count a batch; True when the epoch is over (then call :meth:`epoch_over`)."""
+        self.batches += 1
+        return self.batches >= self.epoch_batches
+
+    def epoch_over(self, cpu_ns: int) -> None:
+        """The epoch's last batch was served; ``cpu_ns``: the ring thread's CPU time now."""
+        start = self._epoch_cpu_ns
+        cost = (cpu_ns - start) / self.batches if start >= 0 else 0.0
+        self._epoch_cpu_ns = cpu_ns
+        self.batches = 0
+        if start < 0:
+            return  # the first epoch only starts the CPU clock: measure it again
+        if self._phase == _TRY_OFF:
+            self._cost_off = cost
+            self._phase = _TRY_ON
+            self.spinning = True
+        elif self._phase == _TRY_ON:
+            self.spinning = cost <= self._cost_off * (1 + TIE)
+            self._phase = _HOLD
+            self._epochs_left = self.hold_epochs
+        elif self._epochs_left > 1:
+            self._epochs_left -= 1
+        else:
+            self._phase = _TRY_OFF
+            self.spinning = False

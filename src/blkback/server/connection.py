@@ -40,7 +40,7 @@ import threading
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from blkback.clock import NS_PER_MS, NS_PER_S, NS_PER_US
+from blkback.clock import NS_PER_MS, NS_PER_S, NS_PER_US, thread_cpu_ns
 from blkback.core.pages import PAGE_SIZE, MmapAllocator
 from blkback.core.polling import PollWindow
 from blkback.core.ring import Ring
@@ -417,14 +417,19 @@ class Connection:
         """Poll the socket right after a batch, before sleeping in ``recv``; -1: no data.
 
         The ring spins for its :class:`PollWindow` (at most ``ServerConfig.poll_ns``), which
-        starts at 0 and grows only while requests come soon after a batch. Only rings that
-        serve inline poll, at most one per polling slot, and only while the server has no
-        more connections than slots. A window that ran out (0 included) leaves
+        starts at 0 and grows only while requests come soon after a batch, and only while
+        spinning costs the ring no more CPU per batch than sleeping (measured in epochs).
+        Only rings that serve inline poll, at most one per polling slot, and only while the
+        server has no more connections than slots. A window that ran out (0 included) leaves
         ``_window_pending``: the receive that follows measures the gap for the window.
         """
         window = self._window
         slots = self.server.poll_slots
         if window is None or len(self.server.connections) > len(slots):
+            return -1
+        if window.batch_served():
+            window.epoch_over(thread_cpu_ns())
+        if not window.spinning:
             return -1
         poll_ns = window.window_ns
         if not poll_ns:

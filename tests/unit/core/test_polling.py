@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import pytest
 
 from blkback.clock import NS_PER_MS, NS_PER_US, ManualClock
-from blkback.core.polling import GROW_START_NS, PollWindow
+from blkback.core.polling import GROW_START_NS, TIE, PollWindow
 
 RECV_TIMEOUT_NS = 100 * NS_PER_MS  # the ring's receive times out after one pass interval
 
@@ -140,7 +140,62 @@ def test_a_maximum_below_the_start_caps_the_first_window() -> None:
     assert window.window_ns == 4 * NS_PER_US
 
 
-@pytest.mark.parametrize(("max_ns", "start_ns"), [(-1, GROW_START_NS), (NS_PER_US, 0)])
-def test_bad_bounds_are_refused(max_ns: int, start_ns: int) -> None:
+@pytest.mark.parametrize(
+    ("max_ns", "start_ns", "epoch", "hold"),
+    [(-1, GROW_START_NS, 8, 2), (NS_PER_US, 0, 8, 2), (NS_PER_US, 1, 0, 2), (NS_PER_US, 1, 8, 0)],
+)
+def test_bad_bounds_are_refused(max_ns: int, start_ns: int, epoch: int, hold: int) -> None:
     with pytest.raises(ValueError, match="window"):
-        PollWindow(max_ns, start_ns)
+        PollWindow(max_ns, start_ns, epoch_batches=epoch, hold_epochs=hold)
+
+
+EPOCH = 8
+HOLD = 3
+
+
+def _epochs(window: PollWindow, cpu: ManualClock, costs_ns: tuple[int, int], n: int) -> list[bool]:
+    """Serve ``n`` epochs of batches whose CPU cost is ``costs_ns[spinning]`` each (the ring's
+    CPU time kept by ``cpu``); return whether the ring spun in each epoch."""
+    spun = []
+    for _ in range(n):
+        spun.append(window.spinning)
+        for _ in range(EPOCH):
+            cpu.advance_ns(costs_ns[window.spinning])
+            if window.batch_served():
+                window.epoch_over(cpu.now_ns())
+    return spun
+
+
+def test_spinning_is_tried_and_kept_while_it_costs_no_more_cpu_than_sleeping() -> None:
+    cpu = ManualClock()
+    window = PollWindow(50 * NS_PER_US, epoch_batches=EPOCH, hold_epochs=HOLD)
+    # The first epoch starts the CPU clock, then a trial: sleeping, spinning; then the hold.
+    spun = _epochs(window, cpu, (10_000, 9_000), 1 + 2 + HOLD + 2 + HOLD)
+    assert spun == [False, False, True, *[True] * HOLD, False, True, *[True] * HOLD]
+
+
+def test_spinning_that_costs_more_cpu_than_sleeping_runs_one_epoch_per_round() -> None:
+    cpu = ManualClock()
+    window = PollWindow(50 * NS_PER_US, epoch_batches=EPOCH, hold_epochs=HOLD)
+    spun = _epochs(window, cpu, (8_000, 13_000), 1 + 3 * (2 + HOLD))
+    assert spun == [False, *([False, True, *[False] * HOLD] * 3)]
+    assert sum(spun) == 3  # the trials only
+
+
+def test_a_tie_goes_to_spinning_and_more_than_the_tie_to_sleeping() -> None:
+    for extra, kept in ((TIE / 2, True), (2 * TIE, False)):
+        cpu = ManualClock()
+        window = PollWindow(50 * NS_PER_US, epoch_batches=EPOCH, hold_epochs=HOLD)
+        spun = _epochs(window, cpu, (10_000, round(10_000 * (1 + extra))), 1 + 2 + 1)
+        assert spun[-1] is kept
+
+
+def test_the_window_is_learnt_only_by_the_gaps_whatever_the_cost_says() -> None:
+    """Sleeping epochs do not forget the window: a trial of spinning starts where it was."""
+    cpu = ManualClock()
+    window = PollWindow(50 * NS_PER_US, epoch_batches=EPOCH, hold_epochs=HOLD)
+    window.slept(15 * NS_PER_US)
+    window.slept(15 * NS_PER_US)
+    assert window.window_ns == 20 * NS_PER_US
+    _epochs(window, cpu, (5_000, 9_000), 1 + 2 + HOLD)
+    assert window.window_ns == 20 * NS_PER_US and not window.spinning
