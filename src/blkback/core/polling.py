@@ -24,12 +24,13 @@ whose requests come further apart than ``max_ns`` drives it to 0 for good.
 **Whether** (the cost). Spinning through a gap costs the gap; sleeping costs a sleep and a
 wake-up, whose price depends on the machine's state (on an idle VM's vCPU a halt and the
 wake-up IPI are expensive; on a busy one they are cheap, and a spinning ring takes the CPU
-its own client needs). The window cannot see that; the ring's CPU time per batch can. The
-ring's life is cut into epochs of ``epoch_batches`` batches: a *trial* pair (one epoch with
-spinning off, one with it on), then ``hold_epochs`` epochs of whichever cost less CPU per
-batch (spinning is kept while it costs at most ``1 + TIE`` times sleeping: at equal CPU it
-buys throughput), then trials again. The worse choice thus runs at most one epoch in
-``hold_epochs + 2``.
+its own client needs). The window cannot see that; the ring's CPU time and wall time per
+batch can. The ring's life is cut into epochs of ``epoch_batches`` batches: a *trial* pair
+(one epoch with spinning off, one with it on), then ``hold_epochs`` epochs of the choice
+the trial favoured, then trials again. Spinning is kept only while it costs at most
+``1 + TIE`` times the CPU per batch of sleeping *and* takes at most ``1 + TIE`` times its
+wall time per batch (on an oversubscribed machine a spinner can cost no more CPU yet slow
+its client down). The worse choice thus runs at most one epoch in ``hold_epochs + 2``.
 
 Pure: the caller measures the gaps and the ring thread's CPU time and passes them in.
 """
@@ -54,8 +55,10 @@ class PollWindow:
     __slots__ = (
         "_cost_off",
         "_epoch_cpu_ns",
+        "_epoch_wall_ns",
         "_epochs_left",
         "_phase",
+        "_wall_off",
         "batches",
         "epoch_batches",
         "grow_start_ns",
@@ -86,7 +89,9 @@ class PollWindow:
         self.batches = 0  # batches served in the current epoch
         self._phase = _TRY_OFF
         self._epoch_cpu_ns = -1  # the ring's CPU time when the epoch began (-1: not yet)
+        self._epoch_wall_ns = 0  # the wall clock then
         self._cost_off = 0.0  # CPU per batch of the last trial without spinning
+        self._wall_off = 0.0  # and its wall time per batch
         self._epochs_left = 0
 
     # -- the window ----------------------------------------------------------------------
@@ -116,20 +121,26 @@ class PollWindow:
         self.batches += 1
         return self.batches >= self.epoch_batches
 
-    def epoch_over(self, cpu_ns: int) -> None:
-        """The epoch's last batch was served; ``cpu_ns``: the ring thread's CPU time now."""
+    def epoch_over(self, cpu_ns: int, now_ns: int) -> None:
+        """The epoch's last batch was served; ``cpu_ns``: the ring thread's CPU time now,
+        ``now_ns``: the monotonic clock now."""
         start = self._epoch_cpu_ns
-        cost = (cpu_ns - start) / self.batches if start >= 0 else 0.0
+        cost = (cpu_ns - start) / self.batches
+        wall = (now_ns - self._epoch_wall_ns) / self.batches
         self._epoch_cpu_ns = cpu_ns
+        self._epoch_wall_ns = now_ns
         self.batches = 0
         if start < 0:
-            return  # the first epoch only starts the CPU clock: measure it again
+            return  # the first epoch only starts the clocks: measure it again
         if self._phase == _TRY_OFF:
             self._cost_off = cost
+            self._wall_off = wall
             self._phase = _TRY_ON
             self.spinning = True
         elif self._phase == _TRY_ON:
-            self.spinning = cost <= self._cost_off * (1 + TIE)
+            self.spinning = cost <= self._cost_off * (1 + TIE) and wall <= self._wall_off * (
+                1 + TIE
+            )
             self._phase = _HOLD
             self._epochs_left = self.hold_epochs
         elif self._epochs_left > 1:

@@ -447,7 +447,8 @@ class Connection:
 
         The ring spins for its :class:`PollWindow` (at most ``ServerConfig.poll_ns``), which
         starts at 0 and grows only while requests come soon after a batch, and only while
-        spinning costs the ring no more CPU per batch than sleeping (measured in epochs).
+        spinning costs the ring no more CPU nor wall time per batch than sleeping (measured
+        in epochs).
         Only rings that serve inline poll, at most one per polling slot, and only while the
         server has no more connections than slots. A window that ran out (0 included) leaves
         ``_window_pending``: the receive that follows measures the gap for the window.
@@ -457,7 +458,7 @@ class Connection:
         if window is None or len(self.server.connections) > len(slots):
             return -1
         if window.batch_served():
-            window.epoch_over(thread_cpu_ns())
+            window.epoch_over(thread_cpu_ns(), self._now_ns())
         if not window.spinning:
             return -1
         poll_ns = window.window_ns

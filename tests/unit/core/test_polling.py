@@ -153,16 +153,25 @@ EPOCH = 8
 HOLD = 3
 
 
-def _epochs(window: PollWindow, cpu: ManualClock, costs_ns: tuple[int, int], n: int) -> list[bool]:
-    """Serve ``n`` epochs of batches whose CPU cost is ``costs_ns[spinning]`` each (the ring's
-    CPU time kept by ``cpu``); return whether the ring spun in each epoch."""
+def _epochs(
+    window: PollWindow,
+    cpu: ManualClock,
+    costs_ns: tuple[int, int],
+    n: int,
+    walls_ns: tuple[int, int] = (20_000, 20_000),
+) -> list[bool]:
+    """Serve ``n`` epochs of batches whose CPU cost is ``costs_ns[spinning]`` each and whose
+    wall time is ``walls_ns[spinning]`` (the ring's CPU time kept by ``cpu``, the wall clock
+    by its own ManualClock); return whether the ring spun in each epoch."""
+    wall = ManualClock()
     spun = []
     for _ in range(n):
         spun.append(window.spinning)
         for _ in range(EPOCH):
             cpu.advance_ns(costs_ns[window.spinning])
+            wall.advance_ns(walls_ns[window.spinning])
             if window.batch_served():
-                window.epoch_over(cpu.now_ns())
+                window.epoch_over(cpu.now_ns(), wall.now_ns())
     return spun
 
 
@@ -188,6 +197,14 @@ def test_a_tie_goes_to_spinning_and_more_than_the_tie_to_sleeping() -> None:
         window = PollWindow(50 * NS_PER_US, epoch_batches=EPOCH, hold_epochs=HOLD)
         spun = _epochs(window, cpu, (10_000, round(10_000 * (1 + extra))), 1 + 2 + 1)
         assert spun[-1] is kept
+
+
+def test_spinning_that_slows_the_ring_down_is_dropped_even_when_it_costs_less_cpu() -> None:
+    """An oversubscribed machine: the spinner takes the CPU its client needs."""
+    cpu = ManualClock()
+    window = PollWindow(50 * NS_PER_US, epoch_batches=EPOCH, hold_epochs=HOLD)
+    spun = _epochs(window, cpu, (10_000, 9_000), 1 + 2 + HOLD, walls_ns=(20_000, 25_000))
+    assert spun == [False, False, True, *[False] * HOLD]
 
 
 def test_the_window_is_learnt_only_by_the_gaps_whatever_the_cost_says() -> None:
