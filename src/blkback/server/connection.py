@@ -448,10 +448,9 @@ class Connection:
         The ring spins for its :class:`PollWindow` (at most ``ServerConfig.poll_ns``), which
         starts at 0 and grows only while requests come soon after a batch, and only while
         spinning costs the ring no more CPU nor wall time per batch than sleeping (measured
-        in epochs).
-        Only rings that serve inline poll, at most one per polling slot, and only while the
-        server has no more connections than slots. A window that ran out (0 included) leaves
-        ``_window_pending``: the receive that follows measures the gap for the window.
+        in epochs). Only rings that serve inline poll, at most one per polling slot, and
+        only while the server has no more connections than slots. A window that ran out (0
+        included) leaves ``_window_pending``: the receive that follows measures the gap.
         """
         window = self._window
         slots = self.server.poll_slots
