@@ -10,7 +10,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tests/integration/
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tests/integration"))
 from rsupport import connect, request
 from blkback.core.params import Params
-from blkback.server.server import Server, ServerConfig
+from blkback.server.server import Server
+from blkback.server.settings import ServerConfig
 from blkback.storage.spec import open_storage
 kind, qd, n = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 extra = dict(a.split("=") for a in sys.argv[4:])

@@ -97,7 +97,8 @@ from blkback.errors import ConfigError, RuntimeFailure
 from blkback.server.config import ServeOptions, load_config, merge
 
 if TYPE_CHECKING:
-    from blkback.server.server import Server, ServerConfig
+    from blkback.server.server import Server
+    from blkback.server.settings import ServerConfig
 
 log = logging.getLogger("blkback.serve")
 
@@ -428,7 +429,7 @@ def build_server(options: ServeOptions, *, listen_fds: list[int], single: bool) 
 
 def server_config(options: ServeOptions, *, listen_fds: list[int], single: bool) -> ServerConfig:
     """The :class:`ServerConfig` of checked ``options``; errors name the flag or key."""
-    from blkback.server.server import ServerConfig
+    from blkback.server.settings import ServerConfig
     from blkback.storage.spec import parse_size
 
     w = options.where
@@ -527,7 +528,7 @@ def _listen_fds() -> list[int]:
 
 def _default_listen(args: argparse.Namespace, private: PrivateDir) -> list[str]:
     """``-U -`` or ``--run`` without listeners: a private Unix socket; else the TCP default."""
-    from blkback.server.server import DEFAULT_TCP
+    from blkback.server.settings import DEFAULT_TCP
 
     if args.unix == "-" or args.run:
         return [f"unix:{private() / 'nbd.sock'}"]

@@ -38,7 +38,7 @@ import socket
 import struct
 import threading
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from blkback.clock import NS_PER_MS, NS_PER_S, NS_PER_US
 from blkback.core.pages import PAGE_SIZE, MmapAllocator
@@ -52,8 +52,10 @@ from blkback.server.direct_io import DirectIO, direct_io
 from blkback.server.tls import TlsSocket, start_tls
 
 if TYPE_CHECKING:
-    from blkback.server.exports import Export
-    from blkback.server.server import Server
+    from blkback.clock import Clock
+    from blkback.core.params import Params
+    from blkback.server.exports import Catalog, Export
+    from blkback.server.settings import ServerConfig
 
 log = logging.getLogger("blkback.connection")
 
@@ -93,6 +95,33 @@ def _wants_tls(hs: ServerHandshake) -> bool:
     return hs.state is HandshakeState.START_TLS
 
 
+class RingHost(Protocol):
+    """What a connection needs of the server that accepted it (``Server`` is one).
+
+    Declared here, beside its user, so that the connection does not import the server that
+    creates it: the settings, the exports, the ring's attachment to its device, the polling
+    slots, and the server's table of connections.
+    """
+
+    config: ServerConfig
+    params: Params
+    clock: Clock
+    catalog: Catalog
+    poll_slots: list[threading.Lock]
+    connections: set[Connection]
+
+    @property
+    def stopping(self) -> bool: ...
+
+    def attach_ring(self, conn: Connection, export: Export) -> Ring: ...
+
+    def detach_ring(self, conn: Connection) -> None: ...
+
+    def connection_closed(self, conn: Connection) -> None: ...
+
+    def warn_once(self, message: str) -> None: ...
+
+
 class Disconnect(Exception):  # noqa: N818 (control flow, not an error)
     """The client asked to disconnect, or went away."""
 
@@ -100,7 +129,7 @@ class Disconnect(Exception):  # noqa: N818 (control flow, not an error)
 class Connection:
     """Serves one client socket until it disconnects or the server stops."""
 
-    def __init__(self, server: Server, sock: socket.socket, peer: str) -> None:
+    def __init__(self, server: RingHost, sock: socket.socket, peer: str) -> None:
         self.server = server
         # After STARTTLS this is a TlsSocket: the same calls, over TLS (see server/tls.py).
         self.sock: socket.socket | TlsSocket = sock

@@ -17,13 +17,11 @@ import json
 import logging
 import os
 import socket
-import ssl
 import stat
 import struct
 import threading
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
 from blkback.clock import NS_PER_MS, NS_PER_S, Clock, MonotonicClock
 from blkback.core.device import Bus
@@ -36,54 +34,13 @@ from blkback.protocol.handshake import ExportInfo
 from blkback.server import oplog
 from blkback.server.connection import Connection
 from blkback.server.exports import Catalog, Export, tflags_for
+from blkback.server.settings import ServerConfig
 from blkback.storage.base import Storage
 
 if TYPE_CHECKING:
     from wsgiref.simple_server import WSGIServer
 
 log = logging.getLogger("blkback.server")
-
-DEFAULT_TCP = "tcp:127.0.0.1:10809"
-
-
-@dataclass
-class ServerConfig:
-    """Settings fixed at start-up (runtime parameters live in :class:`Params`).
-
-    Durations are integer nanoseconds, as every time inside blkback; the edges (command-line
-    flags, JSON) carry their own unit in their names and convert once.
-    """
-
-    listen: list[str] = field(default_factory=lambda: [DEFAULT_TCP])
-    # Listening sockets handed over already bound (systemd socket activation), served
-    # besides ``listen``.
-    listen_fds: list[int] = field(default_factory=list)
-    control_path: str | None = None  # None: derived from the first listen address
-    control_socket: bool = True  # False: no control socket (serve --single's default)
-    metrics: str | None = None
-    workers: int = 16
-    max_requests_per_ring: int = 512
-    max_connections: int = 1024
-    handshake_timeout_ns: int = 10 * NS_PER_S
-    idle_timeout_ns: int = 0  # 0: never
-    io_timeout_ns: int = 60 * NS_PER_S
-    chunk_pages: int = 256
-    mlock: bool = False
-    max_block: int = 32 * 1024 * 1024
-    # Served even though only max_block is advertised, as nbdkit does (MAX_REQUEST).
-    max_request: int = 64 * 1024 * 1024
-    tls: Literal["off", "allow", "require"] = "off"
-    tls_context: ssl.SSLContext | None = None
-    max_option_bytes: int = 64 * 1024  # larger option payloads get REP_ERR_TOO_BIG
-    max_options: int = 1000  # options per connection before it is dropped
-    # Busy polling: after serving a batch, a ring polls its socket this long before it
-    # sleeps in recv (Linux's net.core.busy_read, whose recommended value is 50 us). Off by
-    # default: it buys IOPS at queue depth 1 with CPU (docs/data-path.md).
-    poll_ns: int = 0
-    # At most this many rings poll at once, and none while the server has more connections
-    # than that. Default: half the CPUs (at least 1), so that polling rings never take every
-    # core from their clients, nor the GIL from many other rings.
-    max_pollers: int = 0
 
 
 def control_dir() -> Path:

@@ -11,7 +11,8 @@ from rsupport import CMD_READ, CMD_WRITE, connect, libnbd, request, simple_reply
 from support import need_root, need_tool
 
 from blkback.core.params import Params
-from blkback.server.server import Server, ServerConfig
+from blkback.server.server import Server
+from blkback.server.settings import ServerConfig
 from blkback.storage.base import PlainDescriptor
 from blkback.storage.spec import open_storage
 

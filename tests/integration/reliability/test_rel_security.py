@@ -53,7 +53,8 @@ def test_non_loopback_listen_logs_a_warning_and_loopback_does_not(tmp_path: Path
 
 
 def test_default_listen_is_loopback() -> None:
-    from blkback.server.server import DEFAULT_TCP, parse_listen
+    from blkback.server.server import parse_listen
+    from blkback.server.settings import DEFAULT_TCP
 
     _, (host, _) = parse_listen(DEFAULT_TCP)
     assert host == "127.0.0.1"

@@ -1,0 +1,56 @@
+"""The settings a server is started with: what ``serve``'s flags and ``--config`` file become.
+
+Its own module so that a connection can name its server's settings without importing the
+server (``server.server`` creates connections; ``server.connection`` declares what it needs of
+its server as :class:`~blkback.server.connection.RingHost`).
+"""
+
+from __future__ import annotations
+
+import ssl
+from dataclasses import dataclass, field
+from typing import Literal
+
+from blkback.clock import NS_PER_S
+
+DEFAULT_TCP = "tcp:127.0.0.1:10809"
+
+
+@dataclass
+class ServerConfig:
+    """Settings fixed at start-up (runtime parameters live in :class:`Params`).
+
+    Durations are integer nanoseconds, as every time inside blkback; the edges (command-line
+    flags, JSON) carry their own unit in their names and convert once.
+    """
+
+    listen: list[str] = field(default_factory=lambda: [DEFAULT_TCP])
+    # Listening sockets handed over already bound (systemd socket activation), served
+    # besides ``listen``.
+    listen_fds: list[int] = field(default_factory=list)
+    control_path: str | None = None  # None: derived from the first listen address
+    control_socket: bool = True  # False: no control socket (serve --single's default)
+    metrics: str | None = None
+    workers: int = 16
+    max_requests_per_ring: int = 512
+    max_connections: int = 1024
+    handshake_timeout_ns: int = 10 * NS_PER_S
+    idle_timeout_ns: int = 0  # 0: never
+    io_timeout_ns: int = 60 * NS_PER_S
+    chunk_pages: int = 256
+    mlock: bool = False
+    max_block: int = 32 * 1024 * 1024
+    # Served even though only max_block is advertised, as nbdkit does (MAX_REQUEST).
+    max_request: int = 64 * 1024 * 1024
+    tls: Literal["off", "allow", "require"] = "off"
+    tls_context: ssl.SSLContext | None = None
+    max_option_bytes: int = 64 * 1024  # larger option payloads get REP_ERR_TOO_BIG
+    max_options: int = 1000  # options per connection before it is dropped
+    # Busy polling: after serving a batch, a ring polls its socket this long before it
+    # sleeps in recv (Linux's net.core.busy_read, whose recommended value is 50 us). Off by
+    # default: it buys IOPS at queue depth 1 with CPU (docs/data-path.md).
+    poll_ns: int = 0
+    # At most this many rings poll at once, and none while the server has more connections
+    # than that. Default: half the CPUs (at least 1), so that polling rings never take every
+    # core from their clients, nor the GIL from many other rings.
+    max_pollers: int = 0
