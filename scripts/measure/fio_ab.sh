@@ -4,8 +4,10 @@
 #   TREE: a worktree with .venv (its compiled build is used); nbdkit: nbdkit's memory plugin.
 #   e.g.  scripts/measure/fio_ab.sh /work/wt-data write 1M 16 --param max_buffer_pages=0
 # Prints MB/s, IOPS, server CPU (utime+stime of the whole server process over fio's run,
-# ramp-free, divided by fio's requests) and, for blkback, requests per pass
-# (from two `ctl stats` samples inside the run). RT=SECONDS sets fio's runtime (default 4).
+# divided by fio's requests) and, for blkback, requests per pass
+# (from two `ctl stats` samples inside the run). RT=SECONDS sets fio's runtime (default 4);
+# PRESSURE=1 reports memory pressure (`ctl pressure`) after the prefill (a squeezed run with
+# --param buffer_squeeze_duration_ms=4294967295, as the bench's blkback-squeeze).
 # Interleave A and B runs yourself: CPU per request is robust to load, throughput is not.
 # usage: ab.sh TREE RW BS QD [serve args...]; prints MB/s and server CPU us/op
 tree=$1; rw=$2; bs=$3; qd=$4; shift 4
@@ -21,6 +23,7 @@ for i in $(seq 50); do [ -S $d/s ] && break; sleep 0.1; done
 if [ $tree = nbdkit ]; then uri="nbd+unix:///?socket=$d/s"; else uri="nbd+unix:///disk?socket=$d/s"; fi
 # prefill
 fio --name=p --ioengine=nbd --uri="$uri" --rw=write --bs=1M --iodepth=16 --size=512M --output-format=terse >/dev/null 2>&1
+[ -n "$PRESSURE" ] && $tree/.venv/bin/blkback ctl --control $d/c pressure >/dev/null 2>&1
 t0=$(awk '{print $14+$15}' /proc/$pid/stat)
 fio --name=c --ioengine=nbd --uri="$uri" --rw=$rw --bs=$bs --iodepth=$qd --size=512M --time_based --runtime=${RT:-4} --output-format=json --output=$d/f.json >/dev/null 2>&1 &
 fpid=$!
