@@ -8,7 +8,9 @@ The loop is ``xen_blkif_schedule`` in userspace:
 2. take every complete request already received (batched parsing), give each the pages of
    its payload from the ring's pool, do its I/O straight into or out of those pages, and send
    all replies of the batch with one ``sendmsg``;
-3. put the pages back into the pool, and run the loop pass, which trims the pool to
+3. put the pages back into the pool; once no request is waiting (the kernel's
+   ``do_block_io_op`` drains its ring: here the staging buffer, and after a large write
+   received into its pages the socket too), run the loop pass, which trims the pool to
    ``max_buffer_pages`` or squeezes it to 0.
 
 Write payloads are received straight into the request's pages with ``recvmsg_into``, except
