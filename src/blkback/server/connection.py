@@ -8,7 +8,9 @@ The loop is ``xen_blkif_schedule`` in userspace:
 2. take every complete request already received (batched parsing), give each the pages of
    its payload from the ring's pool, do its I/O straight into or out of those pages, and send
    all replies of the batch with one ``sendmsg``;
-3. put the pages back into the pool, and run the loop pass, which trims the pool to
+3. put the pages back into the pool; once no request is waiting (the kernel's
+   ``do_block_io_op`` drains its ring: here the staging buffer, and after a large write
+   received into its pages the socket too), run the loop pass, which trims the pool to
    ``max_buffer_pages`` or squeezes it to 0.
 
 Write payloads are received straight into the request's pages with ``recvmsg_into``, except
@@ -166,8 +168,10 @@ class Connection:
         # poll on the socket alone to spin with.
         self._window: PollWindow | None = None
         self._readable: Callable[[int], list[tuple[int, int]]] | None = None
-        self._poll_recv: Callable[[memoryview, int, int], int] | None = None
         self._window_pending = False  # the window ran out: the next receive tells by how much
+        # A receive that never waits (MSG_DONTWAIT), on a plain socket only: the batch's
+        # drain and the busy poll take what is there now.
+        self._recv_now: Callable[[memoryview, int, int], int] | None = None
         # Resting (see _rest): a poll on the socket and this eventfd, which nudge() writes.
         self._rest_poller: select.poll | None = None
         self._wake_fd = -1
@@ -354,6 +358,7 @@ class Connection:
         self._recv_into = sock.recv_into
         if not isinstance(sock, socket.socket):
             return  # TLS may hold decrypted bytes a poll cannot see: it keeps timed passes
+        self._recv_now = sock.recv_into  # a batch's drain, a busy poll's receive
         if self.direct is not None:
             # Busy polling needs the plain socket (a TLS socket may hold decrypted bytes),
             # and only a ring that serves inline polls (a ring with workers would take the
@@ -364,7 +369,6 @@ class Connection:
                 spin_poller = select.poll()
                 spin_poller.register(sock.fileno(), select.POLLIN)
                 self._readable = spin_poller.poll
-                self._poll_recv = sock.recv_into
         self._wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         poller = select.poll()
         poller.register(sock.fileno(), select.POLLIN | select.POLLPRI)
@@ -482,7 +486,7 @@ class Connection:
         """
         ring = self.ring
         readable = self._readable
-        recv = self._poll_recv
+        recv = self._recv_now
         assert ring is not None and readable is not None and recv is not None
         now_ns = self._now_ns
         stats = ring.stats
@@ -576,8 +580,55 @@ class Connection:
 
     # -- step 2: serve a batch ------------------------------------------------------------
     def _serve_batch(self, start: int, end: int) -> tuple[int, int]:
-        """Serve every complete request in the staging buffer; return the new ``(start, end)``."""
+        """Serve requests until none is waiting; return the new staging ``(start, end)``.
+
+        The kernel's ``do_block_io_op`` consumes the ring until it is empty, and only then
+        does ``xen_blkif_schedule`` run its pass. Here a batch is every complete request in
+        the staging buffer and, after a large write received straight into its pages (which
+        leaves the buffer empty), every request already in the socket
+        (:meth:`_receive_waiting`): a stream of 1 MiB writes then runs one pass per drain,
+        not one per request, which with ``max_buffer_pages=0`` is one ``MADV_FREE`` of 256
+        pages per request.
+        """
         now = self._now_ns()
+        while True:
+            start, end = self._serve_staged(start, end, now)
+            if not self._small_recv:
+                return start, end
+            now = self._now_ns()
+            start, end = self._receive_waiting(start, end, now)
+            if end - start < REQUEST_SIZE:
+                return start, end
+
+    def _receive_waiting(self, start: int, end: int, now_ns: int) -> tuple[int, int]:
+        """The next request header if it is in the socket already (no wait); new ``(start, end)``.
+
+        The drain ends (the staging buffer stays short of a header) when nothing is waiting,
+        on TLS (whose socket may hold decrypted bytes no flag reaches), or when the ring's
+        timed pass is due: a client that never lets the socket run dry still gets its pass
+        every ``lru_interval_ms``.
+        """
+        ring = self.ring
+        assert ring is not None
+        recv = self._recv_now
+        if recv is None or ring.pass_due(now_ns):
+            return start, end
+        if start:
+            self._staging[: end - start] = self._view[start:end]
+            end -= start
+            start = 0
+        try:
+            n = recv(self._view[end:REQUEST_SIZE], 0, MSG_DONTWAIT)
+        except BlockingIOError:
+            return start, end
+        # 0 is end-of-file: the receive step sees it again and ends the connection. A part
+        # of a header leaves the rest of it to the receive step, alone as before.
+        end += n
+        self._small_recv = end < REQUEST_SIZE
+        return start, end
+
+    def _serve_staged(self, start: int, end: int, now: int) -> tuple[int, int]:
+        """Serve every complete request in the staging buffer; return the new ``(start, end)``."""
         view = self._view
         while end - start >= REQUEST_SIZE:
             group, need = self._parse_group(start, end) if self.direct else _NO_GROUP
