@@ -52,6 +52,10 @@ class RingStats:
     squeezed_alloc_pages: int = 0  # pages allocated while the device was squeezed
     extra: dict[str, int] = field(default_factory=dict)
 
+    def requests(self) -> int:
+        """Requests served so far, of every kind (a FUA write counts in ``wr`` and ``f``)."""
+        return self.rd_req + self.wr_req + self.f_req + self.ds_req + self.other_req
+
     def as_dict(self) -> dict[str, int]:
         """All counters by name."""
         out = {

@@ -461,7 +461,9 @@ class Connection:
         if window is None or len(self.server.connections) > len(slots):
             return -1
         if window.batch_served():
-            window.epoch_over(thread_cpu_ns(), self._now_ns())
+            ring = self.ring
+            assert ring is not None
+            window.epoch_over(thread_cpu_ns(), self._now_ns(), ring.stats.requests())
         if not window.spinning:
             return -1
         poll_ns = window.window_ns

@@ -159,19 +159,23 @@ def _epochs(
     costs_ns: tuple[int, int],
     n: int,
     walls_ns: tuple[int, int] = (20_000, 20_000),
+    requests: tuple[int, int] = (1, 1),
 ) -> list[bool]:
-    """Serve ``n`` epochs of batches whose CPU cost is ``costs_ns[spinning]`` each and whose
-    wall time is ``walls_ns[spinning]`` (the ring's CPU time kept by ``cpu``, the wall clock
-    by its own ManualClock); return whether the ring spun in each epoch."""
+    """Serve ``n`` epochs of batches of ``requests[spinning]`` requests whose CPU cost is
+    ``costs_ns[spinning]`` each and whose wall time is ``walls_ns[spinning]`` (the ring's CPU
+    time kept by ``cpu``, the wall clock by its own ManualClock); return whether the ring
+    spun in each epoch."""
     wall = ManualClock()
+    served = 0
     spun = []
     for _ in range(n):
         spun.append(window.spinning)
         for _ in range(EPOCH):
             cpu.advance_ns(costs_ns[window.spinning])
             wall.advance_ns(walls_ns[window.spinning])
+            served += requests[window.spinning]
             if window.batch_served():
-                window.epoch_over(cpu.now_ns(), wall.now_ns())
+                window.epoch_over(cpu.now_ns(), wall.now_ns(), served)
     return spun
 
 
@@ -204,6 +208,22 @@ def test_spinning_that_slows_the_ring_down_is_dropped_even_when_it_costs_less_cp
     cpu = ManualClock()
     window = PollWindow(50 * NS_PER_US, epoch_batches=EPOCH, hold_epochs=HOLD)
     spun = _epochs(window, cpu, (10_000, 9_000), 1 + 2 + HOLD, walls_ns=(20_000, 25_000))
+    assert spun == [False, False, True, *[False] * HOLD]
+
+
+def test_the_cost_is_per_request_not_per_batch() -> None:
+    """Spinning catches each 1 MiB write alone (batches of 1) where sleeping drained 5 at a
+    time: cheaper per batch (150 against 600 us), dearer per request (150 against 120 us)."""
+    cpu = ManualClock()
+    window = PollWindow(50 * NS_PER_US, epoch_batches=EPOCH, hold_epochs=HOLD)
+    spun = _epochs(
+        window,
+        cpu,
+        (600_000, 150_000),
+        1 + 2 + HOLD,
+        walls_ns=(700_000, 160_000),
+        requests=(5, 1),
+    )
     assert spun == [False, False, True, *[False] * HOLD]
 
 
