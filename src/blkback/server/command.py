@@ -94,7 +94,7 @@ from typing import TYPE_CHECKING, Any
 from blkback.clock import NS_PER_S, NS_PER_US
 from blkback.core.params import Params
 from blkback.errors import ConfigError, RuntimeFailure
-from blkback.server.config import ServeOptions, load_config, merge
+from blkback.server.config import ServeOptions, load_config, merge, seconds
 
 if TYPE_CHECKING:
     from blkback.server.server import Server
@@ -190,23 +190,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--handshake-timeout",
-        type=float,
-        metavar="SECONDS",
+        type=seconds,
+        metavar="DURATION",
         help="drop a client that has not finished the handshake in time "
-        f"(default {d.handshake_timeout:g})",
+        f"(e.g. 10s or 500ms; a bare number is seconds; default {d.handshake_timeout:g}s)",
     )
     parser.add_argument(
         "--idle-timeout",
-        type=float,
-        metavar="SECONDS",
+        type=seconds,
+        metavar="DURATION",
         help="drop a connection idle this long (default 0: never)",
     )
     parser.add_argument(
         "--io-timeout",
-        type=float,
-        metavar="SECONDS",
+        type=seconds,
+        metavar="DURATION",
         help="drop a client that sends no byte of a write's payload, or takes none of its "
-        f"replies, for this long (default {d.io_timeout:g}); a slow client that keeps "
+        f"replies, for this long (default {d.io_timeout:g}s); a slow client that keeps "
         "moving is never cut",
     )
     parser.add_argument(

@@ -12,9 +12,9 @@ holds what a service keeps between restarts::
     workers = 16
     max_connections = 1024
     poll_us = 0                       # busy polling, microseconds (0: off)
-    handshake_timeout = 10            # seconds
-    idle_timeout = 0
-    io_timeout = 60
+    handshake_timeout = "10s"         # a duration with its unit, or a number of seconds
+    idle_timeout = 0                  # 0: never
+    io_timeout = "60s"
     max_block = "32M"                 # advertised maximum request size
     max_request = "64M"               # served maximum request size
     mlock = false
@@ -47,7 +47,9 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from blkback.clock import NS_PER_S
 from blkback.errors import ConfigError
+from blkback.storage.spec import parse_duration_ns
 
 __all__ = ["ServeOptions", "load_config", "merge"]
 
@@ -104,10 +106,29 @@ def _int(value: object) -> int:
     return value
 
 
-def _seconds(value: object) -> float:
+def seconds(value: object) -> float:
+    """A timeout of the file or a flag: a duration with its unit (``"10s"``, ``"500ms"``), or
+    a bare number of seconds (nbdkit's and systemd's habit for timeouts), in seconds.
+
+    Raises:
+        ValueError: Not a duration.
+    """
+    if isinstance(value, str):
+        try:
+            return float(value) if _is_number(value) else parse_duration_ns(value) / NS_PER_S
+        except ConfigError as exc:
+            raise ValueError(str(exc)) from exc
     if isinstance(value, bool) or not isinstance(value, int | float):
-        raise ValueError("expected a number of seconds")
+        raise ValueError('expected a duration such as "10s" or "500ms", or seconds')
     return float(value)
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
 
 
 def _bool(value: object) -> bool:
@@ -160,9 +181,9 @@ _KEYS: dict[str, dict[str, tuple[str, Check]]] = {
         "workers": ("workers", _int),
         "max_connections": ("max_connections", _int),
         "poll_us": ("poll_us", _int),
-        "handshake_timeout": ("handshake_timeout", _seconds),
-        "idle_timeout": ("idle_timeout", _seconds),
-        "io_timeout": ("io_timeout", _seconds),
+        "handshake_timeout": ("handshake_timeout", seconds),
+        "idle_timeout": ("idle_timeout", seconds),
+        "io_timeout": ("io_timeout", seconds),
         "max_block": ("max_block", _size),
         "max_request": ("max_request", _size),
         "mlock": ("mlock", _bool),

@@ -156,3 +156,20 @@ def test_a_bad_export_in_the_file_names_the_file_and_the_export(tmp_path: Path) 
         build_server(options, listen_fds=[], single=False)
     assert str(info.value).startswith(f"{path}: export 'tapes': ")
     assert "tape" in str(info.value).removeprefix(f"{path}: export 'tapes': ")
+
+
+def test_timeouts_take_a_unit_or_seconds_in_the_file_and_in_flags(tmp_path: Path) -> None:
+    path = _write(tmp_path, '[limits]\nhandshake_timeout = "500ms"\nio_timeout = 30\n')
+    options = resolve_options(_args("--config", path, "--idle-timeout", "2s"))
+    assert (options.handshake_timeout, options.io_timeout, options.idle_timeout) == (0.5, 30.0, 2.0)
+    config = server_config(options, listen_fds=[], single=False)
+    assert config.handshake_timeout_ns == 500_000_000
+    assert config.idle_timeout_ns == 2_000_000_000
+    assert resolve_options(_args("--io-timeout", "1.5")).io_timeout == 1.5
+
+
+def test_a_timeout_that_is_no_duration_names_the_key(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"limits\.io_timeout: bad duration '10 parsecs'"):
+        load_config(_write(tmp_path, '[limits]\nio_timeout = "10 parsecs"\n'))
+    with pytest.raises(SystemExit):
+        _args("--io-timeout", "soon")
