@@ -161,7 +161,8 @@ class VmGuests:
             "seconds": self.seconds,
             "boot_s": self.boot_s,
             "pattern_s": self.pattern_s,
-            "data": f"random ({self.burst_mib} MiB from the guest's /dev/urandom, made at boot)",
+            "data": f"random bytes ({self.burst_mib} MiB from the guest's /dev/urandom, made "
+            "before go)",
             "burst_s_median": median(durations) if durations else None,
             "burst_s_p95": durations[int(n * 0.95)] if durations else None,
             "burst_s_max": durations[-1] if durations else None,

@@ -15,7 +15,7 @@ import pytest
 from blkback.cli import build_parser
 from blkback.repro.memory import zero_page_swaps
 from blkback.repro.overhead import DD_RE, UNIT
-from blkback.repro.report import plot_all, write_report
+from blkback.repro.report import _ratio, plot_all, write_report
 from blkback.repro.runner import CONFIGS, SEED, aggregate_memory, checks
 from blkback.repro.testbed import median, spread
 
@@ -192,6 +192,11 @@ def test_zero_page_swaps_are_none_where_the_kernel_lacks_them(tmp_path: Path) ->
     assert per["memory_pressure"]["before"]["swpout_zero"] is None
     assert per["memory_pressure"]["after"]["swpout_zero"] == 100  # median of 100, 101 -> int
     assert per["configurations"]["off"]["swpin_zero"] is None
+
+
+def test_a_reduction_to_nothing_is_shown_as_a_lower_bound() -> None:
+    assert _ratio(185799 / 3325, 3325) == "56x"
+    assert _ratio(59541.0, 0) == ">= 59,541x (0 after)"  # before / max(1, after)
 
 
 def test_sweep_check_flags_an_increase(tmp_path: Path) -> None:
