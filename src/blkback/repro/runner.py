@@ -351,6 +351,7 @@ def aggregate_memory(runs: dict[str, list[dict[str, Any]]], configs: list[str]) 
             "feed_reports": int(
                 median([r.get("shrinker_feed", {}).get("reports", 0) for r in all_rs])
             ),
+            **_feed_gaps(all_rs),
             "seconds": median([r.get("elapsed_s", 0.0) for r in all_rs]),
             "guest_burst_s_median": median(
                 [r["guest"].get("burst_s_median") or 0.0 for r in all_rs]
@@ -384,6 +385,27 @@ def aggregate_memory(runs: dict[str, list[dict[str, Any]]], configs: list[str]) 
                 n: _swaps(per[prefix + n]) | {"spread": per[prefix + n]["spread"]} for n in SWEEP
             }
     return out
+
+
+def _feed_gaps(rs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The shrinker feed's gaps between reports (medians over runs); {} without a feed."""
+    feeds = [r["shrinker_feed"] for r in rs if r.get("shrinker_feed")]
+    if not feeds:
+        return {}
+    within = [f.get("gaps_within_ms") or {} for f in feeds]
+    return {
+        "feed_gap_ms_median": _median_share([f.get("gap_ms_median") for f in feeds]),
+        "feed_gap_ms_p90": _median_share([f.get("gap_ms_p90") for f in feeds]),
+        "feed_gaps_within_ms": {
+            w: _median_share([x.get(w) for x in within]) for w in ("1", "10", "100")
+        },
+    }
+
+
+def _median_share(values: list[Any]) -> float | None:
+    """The median of floats, or None when a run lacks them."""
+    have = [v for v in values if v is not None]
+    return median(have) if have and len(have) == len(values) else None
 
 
 def _median_or_none(values: list[Any]) -> int | None:

@@ -51,7 +51,14 @@ def _run(name: str, pin: int, pout: int, squeezes: int, rep: int) -> dict[str, A
         }
         for i, p in enumerate(pools)
     ]
+    feed = {
+        "reports": 5,
+        "gap_ms_median": 3.0 + rep,
+        "gap_ms_p90": 200.0,
+        "gaps_within_ms": {"1": 0.0, "10": (7 + rep) / 10, "100": 0.9},
+    }
     return {
+        **({"shrinker_feed": feed} if name.startswith("k") else {}),
         "config": name,
         "repeat": rep,
         "pswpin": pin,
@@ -173,6 +180,11 @@ def test_aggregate_checks_report_and_plots(tmp_path: Path) -> None:
     }
     assert "| 10 ms | 212 | 3,325 | 1,499 | 4,001 | 2,999 | 6,001 |" in text
     assert "**2 Linux VMs** (QEMU, tcg: KVM tried first: QEMU failed;" in text
+    # The feed's gaps between reports (medians over runs) beside the reclaim counts.
+    assert per["k10"]["feed_gaps_within_ms"] == {"1": 0.0, "10": 0.8, "100": 0.9}
+    assert "feed_gaps_within_ms" not in per["10"]
+    assert "| 4.0 / 200 | 0% / 80% / 90% |" in text
+    assert "| squeeze 10 ms | 0 | 0 | 0 | 5 | 0.0 | 0 | - | - |" in text  # no feed: no gaps
     json.dumps(res)  # everything is JSON-able
 
 
