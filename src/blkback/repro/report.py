@@ -412,8 +412,8 @@ def _config_table(per: dict[str, Any], names: list[str]) -> str:
     rows = [
         "| configuration | pswpin | pswpout | cgroup majfaults | cgroup anon refaults | "
         "swpout_zero / swpin_zero | max swap used | pressure events | squeezes | "
-        "pools mean / max (pages) |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+        "pools mean / max (pages) | guests' burst time, median (s) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|",
     ]
     for n in names:
         o = per[n]
@@ -422,7 +422,8 @@ def _config_table(per: dict[str, Any], names: list[str]) -> str:
             f"| {CONF_LABEL[n]} | {_n(o['pswpin'])} | {_n(o['pswpout'])} | "
             f"{_n(cg['pgmajfault'])} | {_n(cg['workingset_refault_anon'])} | {_zero(o)} | "
             f"{cg['max_swap_bytes'] / MIB:.0f} MiB | {_n(o['pressure_events'])} | "
-            f"{_n(o['squeezes'])} | {_n(o['pool_pages_mean'])} / {_n(o['pool_pages_max'])} |"
+            f"{_n(o['squeezes'])} | {_n(o['pool_pages_mean'])} / {_n(o['pool_pages_max'])} | "
+            f"{o.get('guest_burst_s_median', 0.0):.2f} |"
         )
     return "\n".join(rows)
 
