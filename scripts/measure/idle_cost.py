@@ -6,7 +6,7 @@ SRC is the source tree whose server runs (e.g. src, or an older checkout's src).
 import os, subprocess, sys, tempfile, time
 from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT / "tests/integration/reliability"))
+sys.path[:0] = [str(ROOT / "tests/integration/reliability"), str(ROOT / "tests/integration")]
 from rsupport import connect, request, simple_reply
 tree, n, t = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
 src = str(Path(tree).resolve())

@@ -7,6 +7,7 @@ the pure-Python modules; PYTHONPATH=OTHER/src another tree.
 import os, socket, sys, tempfile, threading, time, random
 from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tests/integration/reliability"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tests/integration"))
 from rsupport import connect, request
 from blkback.core.params import Params
 from blkback.server.server import Server

@@ -24,6 +24,7 @@ from pathlib import Path
 
 #: The modules of the ring's data path, by measurement (docs/data-path.md).
 COMPILED: tuple[str, ...] = (
+    "blkback.core.polling",
     "blkback.core.pool",
     "blkback.core.ring",
     "blkback.protocol.transmission",

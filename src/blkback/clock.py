@@ -105,3 +105,9 @@ class ManualClock:
     def set_ns(self, now_ns: int) -> None:
         """Jump to an absolute time at or after the current one."""
         self.advance_ns(now_ns - self._now_ns)
+
+
+def thread_cpu_ns() -> int:
+    """The calling thread's CPU time (user + system), ns: a cost to measure, never a time to
+    wait for (a ring weighs busy polling by it, see ``core/polling.py``)."""
+    return time.thread_time_ns()

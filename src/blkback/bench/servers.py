@@ -67,10 +67,10 @@ SERVERS: dict[str, ServerSpec] = {
     for s in (
         ServerSpec("blkback", "blkback", "blkback memory export, default params"),
         ServerSpec(
-            "blkback-poll",
+            "blkback-nopoll",
             "blkback",
-            "blkback, busy polling 50 us after each batch (serve --poll-us 50)",
-            serve_args=("--poll-us", "50"),
+            "blkback, busy polling off (serve --poll-us 0; the default polls adaptively)",
+            serve_args=("--poll-us", "0"),
         ),
         ServerSpec("nbdkit", "nbdkit", "nbdkit memory plugin, default threads"),
         ServerSpec("nbdkit-t1", "nbdkit", "nbdkit memory plugin, --threads 1", threads=1),

@@ -42,12 +42,19 @@ class RingStats:
     idle_passes: int = 0
     woken_passes: int = 0
     rests: int = 0  # times the idle ring slept with no timed pass (see Ring.at_rest)
+    polls: int = 0  # busy-poll windows spun after a batch (see core/polling.py)
+    poll_hits: int = 0  # windows that found the next request
+    polled_ns: int = 0  # time spent spinning in them
     pages_trimmed: int = 0  # freed down to max_buffer_pages
     pages_squeezed: int = 0  # freed because a squeeze (or a graded cap) held the target lower
     squeeze_passes: int = 0  # passes that freed pages because of a squeeze
     refill_after_squeeze_pages: int = 0  # pages allocated within 1 s of a squeeze (wasted)
     squeezed_alloc_pages: int = 0  # pages allocated while the device was squeezed
     extra: dict[str, int] = field(default_factory=dict)
+
+    def requests(self) -> int:
+        """Requests served so far, of every kind (a FUA write counts in ``wr`` and ``f``)."""
+        return self.rd_req + self.wr_req + self.f_req + self.ds_req + self.other_req
 
     def as_dict(self) -> dict[str, int]:
         """All counters by name."""
@@ -66,6 +73,9 @@ class RingStats:
             "idle_passes": self.idle_passes,
             "woken_passes": self.woken_passes,
             "rests": self.rests,
+            "polls": self.polls,
+            "poll_hits": self.poll_hits,
+            "polled_ns": self.polled_ns,
             "pages_trimmed": self.pages_trimmed,
             "pages_squeezed": self.pages_squeezed,
             "squeeze_passes": self.squeeze_passes,

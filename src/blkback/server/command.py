@@ -182,11 +182,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--poll-us",
         type=int,
         metavar="MICROSECONDS",
-        help="after serving requests, poll the connection this long before sleeping "
-        "(like net.core.busy_read; 50 is its usual value): more IOPS at queue depth 1 for "
-        "about that much CPU per request; only rings of in-memory or plain-file exports "
-        "poll, and only while the server has at most half as many connections as CPUs; "
-        f"0: never; default {d.poll_us}",
+        help="the longest busy-poll window: after serving requests a ring may poll its "
+        "connection before sleeping, for a window that grows while requests come that soon "
+        "after a reply and shrinks when they do not (KVM's halt-polling), and only while "
+        "spinning costs it no more CPU per request than sleeping; more IOPS at queue depth "
+        "1; only rings of in-memory or plain-file exports poll, and only while the server "
+        f"has at most half as many connections as CPUs; 0: never; default {d.poll_us}",
     )
     parser.add_argument(
         "--handshake-timeout",

@@ -11,7 +11,7 @@ holds what a service keeps between restarts::
     [limits]
     workers = 16
     max_connections = 1024
-    poll_us = 0                       # busy polling, microseconds (0: off)
+    poll_us = 50                      # busy polling: the longest window, microseconds (0: off)
     handshake_timeout = "10s"         # a duration with its unit, or a number of seconds
     idle_timeout = 0                  # 0: never
     io_timeout = "60s"
@@ -70,7 +70,7 @@ class ServeOptions:
     pressure: str = "auto"
     workers: int = 16
     max_connections: int = 1024
-    poll_us: int = 0  # busy polling off: it costs CPU per request (docs/data-path.md)
+    poll_us: int = 50  # the longest busy-poll window; adaptive (docs/data-path.md section 3)
     handshake_timeout: float = 10.0
     idle_timeout: float = 0.0
     io_timeout: float = 60.0

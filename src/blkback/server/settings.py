@@ -11,7 +11,7 @@ import ssl
 from dataclasses import dataclass, field
 from typing import Literal
 
-from blkback.clock import NS_PER_S
+from blkback.clock import NS_PER_S, NS_PER_US
 
 DEFAULT_TCP = "tcp:127.0.0.1:10809"
 
@@ -46,10 +46,11 @@ class ServerConfig:
     tls_context: ssl.SSLContext | None = None
     max_option_bytes: int = 64 * 1024  # larger option payloads get REP_ERR_TOO_BIG
     max_options: int = 1000  # options per connection before it is dropped
-    # Busy polling: after serving a batch, a ring polls its socket this long before it
-    # sleeps in recv (Linux's net.core.busy_read, whose recommended value is 50 us). Off by
-    # default: it buys IOPS at queue depth 1 with CPU (docs/data-path.md).
-    poll_ns: int = 0
+    # Busy polling: after serving a batch, a ring may poll its socket before it sleeps in
+    # recv, for an adaptive window of at most this long (core/polling.py: the window follows
+    # the gaps between requests, and a ring spins only while that costs it no more CPU per
+    # batch than sleeping). 50 us is Linux's recommended net.core.busy_read. 0: never.
+    poll_ns: int = 50 * NS_PER_US
     # At most this many rings poll at once, and none while the server has more connections
     # than that. Default: half the CPUs (at least 1), so that polling rings never take every
     # core from their clients, nor the GIL from many other rings.

@@ -1,0 +1,138 @@
+"""A ring serves every request waiting in its socket before its pass, as the kernel's
+``do_block_io_op`` drains its ring before ``xen_blkif_schedule`` shrinks the pool.
+
+Large writes are received straight into their pages, which leaves the staging buffer empty
+after each one; the ring then looks for the next request in the socket before it runs the
+pass. Seen from outside through the pool's counters (no timing): a pipelined stream of large
+writes with ``max_buffer_pages=0`` runs fewer passes than requests, yet every pass leaves the
+pool at its target (0) and the data read back is the data written.
+"""
+
+from __future__ import annotations
+
+import random
+import socket
+import struct
+from typing import Any
+
+from support import Served, recv_exact, wait_until
+
+from blkback.server.control_client import request
+
+NBDMAGIC = 0x4E42444D41474943
+IHAVEOPT = 0x49484156454F5054
+OPT_EXPORT_NAME = 1
+REQUEST = struct.Struct(">IHHQQI")
+REQUEST_MAGIC = 0x25609513
+REPLY = struct.Struct(">IIQ")
+SIMPLE_MAGIC = 0x67446698
+CMD_READ, CMD_WRITE = 0, 1
+PAGE = 4096
+PAYLOAD = 64 * 1024  # the smallest write received straight into its pages
+TAIL = PAGE
+
+
+def _connect(served: Served, name: bytes) -> socket.socket:
+    """A raw connection in the transmission phase (old-style export-name option)."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(30)
+    sock.connect(served.sock)
+    magic, opt, _ = struct.unpack(">QQH", recv_exact(sock, 18))
+    assert (magic, opt) == (NBDMAGIC, IHAVEOPT)
+    sock.sendall(struct.pack(">I", 3))  # FIXED_NEWSTYLE | NO_ZEROES
+    sock.sendall(struct.pack(">QII", IHAVEOPT, OPT_EXPORT_NAME, len(name)) + name)
+    recv_exact(sock, 10)  # export size and transmission flags
+    # The ring is attached right after the handshake's last reply.
+    wait_until(lambda: len(_rings(served)) == 1, 5.0, "the connection's ring")
+    return sock
+
+
+def _rings(served: Served) -> list[dict[str, Any]]:
+    return list(request(served.control, {"op": "stats"})["devices"][0]["rings"])
+
+
+def _ring(served: Served) -> dict[str, Any]:
+    (ring,) = _rings(served)
+    return ring
+
+
+def _io_passes(ring: dict[str, Any]) -> int:
+    """Passes that followed a batch (the rest were timed, idle or woken by a squeeze)."""
+    return int(ring["requests"]["passes"]) - int(ring["requests"]["idle_passes"])
+
+
+def _replies(sock: socket.socket, n: int, data_len: int = 0) -> list[bytes]:
+    out = []
+    for i in range(n):
+        magic, err, cookie = REPLY.unpack(recv_exact(sock, REPLY.size))
+        assert (magic, err, cookie) == (SIMPLE_MAGIC, 0, i)
+        out.append(recv_exact(sock, data_len) if data_len else b"")
+    return out
+
+
+def test_a_stream_of_large_writes_runs_one_pass_per_drain_and_keeps_the_pool_at_target(
+    serve,  # type: ignore[no-untyped-def]
+) -> None:
+    # A timed pass could end a drain (it is due after lru_interval_ms): not in this test.
+    s = serve("disk=memory:16M", params=("max_buffer_pages=0", "lru_interval_ms=60000"))
+    sock = _connect(s, b"disk")
+    n = 16
+    rng = random.Random(12)
+    payloads = [rng.randbytes(PAYLOAD) for _ in range(n)]
+    headers = [REQUEST.pack(REQUEST_MAGIC, 0, CMD_WRITE, i, i * PAYLOAD, PAYLOAD) for i in range(n)]
+    # Each send starts with the end of one payload and the next request's header: one
+    # socket buffer, so the header is waiting when the ring has the payload. The ring's
+    # only reason to stop serving is then a socket with nothing in it.
+    sends = [headers[0] + payloads[0][:-TAIL]]
+    sends += [payloads[i][-TAIL:] + headers[i + 1] + payloads[i + 1][:-TAIL] for i in range(n - 1)]
+    sends.append(payloads[-1][-TAIL:])
+    before = _ring(s)
+    for chunk in sends:
+        sock.sendall(chunk)
+    _replies(sock, n)
+    # The replies go out before the pages go back and the pass runs.
+    wait_until(lambda: _io_passes(_ring(s)) > _io_passes(before), 5.0, "the pass after the writes")
+    after = _ring(s)
+
+    def grew(key: str) -> int:
+        return int(after[key]) - int(before[key])
+
+    passes = _io_passes(after) - _io_passes(before)
+    per_request = PAYLOAD // PAGE
+    assert after["requests"]["wr"] - before["requests"]["wr"] == n
+    # One drain: every request after the first reused the first one's pages from the pool.
+    assert passes == 1
+    assert grew("misses") == per_request * passes
+    assert grew("hits") == per_request * (n - passes)
+    # The pool held one request's pages at most, and every pass left it at its target: 0.
+    assert after["peak_pool_pages"] == per_request
+    assert after["pool_pages"] == 0
+    assert grew("pages_freed") == grew("pages_allocated") == per_request
+
+    reads = [REQUEST.pack(REQUEST_MAGIC, 0, CMD_READ, i, i * PAYLOAD, PAYLOAD) for i in range(n)]
+    sock.sendall(b"".join(reads))
+    assert _replies(sock, n, PAYLOAD) == payloads
+    sock.close()
+
+
+def test_without_a_waiting_request_every_large_write_has_its_own_pass(
+    serve,  # type: ignore[no-untyped-def]
+) -> None:
+    s = serve("disk=memory:16M", params=("max_buffer_pages=0", "lru_interval_ms=60000"))
+    sock = _connect(s, b"disk")
+    n = 4
+    before = _ring(s)
+    for i in range(n):
+        sock.sendall(REQUEST.pack(REQUEST_MAGIC, 0, CMD_WRITE, 0, i * PAYLOAD, PAYLOAD))
+        sock.sendall(bytes([i + 1]) * PAYLOAD)
+        _replies(sock, 1)
+        # The next write is sent only once this one's pass ran: the drain found nothing.
+        wait_until(
+            lambda i=i: _io_passes(_ring(s)) == _io_passes(before) + i + 1,
+            5.0,
+            f"the pass after write {i}",
+        )
+    after = _ring(s)
+    assert int(after["misses"]) - int(before["misses"]) == n * PAYLOAD // PAGE
+    assert after["pool_pages"] == 0
+    sock.close()
