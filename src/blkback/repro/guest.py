@@ -149,6 +149,7 @@ def main(argv: list[str] | None = None) -> int:
         "bursts": bursts,
         "bytes": written,
         "errors": errors,
+        "data": "random bytes (64 random bytes repeated)",
         "seconds": time.monotonic() - start,
         "burst_s_median": latencies[len(latencies) // 2] if latencies else None,
         "burst_s_p95": latencies[int(len(latencies) * 0.95)] if latencies else None,

@@ -198,6 +198,7 @@ def run_once(
         result["elapsed_s"] = elapsed
         result["pswpin"] = sw1.pswpin - sw0.pswpin
         result["pswpout"] = sw1.pswpout - sw0.pswpout
+        result.update(zero_page_swaps(vm0, vm1))
         result["cgroup"] = {k: st1.get(k, 0) - st0.get(k, 0) for k in CG_COUNTERS}
         result["cgroup"]["failcnt"] = int(cg.read("memory.failcnt"))
         result["reclaim"] = {k: vm1.get(k, 0) - vm0.get(k, 0) for k in RECLAIM_COUNTERS} | {
@@ -213,6 +214,19 @@ def run_once(
         result["samples"] = sampler.samples
         result["sampler_errors"] = sampler.errors
     return result
+
+
+# Since Linux 6.12 a zero-filled page is swapped out without I/O (a bit in the swap map) and
+# counted here, not in pswpout; its swap-in likewise (swpin_zero, not pswpin).
+ZERO_PAGE_COUNTERS = ("swpout_zero", "swpin_zero")
+
+
+def zero_page_swaps(before: dict[str, int], after: dict[str, int]) -> dict[str, int | None]:
+    """The deltas of ``swpout_zero``/``swpin_zero`` (None where the kernel has no such counter)."""
+    return {
+        k: (after[k] - before[k]) if k in after and k in before else None
+        for k in ZERO_PAGE_COUNTERS
+    }
 
 
 def _wait_for_rings(server: ServerProcess, rings: int, timeout_s: float = 60.0) -> None:

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from blkback.repro.guests import GuestChoice, choose_guests
-from blkback.repro.memory import Config, Sizing, run_once, sizing_dict
+from blkback.repro.memory import ZERO_PAGE_COUNTERS, Config, Sizing, run_once, sizing_dict
 from blkback.repro.testbed import Progress, median, sigterm_as_interrupt, spread
 
 SEED = {
@@ -318,6 +318,7 @@ def aggregate_memory(runs: dict[str, list[dict[str, Any]]], configs: list[str]) 
             "pswpin": int(median([r["pswpin"] for r in rs])),
             "pswpout": int(median([r["pswpout"] for r in rs])),
             "clean_runs": len([r for r in all_rs if not r["polluted"]]),
+            **{k: _median_or_none([r.get(k) for r in rs]) for k in ZERO_PAGE_COUNTERS},
             "spread": {
                 "pswpin": spread([r["pswpin"] for r in rs]),
                 "pswpout": spread([r["pswpout"] for r in rs]),
@@ -350,6 +351,7 @@ def aggregate_memory(runs: dict[str, list[dict[str, Any]]], configs: list[str]) 
             "feed_reports": int(
                 median([r.get("shrinker_feed", {}).get("reports", 0) for r in all_rs])
             ),
+            **_feed_gaps(all_rs),
             "seconds": median([r.get("elapsed_s", 0.0) for r in all_rs]),
             "guest_burst_s_median": median(
                 [r["guest"].get("burst_s_median") or 0.0 for r in all_rs]
@@ -360,8 +362,8 @@ def aggregate_memory(runs: dict[str, list[dict[str, Any]]], configs: list[str]) 
     out: dict[str, Any] = {"configurations": per}
     if "off" in per and "10" in per:
         out["memory_pressure"] = {
-            "before": {"pswpin": per["off"]["pswpin"], "pswpout": per["off"]["pswpout"]},
-            "after": {"pswpin": per["10"]["pswpin"], "pswpout": per["10"]["pswpout"]},
+            "before": _swaps(per["off"]),
+            "after": _swaps(per["10"]),
             "ratio": {k: per["off"][k] / max(1, per["10"][k]) for k in ("pswpin", "pswpout")},
             "cgroup": {
                 when: {k: per[n]["cgroup"][k] for k in ("workingset_refault_anon", "pgmajfault")}
@@ -380,14 +382,41 @@ def aggregate_memory(runs: dict[str, list[dict[str, Any]]], configs: list[str]) 
     for key, prefix in (("duration_sweep", ""), ("duration_sweep_kernel", "k")):
         if all(prefix + n in per for n in SWEEP):
             out[key] = {
-                n: {
-                    "pswpin": per[prefix + n]["pswpin"],
-                    "pswpout": per[prefix + n]["pswpout"],
-                    "spread": per[prefix + n]["spread"],
-                }
-                for n in SWEEP
+                n: _swaps(per[prefix + n]) | {"spread": per[prefix + n]["spread"]} for n in SWEEP
             }
     return out
+
+
+def _feed_gaps(rs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The shrinker feed's gaps between reports (medians over runs); {} without a feed."""
+    feeds = [r["shrinker_feed"] for r in rs if r.get("shrinker_feed")]
+    if not feeds:
+        return {}
+    within = [f.get("gaps_within_ms") or {} for f in feeds]
+    return {
+        "feed_gap_ms_median": _median_share([f.get("gap_ms_median") for f in feeds]),
+        "feed_gap_ms_p90": _median_share([f.get("gap_ms_p90") for f in feeds]),
+        "feed_gaps_within_ms": {
+            w: _median_share([x.get(w) for x in within]) for w in ("1", "10", "100")
+        },
+    }
+
+
+def _median_share(values: list[Any]) -> float | None:
+    """The median of floats, or None when a run lacks them."""
+    have = [v for v in values if v is not None]
+    return median(have) if have and len(have) == len(values) else None
+
+
+def _median_or_none(values: list[Any]) -> int | None:
+    """The median, or None when a run lacks the counter (kernels before 6.12)."""
+    have = [v for v in values if v is not None]
+    return int(median(have)) if have and len(have) == len(values) else None
+
+
+def _swaps(summary: dict[str, Any]) -> dict[str, Any]:
+    """pswpin/pswpout and, beside them, the zero-page swaps they do not count."""
+    return {k: summary.get(k) for k in ("pswpin", "pswpout", *ZERO_PAGE_COUNTERS)}
 
 
 def _mean_pool(r: dict[str, Any]) -> float:

@@ -27,6 +27,23 @@ from typing import Any
 
 from blkback.errors import ConfigError, EnvironmentProblem
 
+# The sweep's squeeze durations: a report that follows the one before within a window
+# re-arms the global deadline before it lapses.
+WINDOWS_MS = (1, 10, 100)
+
+
+def gaps_within(gaps_s: list[float], windows_ms: tuple[int, ...]) -> dict[str, float | None]:
+    """Per window (ms): the share of gaps between consecutive reports shorter than it.
+
+    With one global deadline of ``d`` ms re-armed at every report, that is the share of
+    re-arms that keep the deadline armed without a lapse: a window that bridges most gaps
+    stays armed for a whole reclaim episode (and idle rings' 100 ms passes meet it), one
+    that bridges few lapses between re-arms (and the passes mostly miss it).
+    """
+    if not gaps_s:
+        return {str(w): None for w in windows_ms}
+    return {str(w): sum(1 for g in gaps_s if g * 1000 < w) / len(gaps_s) for w in windows_ms}
+
 
 class ShrinkerFeed:
     """A thread: poll ``failcnt_path``; on every increase, one pressure report."""
@@ -66,6 +83,7 @@ class ShrinkerFeed:
             "errors": self.errors,
             "gap_ms_median": 1000 * gaps[len(gaps) // 2] if gaps else None,
             "gap_ms_p90": 1000 * gaps[int(len(gaps) * 0.9)] if gaps else None,
+            "gaps_within_ms": gaps_within(gaps, WINDOWS_MS),
         }
 
     def _run(self) -> None:

@@ -6,6 +6,12 @@ The exports are split evenly over ``vms`` guests; every export is one virtio dis
 guest (one NBD connection, one ring). At :meth:`go` each guest runs ``bursts.sh`` (in the
 image): every disk gets one O_DIRECT burst every period, staggered, and idles in between.
 The guests run outside dom0's cgroup, as Xen's guests are outside dom0.
+
+The bursts write random bytes (:data:`PATTERN`, one burst's worth from the guest's
+``/dev/urandom``, made while the guests wait for go), as the libnbd guests write random
+bytes and real guests write real data. Not zeroes: since Linux 6.12 the host records the
+swap-out of a zero-filled page in a bitmap, with no I/O and not in ``pswpout`` (vmstat
+``swpout_zero`` instead), so pools full of zeroes would swap without showing it.
 """
 
 from __future__ import annotations
@@ -21,6 +27,8 @@ from blkback.repro.vm import Accel, Vm, nbd_uri
 from blkback.repro.vmimage import GuestImage
 
 MIB = 1 << 20
+# The guests' burst data, made once per boot in the guest's tmpfs (its RAM) before go.
+PATTERN = "/tmp/pattern"
 
 
 @dataclass(frozen=True)
@@ -95,6 +103,7 @@ class VmGuests:
             raise
         self._t0 = t0
         self.boot_s: float | None = None
+        self.pattern_s: float | None = None
 
     def wait_ready(self) -> None:
         """Until every guest's init is up with all its disks (they boot in parallel)."""
@@ -107,11 +116,28 @@ class VmGuests:
             raise
         if self.boot_s is None:
             self.boot_s = time.monotonic() - self._t0
+            self._make_pattern()
+
+    def _make_pattern(self) -> None:
+        """The burst data in every guest (all guests at once; before go, so not measured)."""
+        t0 = time.monotonic()
+        command = f"busybox dd if=/dev/urandom of={PATTERN} bs=1M count={self.burst_mib}"
+        try:
+            for vm in self.vms:
+                vm.send(command + " 2>/dev/null")
+            for vm in self.vms:
+                rc, lines = vm.collect(60.0)
+                if rc != 0:
+                    raise RuntimeError(f"{vm.tag}: `{command}` failed ({rc}): {lines[-3:]}")
+        except BaseException:
+            self.stop()
+            raise
+        self.pattern_s = time.monotonic() - t0
 
     def go(self) -> None:
         self.wait_ready()
         for vm in self.vms:
-            vm.send(f"bursts.sh {self.period_cs} {self.burst_mib} {round(self.seconds)}")
+            vm.send(f"bursts.sh {self.period_cs} {self.burst_mib} {round(self.seconds)} {PATTERN}")
 
     def finish(self, timeout_s: float = 120.0) -> dict[str, Any]:
         """Wait for every guest's workload to end; the bursts' totals and timing."""
@@ -134,6 +160,9 @@ class VmGuests:
             "errors": sum(1 for v in per_vm if v["rc"] != 0),
             "seconds": self.seconds,
             "boot_s": self.boot_s,
+            "pattern_s": self.pattern_s,
+            "data": f"random bytes ({self.burst_mib} MiB from the guest's /dev/urandom, made "
+            "before go)",
             "burst_s_median": median(durations) if durations else None,
             "burst_s_p95": durations[int(n * 0.95)] if durations else None,
             "burst_s_max": durations[-1] if durations else None,

@@ -12,7 +12,8 @@ Everything comes from Debian packages, nothing from anywhere else:
 
 The image is cached under a key that hashes all of these inputs (the kernel package's
 version, the files' contents, the scripts, this builder's format), so it is rebuilt exactly
-when one of them changes. ``python -m blkback.repro.vmimage`` builds it (``scripts/setup``
+when one of them changes (images unused for two days go when another is built).
+``python -m blkback.repro.vmimage`` builds it (``scripts/setup``
 does, so that tests find it ready); ``blkback repro --guests vm`` builds it when missing.
 """
 
@@ -27,12 +28,14 @@ import shutil
 import stat
 import subprocess
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from blkback.errors import EnvironmentProblem
 
 FORMAT = 1  # bump when the image's layout changes
+PRUNE_UNUSED_S = 2 * 86400.0  # an image unused this long goes when another is built
 KERNEL_META_PACKAGE = "linux-image-cloud-amd64"
 VIRTIO_MODULES = (
     "virtio/virtio_ring",
@@ -160,6 +163,7 @@ def ensure_image(cache_dir: Path | None = None, log: object = None) -> GuestImag
     target = cache / key
     image = GuestImage(target / "vmlinuz", target / "initrd.gz", package, version, key)
     if image.kernel.exists() and image.initrd.exists():
+        os.utime(target)  # in use: not pruned by another checkout's build
         return image
     if callable(log):
         log(f"guest image: building {key} ({package} {version}) in {cache}")
@@ -179,10 +183,26 @@ def ensure_image(cache_dir: Path | None = None, log: object = None) -> GuestImag
         if target.exists():
             shutil.rmtree(target)
         os.replace(build / "out", target)
-    for old in cache.iterdir():  # earlier keys: their inputs are gone
-        if old.is_dir() and old.name != key and not old.name.startswith("build-"):
-            shutil.rmtree(old, ignore_errors=True)
+    prune(cache, keep=key)
     return image
+
+
+def prune(cache: Path, keep: str, unused_s: float = PRUNE_UNUSED_S) -> list[str]:
+    """Remove images other than ``keep`` that nobody has used for ``unused_s``.
+
+    Not every other key at once: two checkouts of the project (worktrees, a branch and
+    main) have different keys, and one's build must not delete the image the other's run
+    is about to boot. Returns the removed keys.
+    """
+    removed = []
+    now = time.time()
+    for old in cache.iterdir():
+        if not old.is_dir() or old.name == keep or old.name.startswith("build-"):
+            continue
+        if now - old.stat().st_mtime > unused_s:
+            shutil.rmtree(old, ignore_errors=True)
+            removed.append(old.name)
+    return removed
 
 
 def _fetch_kernel(package: str, build: Path) -> tuple[Path, Path]:

@@ -13,8 +13,9 @@ from typing import Any
 import pytest
 
 from blkback.cli import build_parser
+from blkback.repro.memory import zero_page_swaps
 from blkback.repro.overhead import DD_RE, UNIT
-from blkback.repro.report import plot_all, write_report
+from blkback.repro.report import _ratio, plot_all, write_report
 from blkback.repro.runner import CONFIGS, SEED, aggregate_memory, checks
 from blkback.repro.testbed import median, spread
 
@@ -50,11 +51,20 @@ def _run(name: str, pin: int, pout: int, squeezes: int, rep: int) -> dict[str, A
         }
         for i, p in enumerate(pools)
     ]
+    feed = {
+        "reports": 5,
+        "gap_ms_median": 3.0 + rep,
+        "gap_ms_p90": 200.0,
+        "gaps_within_ms": {"1": 0.0, "10": (7 + rep) / 10, "100": 0.9},
+    }
     return {
+        **({"shrinker_feed": feed} if name.startswith("k") else {}),
         "config": name,
         "repeat": rep,
         "pswpin": pin,
         "pswpout": pout,
+        "swpout_zero": 100 + rep,
+        "swpin_zero": 10 + rep,
         "cgroup": {"pgmajfault": pin // 5, "workingset_refault_anon": pin, "max_swap_bytes": 1},
         "server": {
             "rings": 64,
@@ -142,8 +152,9 @@ def _results(tmp: Path) -> dict[str, Any]:
 def test_aggregate_checks_report_and_plots(tmp_path: Path) -> None:
     res = _results(tmp_path)
     mp = res["memory_pressure"]
-    assert mp["before"] == {"pswpin": 70000 - 1, "pswpout": 110000 + 1}
-    assert mp["after"] == {"pswpin": 1500 - 1, "pswpout": 4000 + 1}
+    zero = {"swpout_zero": 101, "swpin_zero": 11}  # medians of the runs' own deltas
+    assert mp["before"] == {"pswpin": 70000 - 1, "pswpout": 110000 + 1} | zero
+    assert mp["after"] == {"pswpin": 1500 - 1, "pswpout": 4000 + 1} | zero
     assert set(res["duration_sweep"]) == {"1", "10", "100"}
     ch = res["checks"]
     assert ch["ratio_at_least_20x"] is True
@@ -155,7 +166,8 @@ def test_aggregate_checks_report_and_plots(tmp_path: Path) -> None:
     assert sorted(res["plots"]) == ["dd.png", "pools.png", "swaps.png"]
     write_report(res, tmp_path / "report.md")
     text = (tmp_path / "report.md").read_text()
-    assert "| before (squeeze off) | 76,672 | 185,799 | 69,999 | 110,001 |" in text
+    assert "| before (squeeze off) | 76,672 | 185,799 | 69,999 | 110,001 | 101 / 11 |" in text
+    assert "counts it in `swpout_zero`, **not** in `pswpout`" in text
     assert "## 2. Squeeze duration sweep" in text and "## Host noise" in text
     assert res["memory_pressure"]["beyond"]["auto"] == {"pswpin": 1200 - 1, "pswpout": 3900 + 1}
     assert "| auto (from 10 ms) | 1,199 | 3,901 |" in text
@@ -163,11 +175,40 @@ def test_aggregate_checks_report_and_plots(tmp_path: Path) -> None:
     assert res["duration_sweep_kernel"]["10"] == {
         "pswpin": 3000 - 1,
         "pswpout": 6000 + 1,
+        **zero,
         "spread": res["configurations"]["k10"]["spread"],
     }
     assert "| 10 ms | 212 | 3,325 | 1,499 | 4,001 | 2,999 | 6,001 |" in text
     assert "**2 Linux VMs** (QEMU, tcg: KVM tried first: QEMU failed;" in text
+    # The feed's gaps between reports (medians over runs) beside the reclaim counts.
+    assert per["k10"]["feed_gaps_within_ms"] == {"1": 0.0, "10": 0.8, "100": 0.9}
+    assert "feed_gaps_within_ms" not in per["10"]
+    assert "| 4.0 / 200 | 0% / 80% / 90% |" in text
+    assert "| squeeze 10 ms | 0 | 0 | 0 | 5 | 0.0 | 0 | - | - |" in text  # no feed: no gaps
     json.dumps(res)  # everything is JSON-able
+
+
+def test_zero_page_swaps_are_none_where_the_kernel_lacks_them(tmp_path: Path) -> None:
+    """Kernels before 6.12 have no swpout_zero/swpin_zero: None, and "-" in the tables."""
+    assert zero_page_swaps({"pswpout": 1}, {"pswpout": 5}) == {
+        "swpout_zero": None,
+        "swpin_zero": None,
+    }
+    assert zero_page_swaps(
+        {"swpout_zero": 7, "swpin_zero": 1}, {"swpout_zero": 19, "swpin_zero": 4}
+    ) == {"swpout_zero": 12, "swpin_zero": 3}
+    runs = {n: [_run(n, 900, 800, 5, r) for r in range(2)] for n in ("off", "10")}
+    for r in runs["off"][:1]:  # one run without the counters: no median of a partial set
+        r["swpout_zero"] = r["swpin_zero"] = None
+    per = aggregate_memory(runs, ["off", "10"])
+    assert per["memory_pressure"]["before"]["swpout_zero"] is None
+    assert per["memory_pressure"]["after"]["swpout_zero"] == 100  # median of 100, 101 -> int
+    assert per["configurations"]["off"]["swpin_zero"] is None
+
+
+def test_a_reduction_to_nothing_is_shown_as_a_lower_bound() -> None:
+    assert _ratio(185799 / 3325, 3325) == "56x"
+    assert _ratio(59541.0, 0) == ">= 59,541x (0 after)"  # before / max(1, after)
 
 
 def test_sweep_check_flags_an_increase(tmp_path: Path) -> None:

@@ -163,6 +163,9 @@ def test_repro_quick(tmp_path: Path, guests: str) -> None:
     # Swap, by the cgroup's own counters (host-wide vmstat may include other tenants).
     assert on["cgroup"]["pgmajfault"] * 2 < off["cgroup"]["pgmajfault"]
     assert on["cgroup"]["workingset_refault_anon"] * 2 < off["cgroup"]["workingset_refault_anon"]
+    # The guests write real (random) data, so the pools' pages swap out as I/O, counted in
+    # pswpout; zero pages would go to swpout_zero instead (kernels >= 6.12) and hide it.
+    assert off["swpout_zero"] is None or off["pswpout"] > off["swpout_zero"]
     # The kernel-faithful sweep hears reclaim through the shrinker feed, nothing else.
     for k in ("k1", "k10", "k100"):
         run = per[k]["runs"][0]
@@ -185,6 +188,7 @@ def _check_vm_guests(r: dict[str, Any], report: str) -> None:
             assert gr["connections"] == g["disks"]
             assert gr["errors"] == 0 and gr["bursts"] >= g["disks"]  # every disk wrote
             assert gr["burst_s_median"] is not None
+            assert gr["data"].startswith("random") and gr["pattern_s"] > 0
     assert "Linux VMs" in report and g["accel"] in report
     # The guest's own dd lines (coreutils' format, as the seed's guest printed them).
     assert "bytes (" in report and ") copied, " in report

@@ -11,7 +11,7 @@ import os
 import time
 from pathlib import Path
 
-from blkback.repro.shrinkerfeed import ShrinkerFeed
+from blkback.repro.shrinkerfeed import WINDOWS_MS, ShrinkerFeed, gaps_within
 from blkback.repro.testbed import ServerProcess
 
 
@@ -50,3 +50,10 @@ def test_feed_reports_each_move_and_nothing_while_still(tmp_path: Path) -> None:
         assert stats["pressure"]["events"] == {"manual:medium": 3}
     finally:
         server.stop()
+
+
+def test_gaps_within_each_window() -> None:
+    """The share of gaps between reports that a 1, 10 or 100 ms deadline bridges."""
+    gaps = [0.0005, 0.002, 0.004, 0.050, 0.300]
+    assert gaps_within(gaps, WINDOWS_MS) == {"1": 0.2, "10": 0.6, "100": 0.8}
+    assert gaps_within([], WINDOWS_MS) == {"1": None, "10": None, "100": None}

@@ -5,12 +5,14 @@ output parsers. No root, no QEMU: the archive is read back by this test's own ne
 from __future__ import annotations
 
 import gzip
+import os
 import stat
+import time
 from pathlib import Path
 
 from blkback.repro.vm import DISKS_PER_BRIDGE, nbd_uri, qemu_argv
 from blkback.repro.vmguests import parse_bursts, split
-from blkback.repro.vmimage import GuestImage, image_key, initramfs
+from blkback.repro.vmimage import GuestImage, image_key, initramfs, prune
 from blkback.repro.vmoverhead import parse_loop
 
 
@@ -58,6 +60,17 @@ def test_image_key_changes_with_every_input(tmp_path: Path) -> None:
     assert image_key("linux-image-x", "1", {"/sbin/init": a}) != base
     a.write_text("two")
     assert image_key("linux-image-x", "1", {"/init": a}) != base
+
+
+def test_prune_keeps_images_another_checkout_used_lately(tmp_path: Path) -> None:
+    """Two checkouts have different keys: a build prunes only images unused for long."""
+    for name in ("mine", "recent", "stale", "build-xyz"):
+        (tmp_path / name).mkdir()
+    old = time.time() - 3 * 86400
+    for name in ("mine", "stale", "build-xyz"):
+        os.utime(tmp_path / name, (old, old))
+    assert prune(tmp_path, keep="mine") == ["stale"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["build-xyz", "mine", "recent"]
 
 
 def test_qemu_argv_puts_disks_behind_bridges(tmp_path: Path) -> None:
