@@ -8,6 +8,7 @@ import os
 import shutil
 import signal
 import socket
+import struct
 import subprocess
 import sys
 from collections.abc import Callable
@@ -18,11 +19,17 @@ from typing import Any
 import pytest
 
 from blkback.clock import NS_PER_MS, NS_PER_S, MonotonicClock
+from blkback.server.control_client import request
 
 CLOCK = MonotonicClock()
 POLL_NS = 20 * NS_PER_MS  # how often the helpers below look again
 
 REPO = Path(__file__).resolve().parents[2]
+
+# The handshake of raw_transmission (doc/proto.md)
+NBDMAGIC = 0x4E42444D41474943
+IHAVEOPT = 0x49484156454F5054
+OPT_EXPORT_NAME = 1
 
 
 def need_tool(*names: str) -> None:
@@ -85,7 +92,7 @@ class Served:
         return out
 
     def rings(self, export: str | None = None) -> list[dict[str, Any]]:
-        stats = self.stats()
+        stats: dict[str, Any] = request(self.control, {"op": "stats"})
         return [
             r for d in stats["devices"] if export is None or d["name"] == export for r in d["rings"]
         ]
@@ -137,6 +144,23 @@ def run(cmd: list[str], timeout: float = 120, **kw: Any) -> subprocess.Completed
             f"stderr: {res.stderr[-3000:]}"
         )
     return res
+
+
+def raw_transmission(served: Served, export: bytes) -> socket.socket:
+    """A raw client socket in the transmission phase of ``export`` (old-style
+    ``NBD_OPT_EXPORT_NAME``), once the server has attached the connection's ring."""
+    rings_before = len(served.rings())
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(30)
+    sock.connect(served.sock)
+    magic, opt, _ = struct.unpack(">QQH", recv_exact(sock, 18))
+    assert (magic, opt) == (NBDMAGIC, IHAVEOPT)
+    sock.sendall(struct.pack(">I", 3))  # FIXED_NEWSTYLE | NO_ZEROES
+    sock.sendall(struct.pack(">QII", IHAVEOPT, OPT_EXPORT_NAME, len(export)) + export)
+    recv_exact(sock, 10)  # export size and transmission flags
+    # The ring is attached right after the handshake's last reply.
+    wait_until(lambda: len(served.rings()) > rings_before, 5.0, "the connection's ring")
+    return sock
 
 
 def recv_exact(sock: socket.socket, n: int) -> bytes:

@@ -17,6 +17,7 @@ holds what a service keeps between restarts::
     io_timeout = "60s"
     max_block = "32M"                 # advertised maximum request size
     max_request = "64M"               # served maximum request size
+    send_buffer = "512K"              # SO_SNDBUF of Unix-socket connections (0: kernel's)
     mlock = false
 
     [tls]
@@ -76,6 +77,7 @@ class ServeOptions:
     io_timeout: float = 60.0
     max_block: str = "32M"
     max_request: str = "64M"
+    send_buffer: str = "512K"
     mlock: bool = False
     tls: str = "off"
     tls_certificates: str | None = None
@@ -186,6 +188,7 @@ _KEYS: dict[str, dict[str, tuple[str, Check]]] = {
         "io_timeout": ("io_timeout", seconds),
         "max_block": ("max_block", _size),
         "max_request": ("max_request", _size),
+        "send_buffer": ("send_buffer", _size),
         "mlock": ("mlock", _bool),
     },
     "tls": {

@@ -316,8 +316,7 @@ class Server:
 
     def serve_connected(self, sock: socket.socket, peer: str) -> Connection:
         """Serve one already connected socket (``serve --single``: inetd's hand-over)."""
-        if sock.family != socket.AF_UNIX:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self._tune_socket(sock)
         conn = Connection(self, sock, peer)
         with self.conn_lock:
             self.connections.add(conn)
@@ -377,6 +376,18 @@ class Server:
                 os.unlink(path)
 
     # -- connections ----------------------------------------------------------------------
+    def _tune_socket(self, sock: socket.socket) -> None:
+        """A client's socket options: no Nagle delay on TCP; on Unix, the send buffer.
+
+        A Unix socket's replies queue against the sender's buffer alone, so its size decides
+        how much of a large read reply leaves in one call (``ServerConfig.send_buffer``). TCP
+        keeps the kernel's autotuned buffer, which setting ``SO_SNDBUF`` would switch off.
+        """
+        if sock.family != socket.AF_UNIX:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        elif self.config.send_buffer:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, self.config.send_buffer)
+
     def _accept_loop(self, lsock: socket.socket) -> None:
         stop = self._stop_event.is_set
         while not stop():
@@ -389,8 +400,8 @@ class Server:
             if stop():
                 sock.close()
                 return
+            self._tune_socket(sock)
             if sock.family != socket.AF_UNIX:
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
                 peer = f"{addr[0]}:{addr[1]}"
             else:
                 peer = f"unix#{self.connections_total}"

@@ -48,10 +48,18 @@ class ServerConfig:
     max_options: int = 1000  # options per connection before it is dropped
     # Busy polling: after serving a batch, a ring may poll its socket before it sleeps in
     # recv, for an adaptive window of at most this long (core/polling.py: the window follows
-    # the gaps between requests, and a ring spins only while that costs it no more CPU per
-    # batch than sleeping). 50 us is Linux's recommended net.core.busy_read. 0: never.
+    # the gaps between requests, and a ring spins only while that costs it no more CPU and
+    # wall time per request than sleeping). 50 us is Linux's recommended
+    # net.core.busy_read. 0: never.
     poll_ns: int = 50 * NS_PER_US
     # At most this many rings poll at once, and none while the server has more connections
     # than that. Default: half the CPUs (at least 1), so that polling rings never take every
     # core from their clients, nor the GIL from many other rings.
     max_pollers: int = 0
+    # SO_SNDBUF of a Unix-socket connection (the kernel doubles it for its bookkeeping and
+    # caps it at net.core.wmem_max). A Unix socket's replies queue against the *sender's*
+    # buffer only, 208 KiB by default: a 1 MiB read reply then sleeps and wakes the ring
+    # five times, and the ring cannot copy the next read while it waits. 512 KiB lets a
+    # whole 1 MiB reply go in one call (docs/data-path.md section 6). TCP sockets keep the
+    # kernel's autotuning, which a fixed SO_SNDBUF would switch off. 0: the kernel's default.
+    send_buffer: int = 512 * 1024

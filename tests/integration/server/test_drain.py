@@ -13,15 +13,13 @@ from __future__ import annotations
 import random
 import socket
 import struct
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
-from support import Served, recv_exact, wait_until
+import pytest
+from support import Served, raw_transmission, recv_exact, wait_until
 
-from blkback.server.control_client import request
-
-NBDMAGIC = 0x4E42444D41474943
-IHAVEOPT = 0x49484156454F5054
-OPT_EXPORT_NAME = 1
 REQUEST = struct.Struct(">IHHQQI")
 REQUEST_MAGIC = 0x25609513
 REPLY = struct.Struct(">IIQ")
@@ -32,28 +30,30 @@ PAYLOAD = 64 * 1024  # the smallest write received straight into its pages
 TAIL = PAGE
 
 
-def _connect(served: Served, name: bytes) -> socket.socket:
-    """A raw connection in the transmission phase (old-style export-name option)."""
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    sock.settimeout(30)
-    sock.connect(served.sock)
-    magic, opt, _ = struct.unpack(">QQH", recv_exact(sock, 18))
-    assert (magic, opt) == (NBDMAGIC, IHAVEOPT)
-    sock.sendall(struct.pack(">I", 3))  # FIXED_NEWSTYLE | NO_ZEROES
-    sock.sendall(struct.pack(">QII", IHAVEOPT, OPT_EXPORT_NAME, len(name)) + name)
-    recv_exact(sock, 10)  # export size and transmission flags
-    # The ring is attached right after the handshake's last reply.
-    wait_until(lambda: len(_rings(served)) == 1, 5.0, "the connection's ring")
-    return sock
+@dataclass
+class Ring:
+    """A server with an empty pool target, one raw client, and its ring's stats at start."""
+
+    served: Served
+    sock: socket.socket
+    before: dict[str, Any]
+
+    def now(self) -> dict[str, Any]:
+        (ring,) = self.served.rings()
+        return ring
 
 
-def _rings(served: Served) -> list[dict[str, Any]]:
-    return list(request(served.control, {"op": "stats"})["devices"][0]["rings"])
-
-
-def _ring(served: Served) -> dict[str, Any]:
-    (ring,) = _rings(served)
-    return ring
+@pytest.fixture
+def ring(serve: Callable[..., Served]) -> Iterator[Ring]:
+    # max_buffer_pages=0: every pass empties the pool, so passes show in its counters. A
+    # timed pass could end a drain (it is due after lru_interval_ms): not in these tests.
+    served = serve("disk=memory:16M", params=("max_buffer_pages=0", "lru_interval_ms=60000"))
+    sock = raw_transmission(served, b"disk")
+    (before,) = served.rings()
+    try:
+        yield Ring(served, sock, before)
+    finally:
+        sock.close()
 
 
 def _io_passes(ring: dict[str, Any]) -> int:
@@ -71,11 +71,9 @@ def _replies(sock: socket.socket, n: int, data_len: int = 0) -> list[bytes]:
 
 
 def test_a_stream_of_large_writes_runs_one_pass_per_drain_and_keeps_the_pool_at_target(
-    serve,  # type: ignore[no-untyped-def]
+    ring: Ring,
 ) -> None:
-    # A timed pass could end a drain (it is due after lru_interval_ms): not in this test.
-    s = serve("disk=memory:16M", params=("max_buffer_pages=0", "lru_interval_ms=60000"))
-    sock = _connect(s, b"disk")
+    sock, before = ring.sock, ring.before
     n = 16
     rng = random.Random(12)
     payloads = [rng.randbytes(PAYLOAD) for _ in range(n)]
@@ -86,13 +84,14 @@ def test_a_stream_of_large_writes_runs_one_pass_per_drain_and_keeps_the_pool_at_
     sends = [headers[0] + payloads[0][:-TAIL]]
     sends += [payloads[i][-TAIL:] + headers[i + 1] + payloads[i + 1][:-TAIL] for i in range(n - 1)]
     sends.append(payloads[-1][-TAIL:])
-    before = _ring(s)
     for chunk in sends:
         sock.sendall(chunk)
     _replies(sock, n)
     # The replies go out before the pages go back and the pass runs.
-    wait_until(lambda: _io_passes(_ring(s)) > _io_passes(before), 5.0, "the pass after the writes")
-    after = _ring(s)
+    wait_until(
+        lambda: _io_passes(ring.now()) > _io_passes(before), 5.0, "the pass after the writes"
+    )
+    after = ring.now()
 
     def grew(key: str) -> int:
         return int(after[key]) - int(before[key])
@@ -112,27 +111,21 @@ def test_a_stream_of_large_writes_runs_one_pass_per_drain_and_keeps_the_pool_at_
     reads = [REQUEST.pack(REQUEST_MAGIC, 0, CMD_READ, i, i * PAYLOAD, PAYLOAD) for i in range(n)]
     sock.sendall(b"".join(reads))
     assert _replies(sock, n, PAYLOAD) == payloads
-    sock.close()
 
 
-def test_without_a_waiting_request_every_large_write_has_its_own_pass(
-    serve,  # type: ignore[no-untyped-def]
-) -> None:
-    s = serve("disk=memory:16M", params=("max_buffer_pages=0", "lru_interval_ms=60000"))
-    sock = _connect(s, b"disk")
+def test_without_a_waiting_request_every_large_write_has_its_own_pass(ring: Ring) -> None:
+    sock, before = ring.sock, ring.before
     n = 4
-    before = _ring(s)
     for i in range(n):
         sock.sendall(REQUEST.pack(REQUEST_MAGIC, 0, CMD_WRITE, 0, i * PAYLOAD, PAYLOAD))
         sock.sendall(bytes([i + 1]) * PAYLOAD)
         _replies(sock, 1)
         # The next write is sent only once this one's pass ran: the drain found nothing.
         wait_until(
-            lambda i=i: _io_passes(_ring(s)) == _io_passes(before) + i + 1,
+            lambda i=i: _io_passes(ring.now()) == _io_passes(before) + i + 1,
             5.0,
             f"the pass after write {i}",
         )
-    after = _ring(s)
+    after = ring.now()
     assert int(after["misses"]) - int(before["misses"]) == n * PAYLOAD // PAGE
     assert after["pool_pages"] == 0
-    sock.close()

@@ -88,6 +88,7 @@ def test_no_file_gives_the_documented_defaults() -> None:
     assert options.listen == [] and options.exports == ["disk=memory:1G"]
     config = server_config(options, listen_fds=[], single=False)
     assert (config.workers, config.max_block, config.max_request) == (16, 32 << 20, 64 << 20)
+    assert config.send_buffer == 512 << 10
 
 
 @pytest.mark.parametrize(
@@ -127,6 +128,8 @@ def test_values_are_checked_with_the_key_in_the_message(tmp_path: Path) -> None:
         ("[limits]\nworkers = 0", "limits.workers must be at least 1"),
         ("[limits]\nmax_block = '12Q'", "limits.max_block"),
         ("[limits]\nio_timeout = 0", "limits.io_timeout must be between"),
+        ("[limits]\nsend_buffer = '1T'", "limits.send_buffer must be at most 64M"),
+        ("[limits]\nsend_buffer = 'lots'", "limits.send_buffer: bad size 'lots'"),
     ):
         options = resolve_options(_args("--config", _write(tmp_path, text)))
         with pytest.raises(ConfigError, match="blkback.toml: " + fragment):
@@ -173,3 +176,12 @@ def test_a_timeout_that_is_no_duration_names_the_key(tmp_path: Path) -> None:
         load_config(_write(tmp_path, '[limits]\nio_timeout = "10 parsecs"\n'))
     with pytest.raises(SystemExit):
         _args("--io-timeout", "soon")
+
+
+def test_the_send_buffer_is_a_size_in_the_file_and_in_flags(tmp_path: Path) -> None:
+    path = _write(tmp_path, '[limits]\nsend_buffer = "1M"\n')
+    assert server_config(
+        resolve_options(_args("--config", path)), listen_fds=[], single=False
+    ).send_buffer == (1 << 20)
+    flags = resolve_options(_args("--config", path, "--send-buffer", "0"))
+    assert server_config(flags, listen_fds=[], single=False).send_buffer == 0
