@@ -24,11 +24,14 @@ from pathlib import Path
 
 #: The modules of the ring's data path, by measurement (docs/data-path.md).
 COMPILED: tuple[str, ...] = (
+    "blkback.core.device",
+    "blkback.core.policy",
     "blkback.core.polling",
     "blkback.core.pool",
     "blkback.core.ring",
     "blkback.protocol.transmission",
     "blkback.server.direct_io",
+    "blkback.storage.region",
     "blkback.server.connection",
 )
 

@@ -2,12 +2,13 @@
 
 A storage that declares :meth:`~blkback.storage.base.Storage.direct_access` lets the ring
 move a request's data without calling the storage object: a copy to or from the server's
-own memory (:class:`~blkback.storage.base.MappedMemory`), or one plain ``preadv``/``pwritev``
-on a descriptor (:class:`~blkback.storage.base.PlainDescriptor`). The storage still owns the
-rules: the memory backend's ``mark`` runs after every write's copy, and a short or failed
-transfer goes back to the storage's own methods and error mapping.
+own memory (the storage's :class:`~blkback.storage.region.MemoryRegion`, which is a
+:class:`DirectIO` itself and marks what it wrote), or one plain ``preadv``/``pwritev`` on a
+descriptor (:class:`~blkback.storage.base.PlainDescriptor`). The storage still owns the
+rules: the region is the memory backend's own, and a short or failed transfer on a
+descriptor goes back to the storage's own methods and error mapping.
 
-Both classes are called with a request's page *spans* (``MmapAllocator.spans``): one or a
+Both are called with a request's page *spans* (``MmapAllocator.spans``): one or a
 few memoryviews whose lengths add up to the request's length.
 """
 
@@ -16,7 +17,8 @@ from __future__ import annotations
 import os
 from typing import Protocol
 
-from blkback.storage.base import DirectAccess, MappedMemory, Storage, os_error
+from blkback.storage.base import DirectAccess, Storage, os_error
+from blkback.storage.region import MemoryRegion
 
 
 class DirectIO(Protocol):
@@ -29,32 +31,6 @@ class DirectIO(Protocol):
     def write(self, views: list[memoryview], offset: int, length: int) -> None:
         """Store the ``length`` bytes of ``views`` at ``offset``."""
         ...
-
-
-class MemoryIO:
-    """Copies to and from the storage's memory; marks what was written, after the copy."""
-
-    __slots__ = ("_mark", "_mem")
-
-    def __init__(self, mapped: MappedMemory) -> None:
-        self._mem = mapped.mem
-        self._mark = mapped.mark
-
-    def read(self, views: list[memoryview], offset: int, length: int) -> None:
-        mem = self._mem
-        for v in views:
-            n = len(v)
-            v[:] = mem[offset : offset + n]
-            offset += n
-
-    def write(self, views: list[memoryview], offset: int, length: int) -> None:
-        mem = self._mem
-        pos = offset
-        for v in views:
-            n = len(v)
-            mem[pos : pos + n] = v
-            pos += n
-        self._mark(offset, length)  # after the data: see AnonMemoryStorage.mark
 
 
 class DescriptorIO:
@@ -93,6 +69,6 @@ def direct_io(storage: Storage) -> DirectIO | None:
     access: DirectAccess | None = storage.direct_access()
     if access is None:
         return None
-    if isinstance(access, MappedMemory):
-        return MemoryIO(access)
+    if isinstance(access, MemoryRegion):
+        return access  # it copies and marks itself
     return DescriptorIO(access.fd, storage)

@@ -11,10 +11,11 @@ network-backed volumes. :func:`open_storage` builds a stack from a spec string s
 from __future__ import annotations
 
 from .anon import AnonMemoryStorage
-from .base import HOLE, ZERO, DirectAccess, MappedMemory, PlainDescriptor, Storage
+from .base import HOLE, ZERO, DirectAccess, PlainDescriptor, Storage
 from .fd import FileStorage, MemoryStorage, open_file
 from .filters import DelayFilter, ErrorFilter, RateFilter, StorageFilter
 from .null import NullStorage
+from .region import MemoryRegion
 from .spec import StorageSpec, describe, open_storage, parse_duration_ns, parse_size, parse_spec
 
 __all__ = [
@@ -25,7 +26,7 @@ __all__ = [
     "DirectAccess",
     "ErrorFilter",
     "FileStorage",
-    "MappedMemory",
+    "MemoryRegion",
     "MemoryStorage",
     "NullStorage",
     "PlainDescriptor",

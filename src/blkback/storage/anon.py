@@ -26,13 +26,13 @@ from .base import (
     MAX_SIZE,
     ZERO,
     Capabilities,
-    MappedMemory,
     buffers_length,
     check_read_range,
     check_write_range,
     format_size,
     refuse_readonly,
 )
+from .region import MemoryRegion
 
 PAGE = 4096
 PAGE_SHIFT = 12
@@ -64,13 +64,13 @@ class AnonMemoryStorage(Capabilities):
             )
         except OSError as exc:
             raise ConfigError(f"memory: cannot reserve {format_size(size)}: {exc}") from exc
-        #: The whole disk as one memoryview: the server's fast path copies to and from it.
-        self.mem = memoryview(self._map)
-        self._used = bytearray(pages)  # 1: the page may hold data
+        #: The whole disk and its page map; the server's fast path copies through it too.
+        self.region = MemoryRegion(memoryview(self._map))
+        self.mem = self.region.mem
 
-    def direct_access(self) -> MappedMemory:
-        """The server copies to and from :attr:`mem` itself, and calls :meth:`mark`."""
-        return MappedMemory(self.mem, self.mark)
+    def direct_access(self) -> MemoryRegion:
+        """The server copies to and from the region itself (which marks what it wrote)."""
+        return self.region
 
     def __repr__(self) -> str:
         ro = ", readonly" if self.readonly else ""
@@ -81,44 +81,14 @@ class AnonMemoryStorage(Capabilities):
         """Copy ``[offset, offset + len)`` into ``bufs``; holes read as zeroes."""
         length = buffers_length(bufs)
         check_read_range(self.size, offset, length, "read")
-        mem = self.mem
-        for b in bufs:
-            n = len(b)
-            b[:] = mem[offset : offset + n]
-            offset += n
+        self.region.read(bufs, offset, length)
 
     def pwritev(self, bufs: list[memoryview], offset: int, fua: bool) -> None:
         """Copy ``bufs`` to ``offset`` (memory is as durable as it gets: FUA is free)."""
         refuse_readonly(self.readonly, "write")
         length = buffers_length(bufs)
         check_write_range(self.size, offset, length, "write")
-        if not length:
-            return
-        mem = self.mem
-        pos = offset
-        for b in bufs:
-            n = len(b)
-            mem[pos : pos + n] = b
-            pos += n
-        self.mark(offset, length)
-
-    def mark(self, offset: int, length: int) -> None:
-        """Record that ``[offset, offset + length)`` may hold data (call after writing it).
-
-        The order matters when a write and a trim of the same pages run on two connections
-        at once. A write copies, then marks; a trim (:meth:`_punch`) clears the marks, then
-        drops the pages. In every interleaving of those four steps a page left unmarked is
-        a page that reads as zeroes, so block status never reports ``HOLE|ZERO`` for data.
-        (With the former order, mark then copy against drop then unmark, the sequence drop,
-        mark, copy, unmark left data unmarked.) A page may stay marked and read as zeroes:
-        that only reports a zero page as data, which NBD allows.
-        """
-        first = offset >> PAGE_SHIFT
-        last = (offset + length - 1) >> PAGE_SHIFT
-        if first == last:  # the common 4 KiB write: no bytes object to build
-            self._used[first] = 1
-        else:
-            self._used[first : last + 1] = b"\x01" * (last - first + 1)
+        self.region.write(bufs, offset, length)
 
     def flush(self) -> None:
         return
@@ -153,8 +123,8 @@ class AnonMemoryStorage(Capabilities):
             mem[offset:first_full] = bytes(first_full - offset)
         if last_full < end:
             mem[last_full:end] = bytes(end - last_full)
-        # Unmark, then drop: see mark() for why this order.
-        self._used[first_full // PAGE : last_full // PAGE] = bytes((last_full - first_full) // PAGE)
+        # Unmark, then drop: see MemoryRegion.mark for why this order.
+        self.region.unmark(first_full // PAGE, last_full // PAGE)
         self._map.madvise(mmap.MADV_DONTNEED, first_full, last_full - first_full)
 
     def extents(self, offset: int, length: int) -> list[tuple[int, int]]:
@@ -162,7 +132,7 @@ class AnonMemoryStorage(Capabilities):
         check_read_range(self.size, offset, length, "extents")
         if not length:
             return []
-        used = self._used
+        used = self.region.used
         end = offset + length
         out: list[tuple[int, int]] = []
         pos = offset

@@ -13,7 +13,7 @@ the call that made it by :func:`os_error`, chained with ``raise ... from exc``.
 from __future__ import annotations
 
 import errno
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Final, Protocol
 
@@ -24,6 +24,7 @@ from blkback.errors import (
     RequestError,
     StorageIOError,
 )
+from blkback.storage.region import MemoryRegion
 
 #: ``base:allocation`` flag: the run is a hole (unallocated).
 HOLE: Final = 1
@@ -35,19 +36,6 @@ ZERO: Final = 2
 MAX_SIZE: Final = 2**63 - 1
 
 _NO_SPACE_ERRNOS: Final = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
-
-
-@dataclass(frozen=True, slots=True)
-class MappedMemory:
-    """Direct access to a storage whose bytes are this process's own memory.
-
-    The server copies between its pool pages and ``mem`` with no call into the storage, then
-    calls ``mark(offset, length)`` for every written range, *after* the copy (the order is
-    the storage's rule: see ``AnonMemoryStorage.mark``).
-    """
-
-    mem: memoryview
-    mark: Callable[[int, int], None]
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,8 +51,9 @@ class PlainDescriptor:
 
 
 #: What :meth:`Storage.direct_access` may return: the two ways the server's fast path may
-#: bypass the storage's methods.
-DirectAccess = MappedMemory | PlainDescriptor
+#: bypass the storage's methods. A :class:`MemoryRegion` (the storage's bytes are this
+#: process's memory) does the copies and the marking itself.
+DirectAccess = MemoryRegion | PlainDescriptor
 
 
 class Storage(Protocol):
