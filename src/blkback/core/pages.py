@@ -10,8 +10,9 @@ xen-blkback takes pages with ``gnttab_alloc_pages`` and gives them back with
   next use of the slot faults in a fresh zero page, which is what a new allocation costs.
   Address space is mapped in chunks and kept (a chunk cannot be unmapped while memoryviews of
   it exist), so the only thing that stays is virtual address space, never resident memory.
-* :class:`CountingAllocator` hands out ids with no memory behind them: for the simulator and
-  for tests of the pool's bookkeeping.
+* :class:`~blkback.core.counting.CountingAllocator` hands out ids with no memory behind them:
+  for the simulator and for tests of the pool's bookkeeping (in its own module, because
+  this one is compiled with the data path and the simulator subclasses that one).
 
 Both reuse freed ids LIFO, so ids stay dense.
 """
@@ -92,48 +93,6 @@ class ReleaseCounts:
     lazily_freed: int
     lazy_reused: int
     returned: int
-
-
-class CountingAllocator:
-    """Pages without memory: ids only. ``limit`` makes :meth:`alloc` fail like a full host."""
-
-    def __init__(self, limit: int | None = None) -> None:
-        self._next = 0
-        self._free_ids: list[int] = []
-        self._live = 0
-        self.limit = limit
-        self.allocs = 0
-        self.frees = 0
-
-    def alloc(self) -> int:
-        if self.limit is not None and self._live >= self.limit:
-            raise MemoryError("page allocation failed: allocator limit reached")
-        self._live += 1
-        self.allocs += 1
-        if self._free_ids:
-            return self._free_ids.pop()
-        page = self._next
-        self._next += 1
-        return page
-
-    def free(self, pages: Sequence[int]) -> None:
-        self._live -= len(pages)
-        self.frees += len(pages)
-        self._free_ids.extend(pages)
-
-    def flush(self, release: Release = Release.NOW) -> None:
-        return
-
-    @property
-    def live_pages(self) -> int:
-        return self._live
-
-    def release_counts(self) -> ReleaseCounts:
-        return ReleaseCounts(self._live, 0, 0, 0, self.frees)
-
-    def released_ids(self) -> list[int]:
-        """Ids freed and not handed out again (for invariant checks)."""
-        return list(self._free_ids)
 
 
 def _load_libc() -> ctypes.CDLL | None:

@@ -417,14 +417,12 @@ class Connection:
     def _receive(self, start: int, end: int) -> tuple[int, int]:
         """Wait for more request bytes; return the new staging ``(start, end)``.
 
-        The partial header left at ``start`` moves to the front first. When the wait ends
-        with no data (the ring was idle until its pass was due), :meth:`_receive_timed_out` runs.
+        The partial header left at ``start`` moves to the front first (:meth:`_compact`).
+        When the wait ends with no data (the ring was idle until its pass was due),
+        :meth:`_receive_timed_out` runs.
         """
         view = self._view
-        if start:
-            self._staging[: end - start] = view[start:end]
-            end -= start
-            start = 0
+        start, end = self._compact(start, end)
         # After a large write received straight into its pages, receive the next header
         # alone rather than a staging buffer's worth of the next payload, which would then
         # be copied once more.
@@ -445,6 +443,12 @@ class Connection:
             raise Disconnect
         self._small_recv = False
         return start, end + n
+
+    def _compact(self, start: int, end: int) -> tuple[int, int]:
+        """Move the staged bytes (a partial header) to the front; the new ``(start, end)``."""
+        if start:
+            self._staging[: end - start] = self._view[start:end]
+        return 0, end - start
 
     def _busy_poll(self, dst: memoryview) -> int:
         """Poll the socket right after a batch, before sleeping in ``recv``; -1: no data.
@@ -615,10 +619,7 @@ class Connection:
         recv = self._recv_now
         if recv is None or ring.pass_due(now_ns):
             return start, end
-        if start:
-            self._staging[: end - start] = self._view[start:end]
-            end -= start
-            start = 0
+        start, end = self._compact(start, end)
         try:
             n = recv(self._view[end:REQUEST_SIZE], 0, MSG_DONTWAIT)
         except BlockingIOError:

@@ -16,7 +16,7 @@ Memory is counted in 4 KiB pages, as integers, never as page objects:
   one pswpin, and one free page is needed (which may itself enter direct reclaim). Faults are
   accounted every ``mem_tick_ms`` from the expected count (fractions carried over).
 * **pool pages** are Xen ballooned frames taken from dom0: they occupy RAM and can never be
-  swapped. :class:`HostAllocator` (a :class:`~blkback.core.pages.CountingAllocator`) charges
+  swapped. :class:`HostAllocator` (a :class:`~blkback.core.counting.CountingAllocator`) charges
   every page the pools allocate and credits every page they free.
 
 Watermarks as in Linux (``mm/page_alloc.c``): ``min`` from ``min_free_kbytes`` (default
@@ -54,8 +54,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from blkback.clock import NS_PER_MS, NS_PER_S
+from blkback.core.counting import CountingAllocator
 from blkback.core.device import Bus
-from blkback.core.pages import PAGE_SIZE, CountingAllocator
+from blkback.core.pages import PAGE_SIZE
 from blkback.core.policy import PressureLevel
 from blkback.core.ring import Ring
 from blkback.sim.engine import EventLoop

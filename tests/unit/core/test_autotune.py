@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from blkback.clock import NS_PER_MS, NS_PER_S, ManualClock
 from blkback.core.autotune import FLOOR_NS, HELD_WEIGHT, RETURN_WINDOWS, AutoState, PoolFacts
+from blkback.core.counting import CountingAllocator
 from blkback.core.device import Bus
-from blkback.core.pages import CountingAllocator
 from blkback.core.params import Params
 from blkback.core.policy import PressureLevel
 

@@ -16,8 +16,8 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
 from blkback.clock import NS_PER_MS, ManualClock
+from blkback.core.counting import CountingAllocator
 from blkback.core.device import Bus
-from blkback.core.pages import CountingAllocator
 from blkback.core.params import Params
 from blkback.core.ring import Ring
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from blkback.clock import NS_PER_MS, NS_PER_S, ManualClock
 from blkback.core.autotune import NO_FACTS
+from blkback.core.counting import CountingAllocator
 from blkback.core.device import Bus
-from blkback.core.pages import CountingAllocator
 from blkback.core.params import Params
 from blkback.core.policy import (
     NO_SQUEEZE,

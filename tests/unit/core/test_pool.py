@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from blkback.core.pages import CountingAllocator
+from blkback.core.counting import CountingAllocator
 from blkback.core.pool import PagePool
 
 

@@ -7,8 +7,8 @@ import random
 import pytest
 
 from blkback.clock import NS_PER_MS, ManualClock
+from blkback.core.counting import CountingAllocator
 from blkback.core.device import Bus
-from blkback.core.pages import CountingAllocator
 from blkback.core.params import Params
 from blkback.core.policy import PressureLevel
 from blkback.core.ring import Ring

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from blkback.clock import NS_PER_MS, ManualClock
+from blkback.core.counting import CountingAllocator
 from blkback.core.device import Bus
-from blkback.core.pages import CountingAllocator
 from blkback.core.params import Params
 from blkback.core.policy import PressureLevel
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from blkback.clock import NS_PER_MS, NS_PER_S, ManualClock
+from blkback.core.counting import CountingAllocator
 from blkback.core.device import Bus, Device
-from blkback.core.pages import CountingAllocator
 from blkback.core.params import Params
 from blkback.core.policy import POLICIES, GradedPolicy, PressureLevel
 from blkback.core.ring import Ring

@@ -6,7 +6,7 @@ from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from blkback.clock import NS_PER_MS, ManualClock
-from blkback.core.pages import CountingAllocator
+from blkback.core.counting import CountingAllocator
 from blkback.core.params import Params
 from blkback.core.policy import PressureLevel
 from blkback.server.metrics import registry_for

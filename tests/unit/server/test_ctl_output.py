@@ -7,7 +7,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from blkback.core.pages import CountingAllocator
+from blkback.core.counting import CountingAllocator
 from blkback.core.policy import PressureLevel
 from blkback.server.ctl_output import params_table, stats_view, to_text
 from blkback.server.server import Server

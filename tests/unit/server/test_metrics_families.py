@@ -13,7 +13,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector
 from prometheus_client.samples import Sample
 
-from blkback.core.pages import CountingAllocator
+from blkback.core.counting import CountingAllocator
 from blkback.core.policy import PressureLevel
 from blkback.server.metrics import families, registry_for
 from blkback.server.server import Server
