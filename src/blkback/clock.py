@@ -23,11 +23,11 @@ This module is a leaf, like :mod:`blkback.errors`: every package may import it. 
 from __future__ import annotations
 
 import time
-from typing import Protocol
+from typing import Final, Protocol
 
-NS_PER_US = 1_000
-NS_PER_MS = 1_000_000
-NS_PER_S = 1_000_000_000
+NS_PER_US: Final = 1_000
+NS_PER_MS: Final = 1_000_000
+NS_PER_S: Final = 1_000_000_000
 
 
 class Event(Protocol):

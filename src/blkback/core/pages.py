@@ -29,9 +29,9 @@ import os
 import resource
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Final, Protocol
 
-PAGE_SIZE = 4096
+PAGE_SIZE: Final = 4096
 
 
 class Release(enum.Enum):

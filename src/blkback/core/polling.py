@@ -38,14 +38,16 @@ and passes them in.
 
 from __future__ import annotations
 
+from typing import Final
+
 #: The first non-zero window (KVM's ``halt_poll_ns_grow_start`` default, 10 us).
-GROW_START_NS = 10_000
+GROW_START_NS: Final = 10_000
 #: Batches per epoch (at QD1 4 KiB, 25-50 ms of a busy ring).
-EPOCH_BATCHES = 1024
+EPOCH_BATCHES: Final = 1024
 #: Epochs the cheaper choice is kept before the two are tried again.
-HOLD_EPOCHS = 14
+HOLD_EPOCHS: Final = 14
 #: Spinning is kept while it costs at most this much more CPU per request than sleeping.
-TIE = 0.05
+TIE: Final = 0.05
 
 _TRY_OFF, _TRY_ON, _HOLD = 0, 1, 2
 

@@ -13,15 +13,15 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Final, Protocol
 
 from blkback.clock import NS_PER_MS, NS_PER_S
 from blkback.core.pages import PageAllocator, Release
 from blkback.core.params import Params
 from blkback.core.pool import PagePool
 
-STATS_INTERVAL_NS = 10 * NS_PER_S  # print_stats: every 10 s when log_stats is set
-REFILL_WINDOW_NS = NS_PER_S  # pages allocated this soon after a squeeze count as wasted
+STATS_INTERVAL_NS: Final = 10 * NS_PER_S  # print_stats: every 10 s when log_stats is set
+REFILL_WINDOW_NS: Final = NS_PER_S  # pages allocated this soon after a squeeze count as wasted
 
 
 @dataclass(slots=True)

@@ -40,7 +40,7 @@ import socket
 import struct
 import threading
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Final, Protocol
 
 from blkback.clock import NS_PER_MS, NS_PER_S, NS_PER_US, thread_cpu_ns
 from blkback.core.pages import PAGE_SIZE, MmapAllocator
@@ -62,32 +62,32 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("blkback.connection")
 
-STAGING_BYTES = 256 * 1024
-GROUP_PAGES = 64  # a group of fast requests takes at most about this many pages
-LARGE_PAYLOAD = 64 * 1024  # a write this large is received straight into its pages
-PAGE_SHIFT = 12
-PAGE_SIZE_MASK = PAGE_SIZE - 1
-IOV_MAX = 1024
-MSG_DONTWAIT = socket.MSG_DONTWAIT
-MAX_SEND_BYTES = 1 << 30
+STAGING_BYTES: Final = 256 * 1024
+GROUP_PAGES: Final = 64  # a group of fast requests takes at most about this many pages
+LARGE_PAYLOAD: Final = 64 * 1024  # a write this large is received straight into its pages
+PAGE_SHIFT: Final = 12
+PAGE_SIZE_MASK: Final = PAGE_SIZE - 1
+IOV_MAX: Final = 1024
+MSG_DONTWAIT: Final = socket.MSG_DONTWAIT
+MAX_SEND_BYTES: Final = 1 << 30
 
-C_READ = int(Cmd.READ)
-C_WRITE = int(Cmd.WRITE)
-C_DISC = int(Cmd.DISC)
-C_FLUSH = int(Cmd.FLUSH)
-C_TRIM = int(Cmd.TRIM)
-C_CACHE = int(Cmd.CACHE)
-C_ZEROES = int(Cmd.WRITE_ZEROES)
-C_BLOCK_STATUS = int(Cmd.BLOCK_STATUS)
-F_FUA = int(CmdFlag.FUA)
-F_NO_HOLE = int(CmdFlag.NO_HOLE)
-F_FAST_ZERO = int(CmdFlag.FAST_ZERO)
-F_REQ_ONE = int(CmdFlag.REQ_ONE)
+C_READ: Final = int(Cmd.READ)
+C_WRITE: Final = int(Cmd.WRITE)
+C_DISC: Final = int(Cmd.DISC)
+C_FLUSH: Final = int(Cmd.FLUSH)
+C_TRIM: Final = int(Cmd.TRIM)
+C_CACHE: Final = int(Cmd.CACHE)
+C_ZEROES: Final = int(Cmd.WRITE_ZEROES)
+C_BLOCK_STATUS: Final = int(Cmd.BLOCK_STATUS)
+F_FUA: Final = int(CmdFlag.FUA)
+F_NO_HOLE: Final = int(CmdFlag.NO_HOLE)
+F_FAST_ZERO: Final = int(CmdFlag.FAST_ZERO)
+F_REQ_ONE: Final = int(CmdFlag.REQ_ONE)
 
 #: One request of a group: command, cookie, offset, length, pages.
 _Request = tuple[int, int, int, int, int]
 _Replies = list[bytes | memoryview]
-_NO_GROUP: tuple[list[_Request], int] = ([], 0)
+_NO_GROUP: Final[tuple[list[_Request], int]] = ([], 0)
 
 
 def _wants_tls(hs: ServerHandshake) -> bool:

@@ -10,7 +10,9 @@ call into the storage object. It is compiled with the data path (``blkback._nati
 
 from __future__ import annotations
 
-PAGE_SHIFT = 12
+from typing import Final
+
+PAGE_SHIFT: Final = 12
 
 
 class MemoryRegion:
