@@ -35,7 +35,6 @@ from .base import (
 from .region import MemoryRegion
 
 PAGE = 4096
-PAGE_SHIFT = 12
 _MAX_EXTENTS = 1024
 
 
