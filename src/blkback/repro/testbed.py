@@ -15,18 +15,35 @@ import signal
 import subprocess
 import sys
 import threading
-import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, Final
 
+from blkback.clock import NS_PER_MS, NS_PER_S, Clock, MonotonicClock
 from blkback.errors import EnvironmentProblem
 from blkback.progress import StepProgress
 
 GUEST_SCRIPT = Path(__file__).with_name("guest.py")
 SYSTEM_PYTHON = "/usr/bin/python3"
 MIB = 1 << 20
+# The experiments run real processes, VMs and kernels in real time: every wait and every
+# duration of repro/ is on this clock unless a caller hands in another one.
+CLOCK: Final = MonotonicClock()
+
+
+def poll_until(
+    ready: Callable[[], bool], *, timeout_ns: int, interval_ns: int, clock: Clock = CLOCK
+) -> bool:
+    """Ask ``ready`` every ``interval_ns`` until it says yes (True) or ``timeout_ns`` has
+    passed (False). ``ready`` is asked first at once, and last after the deadline has
+    passed; it may raise to give up early (the process it waits for died)."""
+    deadline = clock.now_ns() + timeout_ns
+    while not ready():
+        if clock.now_ns() > deadline:
+            return False
+        clock.wait_until(clock.now_ns() + interval_ns)
+    return True
 
 
 def missing_facilities(*, need_overhead: bool) -> list[str]:
@@ -128,7 +145,9 @@ class ServerProcess:
         workers: int = 4,
         pressure: str = "auto",
         tag: str = "srv",
+        clock: Clock = CLOCK,
     ) -> None:
+        self.clock = clock
         self.sock = str(workdir / f"{tag}.sock")
         self.control = str(workdir / f"{tag}.ctl")
         self.log_path = workdir / f"{tag}.log"
@@ -166,10 +185,10 @@ class ServerProcess:
     def pid(self) -> int:
         return self.proc.pid
 
-    def _wait_ready(self, timeout_s: float = 60.0) -> None:
+    def _wait_ready(self, timeout_ns: int = 60 * NS_PER_S) -> None:
         assert self.proc.stdout is not None
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
+        deadline = self.clock.now_ns() + timeout_ns
+        while self.clock.now_ns() < deadline:
             line = self.proc.stdout.readline()
             if not line:
                 raise EnvironmentProblem(
@@ -267,15 +286,16 @@ class Sampler:
 
     server: ServerProcess
     cgroup_path: str | None
-    interval_s: float = 0.2
+    interval_ns: int = 200 * NS_PER_MS
+    clock: Clock = CLOCK
     samples: list[dict[str, Any]] = field(default_factory=list)
     errors: int = 0
     _stop: threading.Event = field(default_factory=threading.Event)
     _thread: threading.Thread | None = None
-    t0: float = 0.0
+    t0_ns: int = 0
 
     def start(self) -> None:
-        self.t0 = time.monotonic()
+        self.t0_ns = self.clock.now_ns()
         self._thread = threading.Thread(target=self._run, name="repro-sampler", daemon=True)
         self._thread.start()
 
@@ -292,13 +312,13 @@ class Sampler:
     def sample(self) -> dict[str, Any]:
         from blkback.hostenv.procfs import swap_counters
 
-        t = time.monotonic() - self.t0
+        t_ns = self.clock.now_ns() - self.t0_ns
         s = self.server.stats()
         pools = [r["pool_pages"] for d in s["devices"] for r in d["rings"]]
         inflight = sum(r["in_flight_pages"] for d in s["devices"] for r in d["rings"])
         sw = swap_counters()
         out: dict[str, Any] = {
-            "t": round(t, 3),
+            "t": round(t_ns / NS_PER_S, 3),
             "pool_pages": sum(pools),
             "rings_nonempty": sum(1 for p in pools if p),
             "in_flight_pages": inflight,
@@ -323,7 +343,8 @@ class Sampler:
                 self.samples.append(self.sample())
             except Exception:  # the server may be busy or going away; count and go on
                 self.errors += 1
-            self._stop.wait(self.interval_s)
+            # The interval runs from the end of a sample, so a slow server is not polled harder.
+            self.clock.wait_until(self.clock.now_ns() + self.interval_ns, self._stop)
 
 
 def median(xs: list[float]) -> float:
