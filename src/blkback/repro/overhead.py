@@ -23,6 +23,7 @@ import re
 import shutil
 import subprocess
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -32,6 +33,30 @@ from blkback.repro.testbed import CLOCK, ServerProcess, kill_pid, poll_until
 
 DD_RE = re.compile(r"^(\d+) bytes .* copied, ([0-9.]+) s, ([0-9.]+) ([kMG]?B)/s", re.M)
 UNIT = {"B": 1e-6, "kB": 1e-3, "MB": 1.0, "GB": 1e3}
+
+
+@dataclass(frozen=True)
+class OverheadPlan:
+    """What the experiment runs, the same on the host (:func:`run_volume`) and in a VM guest
+    (:func:`blkback.repro.vmoverhead.run_volumes_vm`)."""
+
+    runs: int  # of the dd loop, per setting
+    count: int  # dd's 4 KiB blocks per run
+    size: str  # of each volume
+    rate: str  # of the slow volume
+    settings: tuple[int, ...] = (1024, 0)  # max_buffer_pages
+    log: Any = None  # a line of the dd log
+    on_step: Any = None  # a step of the progress bar
+    clock: Clock = CLOCK
+
+    def export(self, kind: str) -> str:
+        """The volume's export spec: ``slow`` is rate-limited (the seed's ~40 MB/s), ``fast``
+        is not."""
+        return f"memory:{self.size}" + (f",rate={self.rate}" if kind == "slow" else "")
+
+    def step(self, what: str) -> None:
+        if self.on_step is not None:
+            self.on_step(what)
 
 
 def _run(argv: list[str], timeout: float = 300.0) -> str:
@@ -198,20 +223,17 @@ def log_loop_header(kind: str, setting: int, runs: int, count: int, log: Any) ->
 
 def measure_setting(
     server: ServerProcess,
+    plan: OverheadPlan,
     kind: str,
     setting: int,
     loop: Callable[[], list[dict[str, Any]]],
-    *,
-    runs: int,
-    count: int,
-    log: Any,
 ) -> tuple[list[dict[str, Any]], dict[str, int]]:
     """One ``max_buffer_pages`` setting, on the host or in a VM: set it through the control
     socket as the seed wrote the module parameter, print the seed's command lines, run the
     ``loop``; returns its runs and what the pools did meanwhile."""
     server.set("max_buffer_pages", setting)
-    if log is not None:
-        log_loop_header(kind, setting, runs, count, log)
+    if plan.log is not None:
+        log_loop_header(kind, setting, plan.runs, plan.count, plan.log)
     before = pool_totals(server.stats())
     done = loop()
     after = pool_totals(server.stats())
@@ -219,39 +241,27 @@ def measure_setting(
     return done, pools
 
 
-def run_volume(
-    kind: str,
-    workdir: Path,
-    *,
-    runs: int,
-    count: int,
-    size: str,
-    rate: str,
-    settings: tuple[int, ...] = (1024, 0),
-    log: Any = None,
-    on_step: Any = None,
-    clock: Clock = CLOCK,
-) -> dict[str, Any]:
+def run_volume(kind: str, workdir: Path, plan: OverheadPlan) -> dict[str, Any]:
     """One volume (``slow`` with the rate filter or ``fast``): the dd loop per setting."""
-    spec = f"memory:{size}" + (f",rate={rate}" if kind == "slow" else "")
+    spec = plan.export(kind)
     wd = workdir / f"overhead-{kind}"
     wd.mkdir(parents=True, exist_ok=True)
     result: dict[str, Any] = {"export": spec, "runs": {}, "pools": {}}
+    clock = plan.clock
     server = ServerProcess(wd, [f"disk={spec}"], workers=16, pressure="off", tag="srv", clock=clock)
     try:
         disk = GuestDisk(server, "disk", wd, clock=clock)
         try:
-            for setting in settings:
-                if on_step is not None:
-                    on_step(f"overhead {kind}: max_buffer_pages={setting}")
+            for setting in plan.settings:
+                plan.step(f"overhead {kind}: max_buffer_pages={setting}")
                 done, pools = measure_setting(
                     server,
+                    plan,
                     kind,
                     setting,
-                    lambda: dd_loop(disk.mnt, runs=runs, count=count, log=log, clock=clock),
-                    runs=runs,
-                    count=count,
-                    log=log,
+                    lambda: dd_loop(
+                        disk.mnt, runs=plan.runs, count=plan.count, log=plan.log, clock=clock
+                    ),
                 )
                 result["runs"][str(setting)] = done
                 result["pools"][str(setting)] = pools

@@ -195,31 +195,27 @@ class Runner:
         return runs
 
     def overhead(self, work: Path, progress: Progress, guests: GuestChoice) -> dict[str, Any]:
-        from blkback.repro.overhead import run_volume
+        from blkback.repro.overhead import OverheadPlan, run_volume
         from blkback.repro.vmoverhead import run_volumes_vm
 
         out: dict[str, Any] = {"where": "vm" if guests.setup is not None else "host"}
-
-        def step(what: str) -> None:
-            progress.advance(what)
-
-        opts: dict[str, Any] = {
-            "runs": self.dd_runs,
-            "count": self.dd_count,
-            "size": "1G",
-            "rate": "40M",
-            "log": self.log,
-            "on_step": step,
-            "clock": self.clock,
-        }
+        plan = OverheadPlan(
+            runs=self.dd_runs,
+            count=self.dd_count,
+            size="1G",
+            rate="40M",
+            log=self.log,
+            on_step=progress.advance,
+            clock=self.clock,
+        )
         raw: dict[str, Any] = {}
         if guests.setup is not None:
             progress.step("overhead: one guest, slow and fast volumes (mkfs)")
-            raw = run_volumes_vm(work, guests.setup, **opts)
+            raw = run_volumes_vm(work, guests.setup, plan)
         else:
             for kind in ("slow", "fast"):
                 progress.step(f"overhead: {kind} volume (mkfs)")
-                raw[kind] = run_volume(kind, work, **opts)
+                raw[kind] = run_volume(kind, work, plan)
         for kind, r in raw.items():
             out[kind] = {k: [x["mb_s"] for x in v] for k, v in r["runs"].items()}
         out["dd_mb_s"] = {

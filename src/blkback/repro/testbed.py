@@ -46,6 +46,11 @@ def poll_until(
     return True
 
 
+def missing_tools(tools: dict[str, str]) -> list[str]:
+    """``tool (package)`` for each tool (name -> Debian package) not on the PATH."""
+    return [f"{tool} ({pkg})" for tool, pkg in tools.items() if shutil.which(tool) is None]
+
+
 def missing_facilities(*, need_overhead: bool) -> list[str]:
     """What this host lacks for ``blkback repro`` (empty when everything is there)."""
     from blkback.hostenv.cgroup import v1_memory_root
@@ -68,19 +73,25 @@ def missing_facilities(*, need_overhead: bool) -> list[str]:
     if probe is None or probe.returncode != 0:
         out.append(f"libnbd's Python module for {SYSTEM_PYTHON} (python3-libnbd)")
     if need_overhead:
-        out.extend(
-            f"{tool} ({pkg})"
-            for tool, pkg in (
-                ("nbdfuse", "nbdfuse"),
-                ("losetup", "util-linux"),
-                ("mkfs.ext4", "e2fsprogs"),
-                ("fusermount3", "fuse3"),
-            )
-            if shutil.which(tool) is None
+        out += missing_tools(
+            {
+                "nbdfuse": "nbdfuse",
+                "losetup": "util-linux",
+                "mkfs.ext4": "e2fsprogs",
+                "fusermount3": "fuse3",
+            }
         )
         if not os.path.exists("/dev/fuse"):
             out.append("/dev/fuse")
     return out
+
+
+def file_tail(path: Path, chars: int) -> str:
+    """The end of a child's log file, for an error message ("" if it cannot be read)."""
+    try:
+        return path.read_text(errors="replace")[-chars:].strip()
+    except OSError:
+        return ""
 
 
 def child_env() -> dict[str, str]:
@@ -192,8 +203,7 @@ class ServerProcess:
             line = self.proc.stdout.readline()
             if not line:
                 raise EnvironmentProblem(
-                    f"blkback serve exited ({self.proc.poll()}): "
-                    f"{self.log_path.read_text()[-500:].strip()}"
+                    f"blkback serve exited ({self.proc.poll()}): {file_tail(self.log_path, 500)}"
                 )
             if line.startswith("control:"):
                 return
@@ -216,10 +226,7 @@ class ServerProcess:
             self._log.close()
 
     def log_tail(self, n: int = 2000) -> str:
-        try:
-            return self.log_path.read_text()[-n:]
-        except OSError:
-            return ""
+        return file_tail(self.log_path, n)
 
 
 class GuestProcess:

@@ -28,7 +28,7 @@ from typing import IO
 
 from blkback.clock import NS_PER_MS, NS_PER_S, Clock
 from blkback.errors import EnvironmentProblem
-from blkback.repro.testbed import CLOCK, kill_pid, poll_until
+from blkback.repro.testbed import CLOCK, file_tail, kill_pid, missing_tools, poll_until
 from blkback.repro.vmimage import GuestImage
 
 QEMU = "qemu-system-x86_64"
@@ -256,16 +256,10 @@ class Vm:
             self.control_sock.unlink()
 
     def log_tail(self, n: int = 600) -> str:
-        try:
-            return self.qemu_log.read_text()[-n:].strip()
-        except OSError:
-            return ""
+        return file_tail(self.qemu_log, n)
 
     def console_tail(self, n: int = 600) -> str:
-        try:
-            return self.console_log.read_text(errors="replace")[-n:].strip()
-        except OSError:
-            return ""
+        return file_tail(self.console_log, n)
 
 
 def choose_accel(
@@ -310,18 +304,9 @@ def _kvm_failure(qemu_log: Path) -> str:
 
 def missing_vm_facilities() -> list[str]:
     """What this host lacks for VM guests (empty when everything is there)."""
-    import shutil
-
-    out = [
-        f"{tool} ({pkg})"
-        for tool, pkg in (
-            (QEMU, "qemu-system-x86"),
-            ("apt-get", "apt"),
-            ("dpkg-deb", "dpkg"),
-            ("ldd", "libc-bin"),
-        )
-        if shutil.which(tool) is None
-    ]
+    out = missing_tools(
+        {QEMU: "qemu-system-x86", "apt-get": "apt", "dpkg-deb": "dpkg", "ldd": "libc-bin"}
+    )
     if not os.path.exists("/bin/busybox"):
         out.append("/bin/busybox (busybox-static)")
     return out
