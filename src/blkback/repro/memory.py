@@ -24,14 +24,14 @@ from __future__ import annotations
 
 import contextlib
 import os
-import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+from blkback.clock import NS_PER_MS, NS_PER_S, Clock
 from blkback.repro.shrinkerfeed import ShrinkerFeed
-from blkback.repro.testbed import GuestProcess, Sampler, ServerProcess
+from blkback.repro.testbed import CLOCK, GuestProcess, Sampler, ServerProcess, poll_until
 
 MIB = 1 << 20
 CG_COUNTERS = ("pgmajfault", "workingset_refault_anon", "pgpgin", "pgpgout", "pgfault")
@@ -118,6 +118,7 @@ def run_once(
     tag: str,
     guests: GuestFactory = nbd_guests,
     log: Any = None,
+    clock: Clock = CLOCK,
 ) -> dict[str, Any]:
     """One run of the memory-pressure test bed; everything it made is gone on return."""
     from blkback.hostenv.cgroup import MemoryCgroup
@@ -140,21 +141,26 @@ def run_once(
             workers=sizing.workers,
             pressure="off" if config.shrinker_feed else "auto",
             tag=tag,
+            clock=clock,
         )
         cg.started.add(server.pid)
         stack.callback(server.stop)
         guest = guests(server, names, sizing, workdir)
         stack.callback(guest.stop)
-        _wait_for_rings(server, sizing.devices * sizing.connections)
-        time.sleep(0.5)
+        _wait_for_rings(server, sizing.devices * sizing.connections, clock=clock)
+        clock.wait_until(clock.now_ns() + 500 * NS_PER_MS)
         base = cg.usage_bytes()
         limit = base + (sizing.hog_mib + sizing.slack_mib) * MIB
         cg.write("memory.limit_in_bytes", limit)
         hog = stack.enter_context(MemoryHog(sizing.hog_mib, cgroup=cg))
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline and cg.usage_bytes() < base + sizing.hog_mib * MIB * 0.9:
-            time.sleep(0.05)
-        time.sleep(sizing.settle_s)
+        # Until the hog has touched 90 % of its memory (20 s at most: then it goes on anyway).
+        poll_until(
+            lambda: cg.usage_bytes() >= base + sizing.hog_mib * MIB * 0.9,
+            timeout_ns=20 * NS_PER_S,
+            interval_ns=50 * NS_PER_MS,
+            clock=clock,
+        )
+        clock.wait_until(clock.now_ns() + round(sizing.settle_s * NS_PER_S))
         guest.wait_ready()  # VMs boot meanwhile (their disks connected when QEMU started)
         result["sizes"] = {
             "baseline_bytes": base,
@@ -167,27 +173,30 @@ def run_once(
         vm0 = read_vmstat()
         fail0 = int(cg.read("memory.failcnt"))
         st0 = cg.stat()
-        sampler = Sampler(server, cg.path, interval_s=sizing.sample_ms / 1000)
+        sampler = Sampler(server, cg.path, interval_ns=sizing.sample_ms * NS_PER_MS, clock=clock)
         sampler.start()
         feed = None
         if config.shrinker_feed:
-            feed = ShrinkerFeed(os.path.join(cg.path, "memory.failcnt"), server.control)
+            feed = ShrinkerFeed(
+                os.path.join(cg.path, "memory.failcnt"), server.control, clock=clock
+            )
             feed.start()
             stack.callback(feed.stop)
-        t_go = time.monotonic()
+        t_go = clock.now_ns()
+        end = t_go + round(sizing.seconds * NS_PER_S)
         guest.go()
-        while time.monotonic() - t_go < sizing.seconds:
+        while clock.now_ns() < end:
             if not hog.alive():
                 result["hog_died"] = True
                 break
             if server.proc.poll() is not None:
                 raise RuntimeError(f"server died: {server.log_tail()}")
-            time.sleep(0.2)
+            clock.wait_until(clock.now_ns() + 200 * NS_PER_MS)
         sw1 = swap_counters()
         vm1 = read_vmstat()
         fail1 = int(cg.read("memory.failcnt"))
         st1 = cg.stat()
-        elapsed = time.monotonic() - t_go
+        elapsed = (clock.now_ns() - t_go) / NS_PER_S
         sampler.stop()
         if feed is not None:
             result["shrinker_feed"] = feed.stop()
@@ -229,16 +238,19 @@ def zero_page_swaps(before: dict[str, int], after: dict[str, int]) -> dict[str, 
     }
 
 
-def _wait_for_rings(server: ServerProcess, rings: int, timeout_s: float = 60.0) -> None:
+def _wait_for_rings(
+    server: ServerProcess, rings: int, *, timeout_ns: int = 60 * NS_PER_S, clock: Clock = CLOCK
+) -> None:
     """Until every guest connection is a ring in the server (the baseline counts them)."""
-    deadline = time.monotonic() + timeout_s
-    while True:
+    have = 0
+
+    def arrived() -> bool:
+        nonlocal have
         have = sum(len(d["rings"]) for d in server.stats()["devices"])
-        if have >= rings:
-            return
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"only {have} of {rings} guest connections arrived")
-        time.sleep(0.1)
+        return have >= rings
+
+    if not poll_until(arrived, timeout_ns=timeout_ns, interval_ns=100 * NS_PER_MS, clock=clock):
+        raise RuntimeError(f"only {have} of {rings} guest connections arrived")
 
 
 def _summary(stats: dict[str, Any]) -> dict[str, Any]:

@@ -22,15 +22,41 @@ import contextlib
 import re
 import shutil
 import subprocess
-import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
+from blkback.clock import NS_PER_MS, NS_PER_S, Clock
 from blkback.errors import EnvironmentProblem
-from blkback.repro.testbed import ServerProcess, kill_pid
+from blkback.repro.testbed import CLOCK, ServerProcess, kill_pid, poll_until
 
 DD_RE = re.compile(r"^(\d+) bytes .* copied, ([0-9.]+) s, ([0-9.]+) ([kMG]?B)/s", re.M)
 UNIT = {"B": 1e-6, "kB": 1e-3, "MB": 1.0, "GB": 1e3}
+
+
+@dataclass(frozen=True)
+class OverheadPlan:
+    """What the experiment runs, the same on the host (:func:`run_volume`) and in a VM guest
+    (:func:`blkback.repro.vmoverhead.run_volumes_vm`)."""
+
+    runs: int  # of the dd loop, per setting
+    count: int  # dd's 4 KiB blocks per run
+    size: str  # of each volume
+    rate: str  # of the slow volume
+    settings: tuple[int, ...] = (1024, 0)  # max_buffer_pages
+    log: Any = None  # a line of the dd log
+    on_step: Any = None  # a step of the progress bar
+    clock: Clock = CLOCK
+
+    def export(self, kind: str) -> str:
+        """The volume's export spec: ``slow`` is rate-limited (the seed's ~40 MB/s), ``fast``
+        is not."""
+        return f"memory:{self.size}" + (f",rate={self.rate}" if kind == "slow" else "")
+
+    def step(self, what: str) -> None:
+        if self.on_step is not None:
+            self.on_step(what)
 
 
 def _run(argv: list[str], timeout: float = 300.0) -> str:
@@ -48,7 +74,9 @@ def _run(argv: list[str], timeout: float = 300.0) -> str:
 class GuestDisk:
     """nbdfuse + loop device + ext4 mount over one export; all undone by :meth:`close`."""
 
-    def __init__(self, server: ServerProcess, export: str, workdir: Path) -> None:
+    def __init__(
+        self, server: ServerProcess, export: str, workdir: Path, *, clock: Clock = CLOCK
+    ) -> None:
         self.fuse_dir = workdir / "fuse"
         self.mnt = workdir / "mnt"
         self.fuse_dir.mkdir(parents=True, exist_ok=True)
@@ -67,12 +95,13 @@ class GuestDisk:
             text=True,
         )
         try:
-            deadline = time.monotonic() + 30
-            while not pidfile.exists() or not pidfile.read_text().strip():
-                if self.fuse.poll() is not None or time.monotonic() > deadline:
-                    err = self.fuse.stderr.read() if self.fuse.stderr else ""
-                    raise EnvironmentProblem(f"nbdfuse did not start: {err.strip()}")
-                time.sleep(0.05)
+            if not poll_until(
+                lambda: self._fuse_started(pidfile),
+                timeout_ns=30 * NS_PER_S,
+                interval_ns=50 * NS_PER_MS,
+                clock=clock,
+            ):
+                self._fuse_failed()
             self.fuse_mounted = True
             self.loop = _run(["losetup", "-f", "--show", str(self.fuse_dir / "nbd")]).strip()
             _run(
@@ -90,6 +119,18 @@ class GuestDisk:
         except BaseException:
             self.close()
             raise
+
+    def _fuse_started(self, pidfile: Path) -> bool:
+        """nbdfuse writes its PID file once the FUSE mount is up; an error if it exited."""
+        if pidfile.exists() and pidfile.read_text().strip():
+            return True
+        if self.fuse.poll() is not None:
+            self._fuse_failed()
+        return False
+
+    def _fuse_failed(self) -> NoReturn:
+        err = self.fuse.stderr.read() if self.fuse.stderr else ""
+        raise EnvironmentProblem(f"nbdfuse did not start: {err.strip()}")
 
     def close(self) -> None:
         """Unmount, detach the loop device, unmount FUSE, reap nbdfuse (by its PID)."""
@@ -114,24 +155,31 @@ class GuestDisk:
         kill_pid(self.fuse)
 
 
-def dd_loop(mnt: Path, *, runs: int, count: int, log: Any = None) -> list[dict[str, Any]]:
+def dd_loop(
+    mnt: Path, *, runs: int, count: int, log: Any = None, clock: Clock = CLOCK
+) -> list[dict[str, Any]]:
     """The seed's loop; per run: dd's line, dd's MB/s, dd+sync seconds and MB/s."""
     out: list[dict[str, Any]] = []
     target = mnt / "file"
     for _ in range(runs):
-        t0 = time.monotonic()
+        t0 = clock.now_ns()
         p = subprocess.run(
             ["dd", "if=/dev/zero", f"of={target}", "bs=4k", f"count={count}"],
             capture_output=True,
             text=True,
             check=False,
         )
-        t1 = time.monotonic()
+        t1 = clock.now_ns()
         subprocess.run(["sync"], check=False)
-        t2 = time.monotonic()
+        t2 = clock.now_ns()
         if p.returncode != 0:
             raise EnvironmentProblem(f"dd failed: {p.stderr.strip()}")
-        run = dd_record(p.stderr.splitlines(), count * 4096, dd_wall_s=t1 - t0, total_s=t2 - t0)
+        run = dd_record(
+            p.stderr.splitlines(),
+            count * 4096,
+            dd_wall_s=(t1 - t0) / NS_PER_S,
+            total_s=(t2 - t0) / NS_PER_S,
+        )
         if log is not None:
             log_dd(run, log)
         out.append(run)
@@ -173,39 +221,50 @@ def log_loop_header(kind: str, setting: int, runs: int, count: int, log: Any) ->
     )
 
 
-def run_volume(
+def measure_setting(
+    server: ServerProcess,
+    plan: OverheadPlan,
     kind: str,
-    workdir: Path,
-    *,
-    runs: int,
-    count: int,
-    size: str,
-    rate: str,
-    settings: tuple[int, ...] = (1024, 0),
-    log: Any = None,
-    on_step: Any = None,
-) -> dict[str, Any]:
+    setting: int,
+    loop: Callable[[], list[dict[str, Any]]],
+) -> tuple[list[dict[str, Any]], dict[str, int]]:
+    """One ``max_buffer_pages`` setting, on the host or in a VM: set it through the control
+    socket as the seed wrote the module parameter, print the seed's command lines, run the
+    ``loop``; returns its runs and what the pools did meanwhile."""
+    server.set("max_buffer_pages", setting)
+    if plan.log is not None:
+        log_loop_header(kind, setting, plan.runs, plan.count, plan.log)
+    before = pool_totals(server.stats())
+    done = loop()
+    after = pool_totals(server.stats())
+    pools = {k: after[k] - before[k] for k in after} | {"pool_pages_end": after["pool_pages"]}
+    return done, pools
+
+
+def run_volume(kind: str, workdir: Path, plan: OverheadPlan) -> dict[str, Any]:
     """One volume (``slow`` with the rate filter or ``fast``): the dd loop per setting."""
-    spec = f"memory:{size}" + (f",rate={rate}" if kind == "slow" else "")
+    spec = plan.export(kind)
     wd = workdir / f"overhead-{kind}"
     wd.mkdir(parents=True, exist_ok=True)
     result: dict[str, Any] = {"export": spec, "runs": {}, "pools": {}}
-    server = ServerProcess(wd, [f"disk={spec}"], workers=16, pressure="off", tag="srv")
+    clock = plan.clock
+    server = ServerProcess(wd, [f"disk={spec}"], workers=16, pressure="off", tag="srv", clock=clock)
     try:
-        disk = GuestDisk(server, "disk", wd)
+        disk = GuestDisk(server, "disk", wd, clock=clock)
         try:
-            for setting in settings:
-                if on_step is not None:
-                    on_step(f"overhead {kind}: max_buffer_pages={setting}")
-                server.set("max_buffer_pages", setting)
-                if log is not None:
-                    log_loop_header(kind, setting, runs, count, log)
-                before = pool_totals(server.stats())
-                result["runs"][str(setting)] = dd_loop(disk.mnt, runs=runs, count=count, log=log)
-                after = pool_totals(server.stats())
-                result["pools"][str(setting)] = {k: after[k] - before[k] for k in after} | {
-                    "pool_pages_end": after["pool_pages"]
-                }
+            for setting in plan.settings:
+                plan.step(f"overhead {kind}: max_buffer_pages={setting}")
+                done, pools = measure_setting(
+                    server,
+                    plan,
+                    kind,
+                    setting,
+                    lambda: dd_loop(
+                        disk.mnt, runs=plan.runs, count=plan.count, log=plan.log, clock=clock
+                    ),
+                )
+                result["runs"][str(setting)] = done
+                result["pools"][str(setting)] = pools
                 (disk.mnt / "file").unlink(missing_ok=True)
                 subprocess.run(["sync"], check=False)
         finally:

@@ -14,9 +14,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+from blkback.clock import NS_PER_S, Clock
 from blkback.repro.guests import GuestChoice, choose_guests
 from blkback.repro.memory import ZERO_PAGE_COUNTERS, Config, Sizing, run_once, sizing_dict
-from blkback.repro.testbed import Progress, median, sigterm_as_interrupt, spread
+from blkback.repro.testbed import CLOCK, Progress, median, sigterm_as_interrupt, spread
 
 SEED = {
     "memory_pressure": {
@@ -66,7 +67,8 @@ SHRINKER_FED = {f"k{ms}" for ms in SWEEP}
 class Runner:
     """Holds the options, the output directory and the collected results."""
 
-    def __init__(self, args: argparse.Namespace) -> None:
+    def __init__(self, args: argparse.Namespace, clock: Clock = CLOCK) -> None:
+        self.clock = clock
         self.experiment: str = args.experiment
         self.quick: bool = args.quick
         self.out = Path(args.out)
@@ -83,7 +85,7 @@ class Runner:
         self.dd_runs = 2 if self.quick else 5
         self.dd_count = 256 * 64 if self.quick else 256 * 512
         self.log_lines: list[str] = []
-        self.t0 = 0.0
+        self.t0_ns = 0
         self.guests_wanted: str = args.guests
         self.accel_wanted: str = args.accel
         self.vms: int = args.vms
@@ -117,7 +119,7 @@ class Runner:
         do_overhead = self.experiment in ("overhead", "all")
         steps = len(configs) * self.repeats + (4 if do_overhead else 0)
         progress = Progress(steps, "repro")
-        t0 = self.t0 = time.monotonic()
+        t0_ns = self.t0_ns = self.clock.now_ns()
         results: dict[str, Any] = {"config": self.config_dict(configs), "complete": False}
         results["host"] = {"before": host_snapshot()}
         work = Path(tempfile.mkdtemp(prefix="blkback-repro-", dir="/tmp"))
@@ -137,13 +139,13 @@ class Runner:
                     "created_swapfile": swap.created,
                     "swaps": active_swaps(),
                 }
-                results["host"]["idle_swap_traffic"] = idle_swap_traffic(3.0)
+                results["host"]["idle_swap_traffic"] = idle_swap_traffic(3.0, self.clock)
                 runs = self.memory_runs(configs, work, progress, guests, results)
                 results.update(aggregate_memory(runs, configs))
             if do_overhead:
                 results["overhead"] = self.overhead(work, progress, guests)
         results["host"]["after"] = host_snapshot()
-        results["elapsed_s"] = time.monotonic() - t0
+        results["elapsed_s"] = (self.clock.now_ns() - t0_ns) / NS_PER_S
         results["complete"] = True
         results["checks"] = checks(results, quick=self.quick)
         self.write(results)
@@ -158,7 +160,7 @@ class Runner:
         """The runs so far, for ``--from-results`` if the whole does not finish."""
         partial = dict(results)
         partial["configurations"] = {n: {"runs": rs} for n, rs in runs.items() if rs}
-        partial["elapsed_s"] = time.monotonic() - self.t0
+        partial["elapsed_s"] = (self.clock.now_ns() - self.t0_ns) / NS_PER_S
         self.partial_path.write_text(json.dumps(partial, default=str) + "\n")
 
     def memory_runs(
@@ -181,6 +183,7 @@ class Runner:
                     work / "mp",
                     tag=f"{name}-{rep}",
                     guests=guests.factory(),
+                    clock=self.clock,
                 )
                 r["repeat"] = rep
                 runs[name].append(r)
@@ -192,30 +195,27 @@ class Runner:
         return runs
 
     def overhead(self, work: Path, progress: Progress, guests: GuestChoice) -> dict[str, Any]:
-        from blkback.repro.overhead import run_volume
+        from blkback.repro.overhead import OverheadPlan, run_volume
         from blkback.repro.vmoverhead import run_volumes_vm
 
         out: dict[str, Any] = {"where": "vm" if guests.setup is not None else "host"}
-
-        def step(what: str) -> None:
-            progress.advance(what)
-
-        opts: dict[str, Any] = {
-            "runs": self.dd_runs,
-            "count": self.dd_count,
-            "size": "1G",
-            "rate": "40M",
-            "log": self.log,
-            "on_step": step,
-        }
+        plan = OverheadPlan(
+            runs=self.dd_runs,
+            count=self.dd_count,
+            size="1G",
+            rate="40M",
+            log=self.log,
+            on_step=progress.advance,
+            clock=self.clock,
+        )
         raw: dict[str, Any] = {}
         if guests.setup is not None:
             progress.step("overhead: one guest, slow and fast volumes (mkfs)")
-            raw = run_volumes_vm(work, guests.setup, **opts)
+            raw = run_volumes_vm(work, guests.setup, plan)
         else:
             for kind in ("slow", "fast"):
                 progress.step(f"overhead: {kind} volume (mkfs)")
-                raw[kind] = run_volume(kind, work, **opts)
+                raw[kind] = run_volume(kind, work, plan)
         for kind, r in raw.items():
             out[kind] = {k: [x["mb_s"] for x in v] for k, v in r["runs"].items()}
         out["dd_mb_s"] = {
@@ -473,6 +473,7 @@ def checks(results: dict[str, Any], *, quick: bool) -> dict[str, Any]:
 
 def host_snapshot() -> dict[str, Any]:
     """Load and pressure of the host now (to say how noisy it was)."""
+    # Unix time, not the Clock's: a reader matches it with the quiet slots and other logs.
     snap: dict[str, Any] = {"time": time.time()}
     with contextlib.suppress(OSError):
         snap["loadavg"] = [float(x) for x in _read("/proc/loadavg").split()[:3]]
@@ -494,12 +495,12 @@ def _read(path: str) -> str:
         return f.read()
 
 
-def idle_swap_traffic(seconds: float) -> dict[str, Any]:
+def idle_swap_traffic(seconds: float, clock: Clock = CLOCK) -> dict[str, Any]:
     """Host-wide pswpin/pswpout while we run nothing: other tenants' swapping."""
     from blkback.hostenv.procfs import swap_counters
 
     a = swap_counters()
-    time.sleep(seconds)
+    clock.wait_until(clock.now_ns() + round(seconds * NS_PER_S))
     b = swap_counters()
     d = b - a
     return {"seconds": seconds, "pswpin": d.pswpin, "pswpout": d.pswpout}

@@ -15,18 +15,40 @@ import signal
 import subprocess
 import sys
 import threading
-import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, Final
 
+from blkback.clock import NS_PER_MS, NS_PER_S, Clock, MonotonicClock
 from blkback.errors import EnvironmentProblem
 from blkback.progress import StepProgress
 
 GUEST_SCRIPT = Path(__file__).with_name("guest.py")
 SYSTEM_PYTHON = "/usr/bin/python3"
 MIB = 1 << 20
+# The experiments run real processes, VMs and kernels in real time: every wait and every
+# duration of repro/ is on this clock unless a caller hands in another one.
+CLOCK: Final = MonotonicClock()
+
+
+def poll_until(
+    ready: Callable[[], bool], *, timeout_ns: int, interval_ns: int, clock: Clock = CLOCK
+) -> bool:
+    """Ask ``ready`` every ``interval_ns`` until it says yes (True) or ``timeout_ns`` has
+    passed (False). ``ready`` is asked first at once, and last after the deadline has
+    passed; it may raise to give up early (the process it waits for died)."""
+    deadline = clock.now_ns() + timeout_ns
+    while not ready():
+        if clock.now_ns() > deadline:
+            return False
+        clock.wait_until(clock.now_ns() + interval_ns)
+    return True
+
+
+def missing_tools(tools: dict[str, str]) -> list[str]:
+    """``tool (package)`` for each tool (name -> Debian package) not on the PATH."""
+    return [f"{tool} ({pkg})" for tool, pkg in tools.items() if shutil.which(tool) is None]
 
 
 def missing_facilities(*, need_overhead: bool) -> list[str]:
@@ -51,19 +73,25 @@ def missing_facilities(*, need_overhead: bool) -> list[str]:
     if probe is None or probe.returncode != 0:
         out.append(f"libnbd's Python module for {SYSTEM_PYTHON} (python3-libnbd)")
     if need_overhead:
-        out.extend(
-            f"{tool} ({pkg})"
-            for tool, pkg in (
-                ("nbdfuse", "nbdfuse"),
-                ("losetup", "util-linux"),
-                ("mkfs.ext4", "e2fsprogs"),
-                ("fusermount3", "fuse3"),
-            )
-            if shutil.which(tool) is None
+        out += missing_tools(
+            {
+                "nbdfuse": "nbdfuse",
+                "losetup": "util-linux",
+                "mkfs.ext4": "e2fsprogs",
+                "fusermount3": "fuse3",
+            }
         )
         if not os.path.exists("/dev/fuse"):
             out.append("/dev/fuse")
     return out
+
+
+def file_tail(path: Path, chars: int) -> str:
+    """The end of a child's log file, for an error message ("" if it cannot be read)."""
+    try:
+        return path.read_text(errors="replace")[-chars:].strip()
+    except OSError:
+        return ""
 
 
 def child_env() -> dict[str, str]:
@@ -128,7 +156,9 @@ class ServerProcess:
         workers: int = 4,
         pressure: str = "auto",
         tag: str = "srv",
+        clock: Clock = CLOCK,
     ) -> None:
+        self.clock = clock
         self.sock = str(workdir / f"{tag}.sock")
         self.control = str(workdir / f"{tag}.ctl")
         self.log_path = workdir / f"{tag}.log"
@@ -166,15 +196,14 @@ class ServerProcess:
     def pid(self) -> int:
         return self.proc.pid
 
-    def _wait_ready(self, timeout_s: float = 60.0) -> None:
+    def _wait_ready(self, timeout_ns: int = 60 * NS_PER_S) -> None:
         assert self.proc.stdout is not None
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
+        deadline = self.clock.now_ns() + timeout_ns
+        while self.clock.now_ns() < deadline:
             line = self.proc.stdout.readline()
             if not line:
                 raise EnvironmentProblem(
-                    f"blkback serve exited ({self.proc.poll()}): "
-                    f"{self.log_path.read_text()[-500:].strip()}"
+                    f"blkback serve exited ({self.proc.poll()}): {file_tail(self.log_path, 500)}"
                 )
             if line.startswith("control:"):
                 return
@@ -197,10 +226,7 @@ class ServerProcess:
             self._log.close()
 
     def log_tail(self, n: int = 2000) -> str:
-        try:
-            return self.log_path.read_text()[-n:]
-        except OSError:
-            return ""
+        return file_tail(self.log_path, n)
 
 
 class GuestProcess:
@@ -267,15 +293,16 @@ class Sampler:
 
     server: ServerProcess
     cgroup_path: str | None
-    interval_s: float = 0.2
+    interval_ns: int = 200 * NS_PER_MS
+    clock: Clock = CLOCK
     samples: list[dict[str, Any]] = field(default_factory=list)
     errors: int = 0
     _stop: threading.Event = field(default_factory=threading.Event)
     _thread: threading.Thread | None = None
-    t0: float = 0.0
+    t0_ns: int = 0
 
     def start(self) -> None:
-        self.t0 = time.monotonic()
+        self.t0_ns = self.clock.now_ns()
         self._thread = threading.Thread(target=self._run, name="repro-sampler", daemon=True)
         self._thread.start()
 
@@ -292,13 +319,13 @@ class Sampler:
     def sample(self) -> dict[str, Any]:
         from blkback.hostenv.procfs import swap_counters
 
-        t = time.monotonic() - self.t0
+        t_ns = self.clock.now_ns() - self.t0_ns
         s = self.server.stats()
         pools = [r["pool_pages"] for d in s["devices"] for r in d["rings"]]
         inflight = sum(r["in_flight_pages"] for d in s["devices"] for r in d["rings"])
         sw = swap_counters()
         out: dict[str, Any] = {
-            "t": round(t, 3),
+            "t": round(t_ns / NS_PER_S, 3),
             "pool_pages": sum(pools),
             "rings_nonempty": sum(1 for p in pools if p),
             "in_flight_pages": inflight,
@@ -323,7 +350,8 @@ class Sampler:
                 self.samples.append(self.sample())
             except Exception:  # the server may be busy or going away; count and go on
                 self.errors += 1
-            self._stop.wait(self.interval_s)
+            # The interval runs from the end of a sample, so a slow server is not polled harder.
+            self.clock.wait_until(self.clock.now_ns() + self.interval_ns, self._stop)
 
 
 def median(xs: list[float]) -> float:

@@ -22,18 +22,18 @@ import contextlib
 import os
 import socket
 import subprocess
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
+from blkback.clock import NS_PER_MS, NS_PER_S, Clock
 from blkback.errors import EnvironmentProblem
-from blkback.repro.testbed import kill_pid
+from blkback.repro.testbed import CLOCK, file_tail, kill_pid, missing_tools, poll_until
 from blkback.repro.vmimage import GuestImage
 
 QEMU = "qemu-system-x86_64"
 DISKS_PER_BRIDGE = 32
-KVM_PROBE_TIMEOUT_S = 20.0
+KVM_PROBE_TIMEOUT_NS = 20 * NS_PER_S
 
 
 @dataclass(frozen=True)
@@ -119,8 +119,10 @@ class Vm:
         tag: str,
         memory_mib: int = 256,
         serials: list[str] | None = None,
+        clock: Clock = CLOCK,
     ) -> None:
         workdir.mkdir(parents=True, exist_ok=True)
+        self.clock = clock
         self.tag = tag
         self.disks = len(disk_uris)
         self.console_log = workdir / f"{tag}.console"
@@ -154,28 +156,31 @@ class Vm:
     def pid(self) -> int:
         return self.proc.pid
 
-    def _connect(self, timeout_s: float = 30.0) -> None:
+    def _connect(self, timeout_ns: int = 30 * NS_PER_S) -> None:
         """QEMU waits (``wait=on``) for us on the control socket before it starts the guest."""
-        deadline = time.monotonic() + timeout_s
-        while True:
-            if self.proc.poll() is not None:
-                raise EnvironmentProblem(f"{self.tag}: qemu exited: {self.log_tail()}")
-            if self.control_sock.exists():
-                s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-                try:
-                    s.connect(str(self.control_sock))
-                except OSError:
-                    s.close()
-                else:
-                    self._sock = s
-                    return
-            if time.monotonic() > deadline:
-                raise EnvironmentProblem(f"{self.tag}: qemu's control socket did not appear")
-            time.sleep(0.05)
+        if not poll_until(
+            self._try_connect, timeout_ns=timeout_ns, interval_ns=50 * NS_PER_MS, clock=self.clock
+        ):
+            raise EnvironmentProblem(f"{self.tag}: qemu's control socket did not appear")
 
-    def wait_ready(self, timeout_s: float = 120.0) -> str:
+    def _try_connect(self) -> bool:
+        """Connect to the control socket if QEMU made it yet; an error if QEMU is gone."""
+        if self.proc.poll() is not None:
+            raise EnvironmentProblem(f"{self.tag}: qemu exited: {self.log_tail()}")
+        if not self.control_sock.exists():
+            return False
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            s.connect(str(self.control_sock))
+        except OSError:
+            s.close()
+            return False
+        self._sock = s
+        return True
+
+    def wait_ready(self, timeout_ns: int = 120 * NS_PER_S) -> str:
         """Block until the guest's init reports ``ready DISKS RELEASE``; returns that line."""
-        line = self.read_line(timeout_s)
+        line = self.read_line(timeout_ns)
         if not line.startswith("ready "):
             raise EnvironmentProblem(f"{self.tag}: unexpected first line {line!r}")
         seen = int(line.split()[1])
@@ -184,18 +189,20 @@ class Vm:
         self.ready_line = line
         return line
 
-    def read_line(self, timeout_s: float) -> str:
+    def read_line(self, timeout_ns: int) -> str:
         """The next line from the guest's control port (without the newline)."""
         assert self._sock is not None
-        deadline = time.monotonic() + timeout_s
+        deadline = self.clock.now_ns() + timeout_ns
         while b"\n" not in self._buf:
-            left = deadline - time.monotonic()
-            if left <= 0:
+            left_ns = deadline - self.clock.now_ns()
+            if left_ns <= 0:
                 raise EnvironmentProblem(
-                    f"{self.tag}: guest silent for {timeout_s:.0f} s; console: "
+                    f"{self.tag}: guest silent for {timeout_ns / NS_PER_S:.0f} s; console: "
                     f"{self.console_tail()}"
                 )
-            self._sock.settimeout(min(left, 1.0))
+            # The socket's own timeout does the waiting (a recv, not the clock), at most 1 s
+            # at a time so that a QEMU that died is noticed.
+            self._sock.settimeout(min(left_ns, NS_PER_S) / NS_PER_S)
             try:
                 chunk = self._sock.recv(65536)
             except TimeoutError:
@@ -215,19 +222,19 @@ class Vm:
         assert self._sock is not None and "\n" not in command
         self._sock.sendall(command.encode() + b"\n")
 
-    def collect(self, timeout_s: float) -> tuple[int, list[str]]:
-        """The running command's output lines and exit status."""
+    def collect(self, timeout_ns: int) -> tuple[int, list[str]]:
+        """The running command's output lines and exit status (``timeout_ns`` per line)."""
         lines: list[str] = []
         while True:
-            line = self.read_line(timeout_s)
+            line = self.read_line(timeout_ns)
             if line.startswith("done "):
                 return int(line.split()[1]), lines
             lines.append(line)
 
-    def run(self, command: str, timeout_s: float = 120.0) -> list[str]:
+    def run(self, command: str, timeout_ns: int = 120 * NS_PER_S) -> list[str]:
         """Run ``command`` in the guest; its output lines (an error if it failed)."""
         self.send(command)
-        rc, lines = self.collect(timeout_s)
+        rc, lines = self.collect(timeout_ns)
         if rc != 0:
             raise EnvironmentProblem(f"{self.tag}: `{command}` failed ({rc}): {lines[-5:]}")
         return lines
@@ -249,19 +256,15 @@ class Vm:
             self.control_sock.unlink()
 
     def log_tail(self, n: int = 600) -> str:
-        try:
-            return self.qemu_log.read_text()[-n:].strip()
-        except OSError:
-            return ""
+        return file_tail(self.qemu_log, n)
 
     def console_tail(self, n: int = 600) -> str:
-        try:
-            return self.console_log.read_text(errors="replace")[-n:].strip()
-        except OSError:
-            return ""
+        return file_tail(self.console_log, n)
 
 
-def choose_accel(image: GuestImage, workdir: Path, want: str = "auto") -> Accel:
+def choose_accel(
+    image: GuestImage, workdir: Path, want: str = "auto", clock: Clock = CLOCK
+) -> Accel:
     """KVM if asked or if a KVM guest boots here within the probe's deadline, else TCG."""
     if want == "tcg":
         return Accel("tcg", "TCG asked for (--accel tcg)")
@@ -271,17 +274,17 @@ def choose_accel(image: GuestImage, workdir: Path, want: str = "auto") -> Accel:
         return Accel("tcg", "no usable /dev/kvm")
     if want == "kvm":
         return Accel("kvm", "KVM asked for (--accel kvm)")
-    t0 = time.monotonic()
+    t0_ns = clock.now_ns()
     vm = None
     try:
-        vm = Vm(image, [], workdir, accel="kvm", tag="kvm-probe")
-        vm.wait_ready(KVM_PROBE_TIMEOUT_S)
+        vm = Vm(image, [], workdir, accel="kvm", tag="kvm-probe", clock=clock)
+        vm.wait_ready(KVM_PROBE_TIMEOUT_NS)
     except EnvironmentProblem:
         return Accel("tcg", "KVM tried first: " + _kvm_failure(workdir / "kvm-probe.qemu.log"))
     finally:
         if vm is not None:
             vm.stop()
-    return Accel("kvm", f"a KVM guest booted in {time.monotonic() - t0:.1f} s")
+    return Accel("kvm", f"a KVM guest booted in {(clock.now_ns() - t0_ns) / NS_PER_S:.1f} s")
 
 
 def _kvm_failure(qemu_log: Path) -> str:
@@ -294,25 +297,16 @@ def _kvm_failure(qemu_log: Path) -> str:
     if errors:  # the first line says why; the rest is QEMU's assertion and abort
         return "QEMU failed (" + errors[0].removeprefix(f"{QEMU}: ")[:160] + ")"
     return (
-        f"the guest did not reach its init within {KVM_PROBE_TIMEOUT_S:.0f} s (a Linux guest "
-        "hangs at boot under KVM here: nested virtualisation)"
+        f"the guest did not reach its init within {KVM_PROBE_TIMEOUT_NS // NS_PER_S} s (a Linux "
+        "guest hangs at boot under KVM here: nested virtualisation)"
     )
 
 
 def missing_vm_facilities() -> list[str]:
     """What this host lacks for VM guests (empty when everything is there)."""
-    import shutil
-
-    out = [
-        f"{tool} ({pkg})"
-        for tool, pkg in (
-            (QEMU, "qemu-system-x86"),
-            ("apt-get", "apt"),
-            ("dpkg-deb", "dpkg"),
-            ("ldd", "libc-bin"),
-        )
-        if shutil.which(tool) is None
-    ]
+    out = missing_tools(
+        {QEMU: "qemu-system-x86", "apt-get": "apt", "dpkg-deb": "dpkg", "ldd": "libc-bin"}
+    )
     if not os.path.exists("/bin/busybox"):
         out.append("/bin/busybox (busybox-static)")
     return out

@@ -17,12 +17,12 @@ swap-out of a zero-filled page in a bitmap, with no I/O and not in ``pswpout`` (
 from __future__ import annotations
 
 import contextlib
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from blkback.repro.testbed import ServerProcess, median
+from blkback.clock import NS_PER_S, Clock
+from blkback.repro.testbed import CLOCK, ServerProcess, median
 from blkback.repro.vm import Accel, Vm, nbd_uri
 from blkback.repro.vmimage import GuestImage
 
@@ -76,13 +76,15 @@ class VmGuests:
         burst: int,
         period: float,
         seconds: float,
+        clock: Clock = CLOCK,
     ) -> None:
+        self.clock = clock
         self.burst_mib = max(1, burst // MIB)
         self.period_cs = round(period * 100)
         self.seconds = seconds
         self.groups = split(names, setup.vms)
         self.vms: list[Vm] = []
-        t0 = time.monotonic()
+        t0_ns = clock.now_ns()
         try:
             # Start every QEMU (each connects its disks at once); they boot in parallel while
             # the caller goes on (wait_ready).
@@ -96,12 +98,13 @@ class VmGuests:
                         accel=setup.accel.name,
                         tag=f"guest{i}",
                         memory_mib=setup.memory_mib,
+                        clock=clock,
                     )
                 )
         except BaseException:
             self.stop()
             raise
-        self._t0 = t0
+        self._t0_ns = t0_ns
         self.boot_s: float | None = None
         self.pattern_s: float | None = None
 
@@ -115,36 +118,36 @@ class VmGuests:
             self.stop()
             raise
         if self.boot_s is None:
-            self.boot_s = time.monotonic() - self._t0
+            self.boot_s = (self.clock.now_ns() - self._t0_ns) / NS_PER_S
             self._make_pattern()
 
     def _make_pattern(self) -> None:
         """The burst data in every guest (all guests at once; before go, so not measured)."""
-        t0 = time.monotonic()
+        t0_ns = self.clock.now_ns()
         command = f"busybox dd if=/dev/urandom of={PATTERN} bs=1M count={self.burst_mib}"
         try:
             for vm in self.vms:
                 vm.send(command + " 2>/dev/null")
             for vm in self.vms:
-                rc, lines = vm.collect(60.0)
+                rc, lines = vm.collect(60 * NS_PER_S)
                 if rc != 0:
                     raise RuntimeError(f"{vm.tag}: `{command}` failed ({rc}): {lines[-3:]}")
         except BaseException:
             self.stop()
             raise
-        self.pattern_s = time.monotonic() - t0
+        self.pattern_s = (self.clock.now_ns() - t0_ns) / NS_PER_S
 
     def go(self) -> None:
         self.wait_ready()
         for vm in self.vms:
             vm.send(f"bursts.sh {self.period_cs} {self.burst_mib} {round(self.seconds)} {PATTERN}")
 
-    def finish(self, timeout_s: float = 120.0) -> dict[str, Any]:
+    def finish(self, timeout_ns: int = 120 * NS_PER_S) -> dict[str, Any]:
         """Wait for every guest's workload to end; the bursts' totals and timing."""
         per_vm: list[dict[str, Any]] = []
         durations: list[float] = []
         for vm in self.vms:
-            rc, lines = vm.collect(timeout_s)
+            rc, lines = vm.collect(timeout_ns)
             bursts = parse_bursts(lines)
             durations += [s for _, s in bursts]
             per_vm.append({"tag": vm.tag, "disks": vm.disks, "bursts": len(bursts), "rc": rc})

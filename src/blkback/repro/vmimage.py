@@ -195,6 +195,7 @@ def prune(cache: Path, keep: str, unused_s: float = PRUNE_UNUSED_S) -> list[str]
     is about to boot. Returns the removed keys.
     """
     removed = []
+    # Unix time, not the Clock's: it is compared with the images' mtimes.
     now = time.time()
     for old in cache.iterdir():
         if not old.is_dir() or old.name == keep or old.name.startswith("build-"):

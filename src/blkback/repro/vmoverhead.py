@@ -12,10 +12,12 @@ are outside the memory-limited cgroup, as in the host variant.
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 from typing import Any
 
-from blkback.repro.overhead import dd_record, log_dd, log_loop_header, pool_totals
+from blkback.clock import NS_PER_S
+from blkback.repro.overhead import OverheadPlan, dd_record, log_dd, measure_setting
 from blkback.repro.testbed import ServerProcess
 from blkback.repro.vm import Vm, nbd_uri
 from blkback.repro.vmguests import VmSetup
@@ -48,27 +50,21 @@ def mount_by_serial(serial: str) -> str:
     )
 
 
-def run_volumes_vm(
-    workdir: Path,
-    setup: VmSetup,
-    *,
-    runs: int,
-    count: int,
-    size: str,
-    rate: str,
-    settings: tuple[int, ...] = (1024, 0),
-    log: Any = None,
-    on_step: Any = None,
-) -> dict[str, dict[str, Any]]:
+def run_volumes_vm(workdir: Path, setup: VmSetup, plan: OverheadPlan) -> dict[str, dict[str, Any]]:
     """Both volumes in one guest: mkfs + mount, then per volume the dd loop per setting."""
-    specs = {"slow": f"memory:{size},rate={rate}", "fast": f"memory:{size}"}
+    specs = {kind: plan.export(kind) for kind in KINDS}
     wd = workdir / "overhead-vm"
     wd.mkdir(parents=True, exist_ok=True)
     results: dict[str, dict[str, Any]] = {
         kind: {"export": specs[kind], "runs": {}, "pools": {}, "where": "vm"} for kind in KINDS
     }
     server = ServerProcess(
-        wd, [f"{k}={specs[k]}" for k in KINDS], workers=16, pressure="off", tag="srv"
+        wd,
+        [f"{k}={specs[k]}" for k in KINDS],
+        workers=16,
+        pressure="off",
+        tag="srv",
+        clock=plan.clock,
     )
     try:
         vm = Vm(
@@ -79,19 +75,21 @@ def run_volumes_vm(
             tag="dd-guest",
             memory_mib=setup.memory_mib,
             serials=list(KINDS),
+            clock=plan.clock,
         )
         try:
             vm.wait_ready()
             for kind in KINDS:
-                vm.run(mount_by_serial(kind), timeout_s=300)
+                vm.run(mount_by_serial(kind), timeout_ns=300 * NS_PER_S)
             for kind in KINDS:
-                for setting in settings:
-                    if on_step is not None:
-                        on_step(f"overhead {kind} (vm): max_buffer_pages={setting}")
-                    results[kind]["runs"][str(setting)] = _loop(
-                        server, vm, kind, setting, runs, count, log, results[kind]["pools"]
+                for setting in plan.settings:
+                    plan.step(f"overhead {kind} (vm): max_buffer_pages={setting}")
+                    done, pools = measure_setting(
+                        server, plan, kind, setting, functools.partial(_guest_loop, vm, kind, plan)
                     )
-            vm.run("umount /mnt/slow /mnt/fast", timeout_s=120)
+                    results[kind]["runs"][str(setting)] = done
+                    results[kind]["pools"][str(setting)] = pools
+            vm.run("umount /mnt/slow /mnt/fast", timeout_ns=120 * NS_PER_S)
         finally:
             vm.stop()
     finally:
@@ -99,30 +97,14 @@ def run_volumes_vm(
     return results
 
 
-def _loop(
-    server: ServerProcess,
-    vm: Vm,
-    kind: str,
-    setting: int,
-    runs: int,
-    count: int,
-    log: Any,
-    pools: dict[str, Any],
-) -> list[dict[str, Any]]:
-    """Set max_buffer_pages on the host, run the seed's loop in the guest, parse its lines."""
-    server.set("max_buffer_pages", setting)
-    if log is not None:
-        log_loop_header(kind, setting, runs, count, log)
-    before = pool_totals(server.stats())
-    out = vm.run(f"ddloop.sh /mnt/{kind} {runs} {count}", timeout_s=runs * 600)
+def _guest_loop(vm: Vm, kind: str, plan: OverheadPlan) -> list[dict[str, Any]]:
+    """The seed's loop in the guest on volume ``kind``; its dd lines parsed (and logged)."""
+    runs, count = plan.runs, plan.count
+    out = vm.run(f"ddloop.sh /mnt/{kind} {runs} {count}", timeout_ns=runs * 600 * NS_PER_S)
     loop = parse_loop(out, count * 4096)
     if len(loop) != runs:
         raise RuntimeError(f"dd loop in the guest: {runs} runs expected: {out[-5:]}")
-    if log is not None:
+    if plan.log is not None:
         for run in loop:
-            log_dd(run, log)
-    after = pool_totals(server.stats())
-    pools[str(setting)] = {k: after[k] - before[k] for k in after} | {
-        "pool_pages_end": after["pool_pages"]
-    }
+            log_dd(run, plan.log)
     return loop

@@ -53,7 +53,9 @@ def test_feed_reports_each_move_and_nothing_while_still(tmp_path: Path) -> None:
 
 
 def test_gaps_within_each_window() -> None:
-    """The share of gaps between reports that a 1, 10 or 100 ms deadline bridges."""
-    gaps = [0.0005, 0.002, 0.004, 0.050, 0.300]
-    assert gaps_within(gaps, WINDOWS_MS) == {"1": 0.2, "10": 0.6, "100": 0.8}
+    """The share of gaps between reports that a 1, 10 or 100 ms deadline bridges; a gap of
+    exactly one window (10 ms) is not within it."""
+    gaps_ns = [500_000, 2_000_000, 4_000_000, 50_000_000, 300_000_000]
+    assert gaps_within(gaps_ns, WINDOWS_MS) == {"1": 0.2, "10": 0.6, "100": 0.8}
+    assert gaps_within([10_000_000], (10,)) == {"10": 0.0}
     assert gaps_within([], WINDOWS_MS) == {"1": None, "10": None, "100": None}
