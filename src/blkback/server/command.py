@@ -436,6 +436,14 @@ def build_server(options: ServeOptions, *, listen_fds: list[int], single: bool) 
         raise
 
 
+# The size options of ServeOptions: least and most bytes, and those bounds as an error says them.
+_SIZE_BOUNDS: dict[str, tuple[int, int, str]] = {
+    "max_block": (4096, 1 << 30, "between 4K and 1G"),
+    "max_request": (4096, 1 << 30, "between 4K and 1G"),
+    "send_buffer": (0, 64 << 20, "at most 64M"),
+}
+
+
 def server_config(options: ServeOptions, *, listen_fds: list[int], single: bool) -> ServerConfig:
     """The :class:`ServerConfig` of checked ``options``; errors name the flag or key."""
     from blkback.server.settings import ServerConfig
@@ -450,19 +458,13 @@ def server_config(options: ServeOptions, *, listen_fds: list[int], single: bool)
     if not 0.1 <= options.io_timeout <= 86_400:
         raise ConfigError(f"{w('io_timeout')} must be between 0.1 and 86400 seconds")
     sizes = {}
-    for name in ("max_block", "max_request"):
+    for name, (least, most, bounds) in _SIZE_BOUNDS.items():
         try:
             sizes[name] = parse_size(getattr(options, name))
         except ConfigError as exc:
             raise ConfigError(f"{w(name)}: {exc}") from None
-        if not 4096 <= sizes[name] <= 1 << 30:
-            raise ConfigError(f"{w(name)} must be between 4K and 1G")
-    try:
-        send_buffer = parse_size(options.send_buffer)
-    except ConfigError as exc:
-        raise ConfigError(f"{w('send_buffer')}: {exc}") from None
-    if send_buffer > 64 << 20:
-        raise ConfigError(f"{w('send_buffer')} must be at most 64M")
+        if not least <= sizes[name] <= most:
+            raise ConfigError(f"{w(name)} must be {bounds}")
     tls_context = None
     if options.tls != "off":
         from blkback.server.tls import TlsConfig, make_server_context
@@ -493,7 +495,7 @@ def server_config(options: ServeOptions, *, listen_fds: list[int], single: bool)
         mlock=options.mlock,
         max_block=sizes["max_block"],
         max_request=sizes["max_request"],
-        send_buffer=send_buffer,
+        send_buffer=sizes["send_buffer"],
         tls=options.tls,  # type: ignore[arg-type]  # checked by argparse or the config loader
         tls_context=tls_context,
     )

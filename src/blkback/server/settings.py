@@ -60,6 +60,6 @@ class ServerConfig:
     # caps it at net.core.wmem_max). A Unix socket's replies queue against the *sender's*
     # buffer only, 208 KiB by default: a 1 MiB read reply then sleeps and wakes the ring
     # five times, and the ring cannot copy the next read while it waits. 512 KiB lets a
-    # whole 1 MiB reply go in one call (docs/data-path.md section 6). TCP sockets keep the
+    # whole 1 MiB reply go in one call (docs/data-path.md section 5). TCP sockets keep the
     # kernel's autotuning, which a fixed SO_SNDBUF would switch off. 0: the kernel's default.
     send_buffer: int = 512 * 1024

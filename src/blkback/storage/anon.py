@@ -65,7 +65,6 @@ class AnonMemoryStorage(Capabilities):
             raise ConfigError(f"memory: cannot reserve {format_size(size)}: {exc}") from exc
         #: The whole disk and its page map; the server's fast path copies through it too.
         self.region = MemoryRegion(memoryview(self._map))
-        self.mem = self.region.mem
 
     def direct_access(self) -> MemoryRegion:
         """The server copies to and from the region itself (which marks what it wrote)."""
@@ -114,7 +113,7 @@ class AnonMemoryStorage(Capabilities):
         end = offset + length
         first_full = (offset + PAGE - 1) // PAGE * PAGE
         last_full = end // PAGE * PAGE
-        mem = self.mem
+        mem = self.region.mem
         if first_full >= last_full:  # inside one page (or two partial pages)
             mem[offset:end] = bytes(length)
             return
@@ -151,7 +150,7 @@ class AnonMemoryStorage(Capabilities):
 
     def close(self) -> None:
         """Release the mapping (once no request uses it)."""
-        self.mem.release()
+        self.region.mem.release()
         try:
             self._map.close()
         except BufferError:
