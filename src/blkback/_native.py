@@ -32,6 +32,7 @@ COMPILED: tuple[str, ...] = (
     "blkback.core.ring",
     "blkback.protocol.transmission",
     "blkback.server.direct_io",
+    "blkback.storage.direct",
     "blkback.storage.region",
     "blkback.server.connection",
 )

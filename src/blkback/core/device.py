@@ -38,10 +38,10 @@ from blkback.core.policy import (
     SqueezePolicy,
     policy_named,
 )
-from blkback.core.ring import Ring
+from blkback.core.ring import Ring, RingOwner
 
 
-class Device:
+class Device(RingOwner):
     """One export and its rings (the owner :class:`~blkback.core.ring.Ring` expects)."""
 
     def __init__(self, name: str, bus: Bus) -> None:

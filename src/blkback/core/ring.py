@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Final, Protocol
+from typing import Final
 
 from blkback.clock import NS_PER_MS, NS_PER_S
 from blkback.core.pages import PageAllocator, Release
@@ -86,30 +86,27 @@ class RingStats:
         return out
 
 
-class RingOwner(Protocol):
-    """What a ring needs of its device (:class:`~blkback.core.device.Device` is one)."""
+class RingOwner:
+    """What a ring needs of its device (:class:`~blkback.core.device.Device` is one).
 
-    @property
-    def name(self) -> str:
-        """The device's name, for the stats line."""
-        ...
+    A base class, not a ``Protocol``: compiled, a ring's calls into its device (the pool
+    target, on every loop pass) are then direct calls rather than Python method lookups.
+    """
 
-    @property
-    def params(self) -> Params:
-        """The runtime parameters the ring's passes read."""
-        ...
+    name: str  # the device's name, for the stats line
+    params: Params  # the runtime parameters the ring's passes read
 
     def pool_target(self, last_io_ns: int, now_ns: int) -> int:
         """The pool size the squeeze in force allows a ring whose last I/O was at ``last_io_ns``."""
-        ...
+        raise NotImplementedError
 
     def squeezed(self, now_ns: int) -> bool:
         """Whether ``now_ns`` is inside the device's squeeze window."""
-        ...
+        raise NotImplementedError
 
     def emit_stats(self, line: str) -> None:
         """Deliver a ``log_stats`` line."""
-        ...
+        raise NotImplementedError
 
 
 class Ring:

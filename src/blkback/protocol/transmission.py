@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import errno as _errno
 import struct
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Final
 
 from blkback.errors import (
@@ -69,7 +69,6 @@ _CHUNK_HOLE: Final = struct.Struct(">IHHQIQI")  # header + offset + hole size
 _CHUNK_ERROR: Final = struct.Struct(">IHHQIIH")  # header + error + message length
 _CHUNK_BLOCK_STATUS: Final = struct.Struct(">IHHQII")  # header + context id
 _U64: Final = struct.Struct(">Q")
-_SIMPLE_PACK: Final = SIMPLE_REPLY.pack
 _SIMPLE_MAGIC: Final = int(SIMPLE_REPLY_MAGIC)
 _STRUCTURED_MAGIC: Final = int(STRUCTURED_REPLY_MAGIC)
 _OFFSET_DATA_INT: Final = int(ReplyType.OFFSET_DATA)
@@ -99,16 +98,12 @@ _WIRE_ERRNO: Final = {
 }
 
 
-def _structured_read_header(cookie: int, offset: int, length: int) -> bytes:
-    # Packed here rather than through chunk_offset_data_header: this is the reply of every
-    # fast-path READ, and plain int constants pack faster than enum members.
-    return _CHUNK_OFFSET_DATA.pack(
-        _STRUCTURED_MAGIC, _DONE, _OFFSET_DATA_INT, cookie, length + 8, offset
-    )
-
-
-def _simple_read_header(cookie: int, offset: int, length: int) -> bytes:
-    return _SIMPLE_PACK(_SIMPLE_MAGIC, 0, cookie)
+# The replies of every fast-path request: their constant fields packed once, the rest per
+# request (packing a large constant boxes it anew on every call).
+_OK_PREFIX: Final = struct.pack(">II", _SIMPLE_MAGIC, 0)
+_OFFSET_DATA_PREFIX: Final = struct.pack(">IHH", _STRUCTURED_MAGIC, _DONE, _OFFSET_DATA_INT)
+_PACK_OFFSET_DATA_TAIL: Final = struct.Struct(">QIQ").pack  # cookie, payload length, offset
+_PACK_U64: Final = _U64.pack
 
 
 def wire_errno(err: int) -> int:
@@ -179,7 +174,6 @@ class Transmission:
         # of service", so a WRITE up to max(accepted length, 32 MiB) is read and failed with
         # EINVAL (as nbdkit skips over-large payloads); only a longer one drops the connection.
         self.max_write_payload = max(self._max_request, DEFAULT_MAX_BLOCK)
-        self._read_header = _structured_read_header if self.structured else _simple_read_header
 
         # Which flags each advertised command accepts ("Command flags"). FUA "is valid for all
         # commands, provided NBD_FLAG_SEND_FUA has been negotiated". A command missing here was
@@ -318,14 +312,9 @@ class Transmission:
             header: send it only when every byte is in hand, because a chunk marked DONE MUST
             NOT be sent "if there is still a possibility of detecting an error".
         """
-        return self._read_header(cookie, offset, length)
-
-    def read_header_encoder(self) -> Callable[[int, int, int], bytes]:
-        """:meth:`read_reply_header` as a plain function ``(cookie, offset, length)``.
-
-        For the server's fast path, which encodes one per READ and binds it once.
-        """
-        return self._read_header
+        if self.structured:
+            return _OFFSET_DATA_PREFIX + _PACK_OFFSET_DATA_TAIL(cookie, length + 8, offset)
+        return _OK_PREFIX + _PACK_U64(cookie)
 
     def ok_reply(self, cookie: int) -> bytes:
         """Encodes the whole reply of a successful request that returns no data.
@@ -339,7 +328,7 @@ class Transmission:
         Returns:
             16 bytes.
         """
-        return _SIMPLE_PACK(_SIMPLE_MAGIC, 0, cookie)
+        return _OK_PREFIX + _PACK_U64(cookie)
 
     def error_reply(self, cookie: int, errno: int, message: str = "") -> bytes:
         """Encodes a whole error reply in the form the negotiation requires.

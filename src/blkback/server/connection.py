@@ -51,8 +51,9 @@ from blkback.protocol.constants import REQUEST_MAGIC, Cmd, CmdFlag, TFlag
 from blkback.protocol.handshake import HandshakeState, Negotiated, ServerHandshake
 from blkback.protocol.transmission import REQUEST, REQUEST_SIZE, Transmission
 from blkback.server import oplog
-from blkback.server.direct_io import DirectIO, direct_io
+from blkback.server.direct_io import direct_io
 from blkback.server.tls import TlsSocket, start_tls
+from blkback.storage.direct import DirectIO
 
 if TYPE_CHECKING:
     from blkback.clock import Clock
@@ -83,6 +84,8 @@ F_FUA: Final = int(CmdFlag.FUA)
 F_NO_HOLE: Final = int(CmdFlag.NO_HOLE)
 F_FAST_ZERO: Final = int(CmdFlag.FAST_ZERO)
 F_REQ_ONE: Final = int(CmdFlag.REQ_ONE)
+
+_UNPACK_REQUEST: Final = REQUEST.unpack_from
 
 #: One request of a group: command, cookie, offset, length, pages.
 _Request = tuple[int, int, int, int, int]
@@ -327,7 +330,6 @@ class Connection:
             return
         self.export = export
         self.codec = Transmission(neg)
-        self._read_header = self.codec.read_header_encoder()
         self.storage = export.storage
         self.contexts = sorted(neg.meta_contexts)
         self.max_payload = self.codec.max_write_payload
@@ -401,17 +403,15 @@ class Connection:
         """
         self._staging[: len(leftover)] = leftover
         start, end = 0, len(leftover)
-        receive = self._receive
-        serve_batch = self._serve_batch
-        pass_after_batch = self._pass_after_batch
+        # Methods called on self, not bound to locals: compiled, these are direct calls.
         while True:
             if self._fatal is not None:
                 raise self._fatal
             if end - start < REQUEST_SIZE:
-                start, end = receive(start, end)
+                start, end = self._receive(start, end)
             else:
-                start, end = serve_batch(start, end)
-                pass_after_batch()
+                start, end = self._serve_batch(start, end)
+                self._pass_after_batch()
 
     # -- step 1: receive ------------------------------------------------------------------
     def _receive(self, start: int, end: int) -> tuple[int, int]:
@@ -446,7 +446,7 @@ class Connection:
 
     def _compact(self, start: int, end: int) -> tuple[int, int]:
         """Move the staged bytes (a partial header) to the front; the new ``(start, end)``."""
-        if start:
+        if start and end > start:
             self._staging[: end - start] = self._view[start:end]
         return 0, end - start
 
@@ -657,7 +657,6 @@ class Connection:
         is still arriving ends it, and so does any request the fast path does not take.
         """
         view = self._view
-        unpack = REQUEST.unpack_from
         group_pages = self.group_pages
         max_block = self.max_block
         size = self.export_size
@@ -665,8 +664,15 @@ class Connection:
         group: list[_Request] = []
         need = 0
         pos = start
+        # Declared ints: compiled, the fields are unboxed once, then compared natively.
+        magic: int
+        flags: int
+        cmd: int
+        cookie: int
+        offset: int
+        length: int
         while need < group_pages and end - pos >= REQUEST_SIZE:
-            magic, flags, cmd, cookie, offset, length = unpack(view, pos)
+            magic, flags, cmd, cookie, offset, length = _UNPACK_REQUEST(view, pos)
             if magic != REQUEST_MAGIC or flags or not 0 < length <= max_block:
                 break
             if offset + length > size:
@@ -689,11 +695,15 @@ class Connection:
         """``n`` pages from the ring's pool in one call; None if the pool cannot grow."""
         ring = self.ring
         assert ring is not None
+        # acquire/release, not ``with``: compiled, a ``with`` block costs a bound method more.
+        lock = self.ring_lock
+        lock.acquire()
         try:
-            with self.ring_lock:
-                return ring.get_pages(n, now_ns)
+            return ring.get_pages(n, now_ns)
         except MemoryError:
             return None
+        finally:
+            lock.release()
 
     # -- step 4: do the I/O, and reply ----------------------------------------------------
     def _serve_group(
@@ -708,10 +718,7 @@ class Connection:
         direct = self.direct
         assert ring is not None and alloc is not None and direct is not None
         page_views = alloc.page_views
-        read = direct.read
-        write = direct.write
-        read_header = self._read_header
-        ok_reply = self.codec.ok_reply
+        codec = self.codec
         out: _Replies = []
         reads = writes = read_bytes = write_bytes = 0
         j = 0
@@ -725,15 +732,15 @@ class Connection:
             j += npages
             try:
                 if cmd == C_READ:
-                    read(views, offset, length)
-                    out.append(read_header(cookie, offset, length))
+                    direct.read(views, offset, length)
+                    out.append(codec.read_reply_header(cookie, offset, length))
                     out += views
                     reads += 1
                     read_bytes += length
                 else:
                     start, end = self._take_payload(start, end, length, views)
-                    write(views, offset, length)
-                    out.append(ok_reply(cookie))
+                    direct.write(views, offset, length)
+                    out.append(codec.ok_reply(cookie))
                     writes += 1
                     write_bytes += length
             except RequestError as exc:
@@ -765,8 +772,12 @@ class Connection:
     def _put_back(self, pages: list[int]) -> None:
         ring = self.ring
         assert ring is not None
-        with self.ring_lock:
+        lock = self.ring_lock
+        lock.acquire()
+        try:
             ring.put_pages(pages)
+        finally:
+            lock.release()
 
     def _pass_after_batch(self) -> None:
         """The loop pass after the I/O: trim, or squeeze."""
@@ -777,8 +788,12 @@ class Connection:
     def _pass(self, now_ns: int, *, had_io: bool, woken: bool) -> None:
         ring = self.ring
         assert ring is not None
-        with self.ring_lock:
+        lock = self.ring_lock
+        lock.acquire()
+        try:
             ring.loop_pass(now_ns, had_io=had_io, woken=woken)
+        finally:
+            lock.release()
 
     def _one_request(self, view: memoryview, start: int, end: int) -> tuple[int, int]:
         """Parse and serve the request at ``start``; return the new staging ``(start, end)``."""
@@ -1071,25 +1086,32 @@ class Connection:
 
     # -- sending --------------------------------------------------------------------------
     def _send(self, bufs: list[bytes | memoryview]) -> None:
+        """Send ``bufs`` whole; replies of workers and the ring go out one call at a time."""
         if not bufs:
             return
+        if self._workers:
+            with self.send_lock:
+                self._send_all(bufs)
+        else:  # only the ring's thread sends
+            self._send_all(bufs)
+
+    def _send_all(self, bufs: list[bytes | memoryview]) -> None:
         sock = self.sock
-        with self.send_lock:
-            while bufs:
-                chunk = bufs[:IOV_MAX]
-                try:
-                    sent = sock.sendmsg(chunk)
-                except BlockingIOError:
-                    raise TimeoutError("client stopped reading replies") from None
-                # Drop what went out, keep the unsent tail.
-                k = 0
-                while k < len(chunk) and sent >= len(chunk[k]):
-                    sent -= len(chunk[k])
-                    k += 1
-                if k < len(chunk) and sent:
-                    bufs = [memoryview(chunk[k])[sent:], *bufs[k + 1 :]]
-                else:
-                    bufs = bufs[k:]
+        while bufs:
+            chunk = bufs if len(bufs) <= IOV_MAX else bufs[:IOV_MAX]
+            try:
+                sent = sock.sendmsg(chunk)
+            except BlockingIOError:
+                raise TimeoutError("client stopped reading replies") from None
+            # Drop what went out, keep the unsent tail.
+            k = 0
+            while k < len(chunk) and sent >= len(chunk[k]):
+                sent -= len(chunk[k])
+                k += 1
+            if k < len(chunk) and sent:
+                bufs = [memoryview(chunk[k])[sent:], *bufs[k + 1 :]]
+            else:
+                bufs = bufs[k:]
 
     # -- workers (blocking backends) ------------------------------------------------------
     def _start_workers(self, n: int) -> None:

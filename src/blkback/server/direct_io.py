@@ -2,38 +2,24 @@
 
 A storage that declares :meth:`~blkback.storage.base.Storage.direct_access` lets the ring
 move a request's data without calling the storage object: a copy to or from the server's
-own memory (the storage's :class:`~blkback.storage.region.MemoryRegion`, which is a
-:class:`DirectIO` itself and marks what it wrote), or one plain ``preadv``/``pwritev`` on a
-descriptor (:class:`~blkback.storage.base.PlainDescriptor`). The storage still owns the
-rules: the region is the memory backend's own, and a short or failed transfer on a
-descriptor goes back to the storage's own methods and error mapping.
-
-Both are called with a request's page *spans* (``MmapAllocator.spans``): one or a
-few memoryviews whose lengths add up to the request's length.
+own memory (the storage's :class:`~blkback.storage.region.MemoryRegion`, which copies and
+marks what it wrote), or one plain ``preadv``/``pwritev`` on a descriptor
+(:class:`~blkback.storage.base.PlainDescriptor`). Both are a
+:class:`~blkback.storage.direct.DirectIO`. The storage still owns the rules: the region is
+the memory backend's own, and a short or failed transfer on a descriptor goes back to the
+storage's own methods and error mapping.
 """
 
 from __future__ import annotations
 
 import os
-from typing import Protocol
 
 from blkback.storage.base import DirectAccess, Storage, os_error
+from blkback.storage.direct import DirectIO
 from blkback.storage.region import MemoryRegion
 
 
-class DirectIO(Protocol):
-    """Reads and writes of the fast path; errors raise ``RequestError``."""
-
-    def read(self, views: list[memoryview], offset: int, length: int) -> None:
-        """Fill ``views`` with ``length`` bytes of the export from ``offset``."""
-        ...
-
-    def write(self, views: list[memoryview], offset: int, length: int) -> None:
-        """Store the ``length`` bytes of ``views`` at ``offset``."""
-        ...
-
-
-class DescriptorIO:
+class DescriptorIO(DirectIO):
     """One plain ``preadv``/``pwritev``; the storage finishes a short one and maps errors."""
 
     __slots__ = ("_fd", "_storage")

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 from typing import Final
 
+from blkback.storage.direct import DirectIO
+
 PAGE_SHIFT: Final = 12
 #: Copies go in pieces of at most this many bytes. glibc's ``memcpy`` uses ``rep movsb``
 #: below its ``rep_movsb_stop_threshold`` (the L2 size: 1 MiB on this machine's EPYC) and a
@@ -30,7 +32,7 @@ def _copy(dst: memoryview, src: memoryview) -> None:
         dst[i : i + COPY_PIECE] = src[i : i + COPY_PIECE]
 
 
-class MemoryRegion:
+class MemoryRegion(DirectIO):
     """``mem`` (a whole export) and a byte per 4 KiB page: 1 when the page may hold data.
 
     Callers check ranges first: the region copies and marks, nothing else.
