@@ -761,7 +761,7 @@ class Connection:
         A payload staged with the headers is copied once; the rest of a longer one is
         received straight into the pages, which leaves the staging buffer empty.
         """
-        if len(views) == 1 and end - start >= length:  # a staged 4 KiB payload: one copy
+        if len(views) == 1 and end - start >= length:  # staged whole, one span: one copy
             views[0][:] = self._view[start : start + length]
             return start + length, end
         staged_whole = end - start >= length
