@@ -64,7 +64,6 @@ REQUEST_SIZE: Final = REQUEST.size  # 28
 SIMPLE_REPLY: Final = struct.Struct(">IIQ")
 # "Structured reply chunk message": magic, flags, type, cookie, payload length.
 CHUNK_HEADER: Final = struct.Struct(">IHHQI")
-_CHUNK_OFFSET_DATA: Final = struct.Struct(">IHHQIQ")  # header + offset; data follows
 _CHUNK_HOLE: Final = struct.Struct(">IHHQIQI")  # header + offset + hole size
 _CHUNK_ERROR: Final = struct.Struct(">IHHQIIH")  # header + error + message length
 _CHUNK_BLOCK_STATUS: Final = struct.Struct(">IHHQII")  # header + context id
@@ -101,7 +100,8 @@ _WIRE_ERRNO: Final = {
 # The replies of every fast-path request: their constant fields packed once, the rest per
 # request (packing a large constant boxes it anew on every call).
 _OK_PREFIX: Final = struct.pack(">II", _SIMPLE_MAGIC, 0)
-_OFFSET_DATA_PREFIX: Final = struct.pack(">IHH", _STRUCTURED_MAGIC, _DONE, _OFFSET_DATA_INT)
+_OFFSET_DATA_DONE: Final = struct.pack(">IHH", _STRUCTURED_MAGIC, _DONE, _OFFSET_DATA_INT)
+_OFFSET_DATA_MORE: Final = struct.pack(">IHH", _STRUCTURED_MAGIC, 0, _OFFSET_DATA_INT)
 _PACK_OFFSET_DATA_TAIL: Final = struct.Struct(">QIQ").pack  # cookie, payload length, offset
 _PACK_U64: Final = _U64.pack
 
@@ -313,8 +313,8 @@ class Transmission:
             NOT be sent "if there is still a possibility of detecting an error".
         """
         if self.structured:
-            return _OFFSET_DATA_PREFIX + _PACK_OFFSET_DATA_TAIL(cookie, length + 8, offset)
-        return _OK_PREFIX + _PACK_U64(cookie)
+            return self.chunk_offset_data_header(cookie, offset, length, True)
+        return self.ok_reply(cookie)
 
     def ok_reply(self, cookie: int) -> bytes:
         """Encodes the whole reply of a successful request that returns no data.
@@ -362,14 +362,8 @@ class Transmission:
         Returns:
             28 bytes.
         """
-        return _CHUNK_OFFSET_DATA.pack(
-            STRUCTURED_REPLY_MAGIC,
-            _DONE if done else 0,
-            ReplyType.OFFSET_DATA,
-            cookie,
-            length + 8,
-            offset,
-        )
+        prefix = _OFFSET_DATA_DONE if done else _OFFSET_DATA_MORE
+        return prefix + _PACK_OFFSET_DATA_TAIL(cookie, length + 8, offset)
 
     def chunk_hole(self, cookie: int, offset: int, length: int, done: bool) -> bytes:
         """Encodes an ``OFFSET_HOLE`` chunk: ``length`` bytes at ``offset`` read as zero.

@@ -933,10 +933,7 @@ class Connection:
 
     def _return(self, pages: list[int]) -> None:
         if pages:
-            ring = self.ring
-            assert ring is not None
-            with self.ring_lock:
-                ring.put_pages(pages)
+            self._put_back(pages)
 
     def _views(self, pages: list[int], length: int) -> list[memoryview]:
         alloc = self.allocator
