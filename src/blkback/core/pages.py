@@ -31,7 +31,8 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Final, Protocol
 
-PAGE_SIZE: Final = 4096
+PAGE_SHIFT: Final = 12
+PAGE_SIZE: Final = 4096  # 1 << PAGE_SHIFT (a literal: compiled, both are constants)
 
 
 class Release(enum.Enum):

@@ -43,7 +43,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Final, Protocol
 
 from blkback.clock import NS_PER_MS, NS_PER_S, NS_PER_US, thread_cpu_ns
-from blkback.core.pages import PAGE_SIZE, MmapAllocator
+from blkback.core.pages import PAGE_SHIFT, PAGE_SIZE, MmapAllocator
 from blkback.core.polling import PollWindow
 from blkback.core.ring import Ring
 from blkback.errors import ProtocolError, RequestError
@@ -66,7 +66,6 @@ log = logging.getLogger("blkback.connection")
 STAGING_BYTES: Final = 256 * 1024
 GROUP_PAGES: Final = 64  # a group of fast requests takes at most about this many pages
 LARGE_PAYLOAD: Final = 64 * 1024  # a write this large is received straight into its pages
-PAGE_SHIFT: Final = 12
 PAGE_SIZE_MASK: Final = PAGE_SIZE - 1
 IOV_MAX: Final = 1024
 MSG_DONTWAIT: Final = socket.MSG_DONTWAIT

@@ -32,9 +32,10 @@ from .base import (
     format_size,
     refuse_readonly,
 )
-from .region import MemoryRegion
+from .region import MAP_PAGE_SIZE, MemoryRegion
 
-PAGE = 4096
+# The page map's unit, which is also what a trim drops whole (MADV_DONTNEED, 4 KiB pages).
+PAGE = MAP_PAGE_SIZE
 _MAX_EXTENTS = 1024
 
 

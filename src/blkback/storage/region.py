@@ -14,7 +14,11 @@ from typing import Final
 
 from blkback.storage.direct import DirectIO
 
-PAGE_SHIFT: Final = 12
+#: The page map's granularity: a byte of ``used`` per 4 KiB of the export (NBD's block
+#: status unit here). Storage's own unit, not the pool's page (``core.pages.PAGE_SIZE``),
+#: which storage does not import (docs/design.md, package map).
+MAP_SHIFT: Final = 12
+MAP_PAGE_SIZE: Final = 1 << MAP_SHIFT
 #: Copies go in pieces of at most this many bytes. glibc's ``memcpy`` uses ``rep movsb``
 #: below its ``rep_movsb_stop_threshold`` (the L2 size: 1 MiB on this machine's EPYC) and a
 #: vector loop from there on, which copied a MiB into a cold storage page 10 % slower here
@@ -40,7 +44,7 @@ class MemoryRegion(DirectIO):
 
     def __init__(self, mem: memoryview) -> None:
         self.mem = mem
-        self.used = bytearray((len(mem) + (1 << PAGE_SHIFT) - 1) >> PAGE_SHIFT)
+        self.used = bytearray((len(mem) + MAP_PAGE_SIZE - 1) >> MAP_SHIFT)
 
     def read(self, views: list[memoryview], offset: int, length: int) -> None:
         """Fill ``views`` (``length`` bytes in all) from ``offset``; holes read as zeroes."""
@@ -73,8 +77,8 @@ class MemoryRegion(DirectIO):
         """
         if length <= 0:
             return
-        first = offset >> PAGE_SHIFT
-        last = (offset + length - 1) >> PAGE_SHIFT
+        first = offset >> MAP_SHIFT
+        last = (offset + length - 1) >> MAP_SHIFT
         if first == last:  # the common 4 KiB write: no bytes object to build
             self.used[first] = 1
         else:

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import random
 
-from blkback.storage.region import COPY_PIECE, PAGE_SHIFT, MemoryRegion
+from blkback.storage.region import COPY_PIECE, MAP_SHIFT, MemoryRegion
 
-PAGE = 1 << PAGE_SHIFT
+PAGE = 1 << MAP_SHIFT
 
 
 def _region(pages: int) -> MemoryRegion:
