@@ -26,7 +26,7 @@ POLL_NS = 20 * NS_PER_MS  # how often the helpers below look again
 
 REPO = Path(__file__).resolve().parents[2]
 
-# The handshake of raw_transmission (doc/proto.md)
+# The handshake of the raw clients below (doc/proto.md)
 NBDMAGIC = 0x4E42444D41474943
 IHAVEOPT = 0x49484156454F5054
 OPT_EXPORT_NAME = 1
@@ -146,6 +146,20 @@ def run(cmd: list[str], timeout: float = 120, **kw: Any) -> subprocess.Completed
     return res
 
 
+def start_handshake(sock: socket.socket) -> None:
+    """Read the server's greeting and answer FIXED_NEWSTYLE | NO_ZEROES: the option phase."""
+    magic, opt, _flags = struct.unpack(">QQH", recv_exact(sock, 18))
+    assert (magic, opt) == (NBDMAGIC, IHAVEOPT)
+    sock.sendall(struct.pack(">I", 3))  # FIXED_NEWSTYLE | NO_ZEROES
+
+
+def export_name(sock: socket.socket, name: bytes) -> tuple[int, int]:
+    """Old-style ``NBD_OPT_EXPORT_NAME`` (what nbd-tester-client sends): (size, flags)."""
+    sock.sendall(struct.pack(">QII", IHAVEOPT, OPT_EXPORT_NAME, len(name)) + name)
+    size, tflags = struct.unpack(">QH", recv_exact(sock, 10))
+    return size, tflags
+
+
 def raw_transmission(served: Served, export: bytes) -> socket.socket:
     """A raw client socket in the transmission phase of ``export`` (old-style
     ``NBD_OPT_EXPORT_NAME``), once the server has attached the connection's ring."""
@@ -153,11 +167,8 @@ def raw_transmission(served: Served, export: bytes) -> socket.socket:
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     sock.settimeout(30)
     sock.connect(served.sock)
-    magic, opt, _ = struct.unpack(">QQH", recv_exact(sock, 18))
-    assert (magic, opt) == (NBDMAGIC, IHAVEOPT)
-    sock.sendall(struct.pack(">I", 3))  # FIXED_NEWSTYLE | NO_ZEROES
-    sock.sendall(struct.pack(">QII", IHAVEOPT, OPT_EXPORT_NAME, len(export)) + export)
-    recv_exact(sock, 10)  # export size and transmission flags
+    start_handshake(sock)
+    export_name(sock, export)
     # The ring is attached right after the handshake's last reply.
     wait_until(lambda: len(served.rings()) > rings_before, 5.0, "the connection's ring")
     return sock

@@ -8,14 +8,12 @@ import struct
 import subprocess
 from pathlib import Path
 
-from support import recv_exact
+from support import IHAVEOPT, recv_exact, start_handshake
 
-NBDMAGIC = 0x4E42444D41474943
-IHAVEOPT = 0x49484156454F5054
 REPLY_MAGIC = 0x3E889045565A9
 REQ_MAGIC = 0x25609513
 SIMPLE_MAGIC = 0x67446698
-OPT_EXPORT_NAME, OPT_ABORT, OPT_LIST, OPT_STARTTLS, OPT_INFO, OPT_GO = 1, 2, 3, 5, 6, 7
+OPT_ABORT, OPT_LIST, OPT_STARTTLS, OPT_INFO, OPT_GO = 2, 3, 5, 6, 7  # EXPORT_NAME: support
 REP_ACK, REP_INFO = 1, 3
 CMD_READ, CMD_WRITE, CMD_DISC, CMD_FLUSH, CMD_TRIM, CMD_ZEROES = 0, 1, 2, 3, 4, 6
 FLAG_FUA = 1
@@ -48,9 +46,7 @@ def greet(path: str, timeout_s: float = 10.0) -> socket.socket:
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     sock.settimeout(timeout_s)
     sock.connect(path)
-    magic, ihaveopt, _flags = struct.unpack(">QQH", recv_exact(sock, 18))
-    assert (magic, ihaveopt) == (NBDMAGIC, IHAVEOPT)
-    sock.sendall(struct.pack(">I", 3))
+    start_handshake(sock)
     return sock
 
 

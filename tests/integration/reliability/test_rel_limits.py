@@ -10,7 +10,6 @@ import pytest
 from rsupport import (
     CMD_READ,
     CMD_WRITE,
-    OPT_EXPORT_NAME,
     OPT_GO,
     OPT_INFO,
     REP_ACK,
@@ -24,7 +23,7 @@ from rsupport import (
     request,
     simple_reply,
 )
-from support import wait_until
+from support import OPT_EXPORT_NAME, wait_until
 
 ERR_UNSUP = 2**31 + 1
 ERR_INVALID = 2**31 + 3

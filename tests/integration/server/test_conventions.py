@@ -21,16 +21,15 @@ from pathlib import Path
 from support import (
     blkback_cmd,
     child_env,
+    export_name,
     need_tool,
     recv_exact,
     run,
+    start_handshake,
     wait_for_socket,
     wait_until,
 )
 
-NBDMAGIC = 0x4E42444D41474943
-IHAVEOPT = 0x49484156454F5054
-OPT_EXPORT_NAME = 1
 REQ = struct.Struct(">IHHQQI")
 REQ_MAGIC, REPLY_MAGIC = 0x25609513, 0x67446698
 CMD_READ, CMD_WRITE, CMD_DISC = 0, 1, 2
@@ -111,11 +110,8 @@ def test_single_serves_libnbd_connect_command() -> None:
 
 def _oldstyle_export_name_session(sock: socket.socket) -> bytes:
     """What nbd-tester-client does: NBD_OPT_EXPORT_NAME, a write, a read back, DISC."""
-    magic, ihaveopt, _ = struct.unpack(">QQH", recv_exact(sock, 18))
-    assert (magic, ihaveopt) == (NBDMAGIC, IHAVEOPT)
-    sock.sendall(struct.pack(">I", 3))  # FIXED_NEWSTYLE | NO_ZEROES
-    sock.sendall(struct.pack(">QII", IHAVEOPT, OPT_EXPORT_NAME, 0))
-    size, _tflags = struct.unpack(">QH", recv_exact(sock, 10))
+    start_handshake(sock)
+    size, _tflags = export_name(sock, b"")
     assert size == 4 << 20
     data = os.urandom(65536)
     sock.sendall(REQ.pack(REQ_MAGIC, 0, CMD_WRITE, 1, 4096, len(data)) + data)
