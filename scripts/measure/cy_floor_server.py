@@ -20,38 +20,27 @@ import socket
 import sys
 
 import cy_floor  # type: ignore[import-not-found]  # built by cythonize, see above
-from floor_server import CATALOG, SIZE
+from floor_server import SIZE, handshake, serve_forever
 
-from blkback.protocol.handshake import HandshakeState, ServerHandshake
 from blkback.protocol.transmission import Transmission
 
 
 def serve(conn: socket.socket, mem: bytearray, reply: bytearray) -> None:
-    hs = ServerHandshake(CATALOG)
-    conn.sendall(hs.initial_bytes())
-    while hs.state is HandshakeState.IN_PROGRESS:
-        out = hs.feed(conn.recv(65536))
-        if out:
-            conn.sendall(out)
-    if hs.negotiated is None:
+    negotiated = handshake(conn)
+    if negotiated is None:
         return
+    info, leftover = negotiated
     # A structured read reply's header is longer than a simple reply's 16 bytes.
-    structured = len(Transmission(hs.negotiated).read_reply_header(1, 0, 4096)) > 16
+    structured = len(Transmission(info).read_reply_header(1, 0, 4096)) > 16
     staging = bytearray(256 * 1024)
-    staging[: len(hs.leftover)] = hs.leftover
-    cy_floor.loop(conn.fileno(), staging, mem, reply, len(hs.leftover), structured)
+    staging[: len(leftover)] = leftover
+    cy_floor.loop(conn.fileno(), staging, mem, reply, len(leftover), structured)
 
 
 def main() -> None:
     mem = bytearray(SIZE)
     reply = bytearray(32 << 20)  # one buffer for every READ's data, as floor_server.py
-    listener = socket.socket(socket.AF_UNIX)
-    listener.bind(sys.argv[1])
-    listener.listen(4)
-    while True:
-        conn, _ = listener.accept()
-        with conn:
-            serve(conn, mem, reply)
+    serve_forever(sys.argv[1], lambda conn: serve(conn, mem, reply))
 
 
 if __name__ == "__main__":

@@ -18,9 +18,16 @@ import select
 import socket
 import struct
 import sys
+from collections.abc import Callable
 
 from blkback.protocol.constants import TFlag
-from blkback.protocol.handshake import ExportInfo, HandshakeState, ServerHandshake, StaticCatalog
+from blkback.protocol.handshake import (
+    ExportInfo,
+    HandshakeState,
+    Negotiated,
+    ServerHandshake,
+    StaticCatalog,
+)
 from blkback.protocol.transmission import Transmission
 
 SIZE = 1 << 30
@@ -30,7 +37,8 @@ SIMPLE_REPLY_MAGIC = 0x67446698
 CATALOG = StaticCatalog([ExportInfo("disk", SIZE, int(TFlag.SEND_FLUSH))])
 
 
-def serve(conn: socket.socket, mem: memoryview, spin: bool) -> None:
+def handshake(conn: socket.socket) -> tuple[Negotiated, bytes] | None:
+    """blkback's own handshake on ``conn``: what was negotiated and the bytes read past it."""
     hs = ServerHandshake(CATALOG)
     conn.sendall(hs.initial_bytes())
     while hs.state is HandshakeState.IN_PROGRESS:
@@ -38,13 +46,32 @@ def serve(conn: socket.socket, mem: memoryview, spin: bool) -> None:
         if out:
             conn.sendall(out)
     if hs.negotiated is None:
+        return None
+    return hs.negotiated, hs.leftover
+
+
+def serve_forever(path: str, serve_one: Callable[[socket.socket], None]) -> None:
+    """Listen on the Unix socket ``path`` and serve one client at a time with ``serve_one``."""
+    listener = socket.socket(socket.AF_UNIX)
+    listener.bind(path)
+    listener.listen(4)
+    while True:
+        conn, _ = listener.accept()
+        with conn:
+            serve_one(conn)
+
+
+def serve(conn: socket.socket, mem: memoryview, spin: bool) -> None:
+    negotiated = handshake(conn)
+    if negotiated is None:
         return
-    read_header = Transmission(hs.negotiated).read_reply_header
+    info, leftover = negotiated
+    read_header = Transmission(info).read_reply_header
     staging = bytearray(256 * 1024)
     view = memoryview(staging)
     reply_data = memoryview(bytearray(32 << 20))  # one buffer for every READ's data
-    end = len(hs.leftover)
-    staging[:end] = hs.leftover
+    end = len(leftover)
+    staging[:end] = leftover
     poller = select.poll()
     poller.register(conn.fileno(), select.POLLIN)
     start = 0
@@ -86,13 +113,7 @@ def serve(conn: socket.socket, mem: memoryview, spin: bool) -> None:
 def main() -> None:
     mem = memoryview(bytearray(SIZE))
     spin = bool(os.environ.get("SPIN"))
-    listener = socket.socket(socket.AF_UNIX)
-    listener.bind(sys.argv[1])
-    listener.listen(4)
-    while True:
-        conn, _ = listener.accept()
-        with conn:
-            serve(conn, mem, spin)
+    serve_forever(sys.argv[1], lambda conn: serve(conn, mem, spin))
 
 
 if __name__ == "__main__":
