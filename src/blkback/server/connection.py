@@ -760,11 +760,8 @@ class Connection:
         A payload staged with the headers is copied once; the rest of a longer one is
         received straight into the pages, which leaves the staging buffer empty.
         """
-        if len(views) == 1 and end - start >= length:  # staged whole, one span: one copy
-            views[0][:] = self._view[start : start + length]
-            return start + length, end
         staged_whole = end - start >= length
-        start = self._receive_payload(self._view, start, end, length, list(views))
+        start = self._receive_payload(self._view, start, end, length, views)
         if staged_whole:
             return start, end
         self._small_recv = length >= LARGE_PAYLOAD
@@ -1015,22 +1012,27 @@ class Connection:
         """Fill ``views`` (a request's spans) with the write payload; return the new start.
 
         The staged part is copied; the rest is received straight into the pages. ``views``
-        is consumed: pass a list the caller does not need afterwards.
+        is left as it was (the caller writes the same spans to storage next).
         """
         staged = min(end - start, length)
         pos = 0  # bytes of payload in place
-        i = 0
+        i = 0  # first span not yet full
+        filled = 0  # bytes of views[i] in place (the staged part ended inside it)
         while pos < staged:
             v = views[i]
-            n = min(len(v), staged - pos)
-            v[:n] = view[start + pos : start + pos + n]
-            pos += n
-            if n == len(v):
+            n = len(v)
+            if n <= staged - pos:
+                v[:] = view[start + pos : start + pos + n]
                 i += 1
             else:
-                views[i] = v[n:]
+                n = filled = staged - pos
+                v[:n] = view[start + pos : start + staged]
+            pos += n
         if pos < length:
-            self._recv_into_views(views[i:], length - pos)
+            rest = views[i:]
+            if filled:
+                rest[0] = rest[0][filled:]
+            self._recv_into_views(rest, length - pos)
         return start + staged
 
     def _recv_into_views(self, views: list[memoryview], total: int) -> None:
