@@ -29,7 +29,7 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from blkback.clock import NS_PER_MS, Clock, MonotonicClock
+from blkback.clock import NS_PER_MS, NS_PER_S, Clock, MonotonicClock
 from blkback.core.policy import PressureLevel
 from blkback.errors import EnvironmentProblem
 from blkback.pressure.psi import (
@@ -97,6 +97,14 @@ class Source:
 
     def tick(self, now_ns: int) -> None:
         """The sampling period elapsed."""
+
+    def refresh(self, now_ns: int) -> bool:
+        """Another source's events are about to be handled; return whether this one sampled.
+
+        A sampled source whose samples qualify other sources' events (PSI totals: their
+        severity and confirmation) samples now if its last sample is stale.
+        """
+        return False
 
     def close(self) -> None:
         """Release everything; safe to call twice."""
@@ -258,6 +266,14 @@ class PsiTotalSource(Source):
     :class:`~blkback.pressure.psi.PsiThresholds` and is reported as a *severity* sample,
     including when it measured nothing (level None): this is what tells the fusion that
     pressure has ended. Needs no privilege.
+
+    Quiet hosts: after ``quiet_after_ns`` of samples without any stall, the source samples
+    every ``quiet_period_ns`` instead (default 250 ms, the fusion's freshness window), and
+    back every ``period_ns`` from the first sample that sees a stall. Each wake-up of the
+    poll thread costs ~0.15-0.2 ms of CPU on this machine against ~8 us for the sample
+    itself, so the idle monitor costs a fifth. While quiet, any other source's event
+    first takes a sample (:meth:`refresh`) when the last is older than ``period_ns``: the
+    fusion then grades and confirms that event on a sample as fresh as at 50 ms.
     """
 
     period_ns: int
@@ -268,16 +284,24 @@ class PsiTotalSource(Source):
         name: str = "psi-total",
         *,
         period_ns: int = 50 * NS_PER_MS,
+        quiet_period_ns: int = 250 * NS_PER_MS,
+        quiet_after_ns: int = NS_PER_S,
         thresholds: PsiThresholds | None = None,
     ) -> None:
         super().__init__()
+        if period_ns <= 0 or quiet_period_ns <= 0 or quiet_after_ns < 0:
+            raise ValueError("PSI sampling periods must be > 0 (quiet_after_ns >= 0)")
         self.path = path
         self.name = name
-        self.period_ns = period_ns
+        self.busy_period_ns = period_ns
+        self.quiet_period_ns = max(quiet_period_ns, period_ns)
+        self.quiet_after_ns = quiet_after_ns
+        self.period_ns = period_ns  # the current one: busy_period_ns or quiet_period_ns
         self.thresholds = thresholds or PsiThresholds()
         self._fd: int | None = None
         self._last: PsiSample | None = None
         self._last_ns = 0
+        self._last_stall_ns = 0  # the last sample that saw a stall (or the opening)
         self.last_level: PressureLevel | None = None
         self.last_some = 0.0
         self.last_full = 0.0
@@ -293,8 +317,13 @@ class PsiTotalSource(Source):
         except ValueError as exc:
             self.close()
             raise EnvironmentProblem(f"{self.path}: unreadable PSI format: {exc}") from None
-        self._last_ns = now_ns
-        self.detail = f"{self.path}: total= polled every {self.period_ns / NS_PER_MS:g} ms"
+        self._last_ns = self._last_stall_ns = now_ns
+        self.period_ns = self.busy_period_ns
+        self.detail = (
+            f"{self.path}: total= polled every {self.busy_period_ns / NS_PER_MS:g} ms, "
+            f"every {self.quiet_period_ns / NS_PER_MS:g} ms after "
+            f"{self.quiet_after_ns / NS_PER_S:g} s without stall"
+        )
 
     def tick(self, now_ns: int) -> None:
         if self._fd is None or self._last is None:
@@ -303,9 +332,20 @@ class PsiTotalSource(Source):
         some, full = stall_fractions(self._last, sample, now_ns - self._last_ns)
         self._last = sample
         self._last_ns = now_ns
+        stalled = bool(some or full)
+        if stalled:
+            self._last_stall_ns = now_ns
+        quiet = not stalled and now_ns - self._last_stall_ns >= self.quiet_after_ns
+        self.period_ns = self.quiet_period_ns if quiet else self.busy_period_ns
         level = self.thresholds.level(some, full)
         self.last_level, self.last_some, self.last_full = level, some, full
         self._emit(SourceEvent(self.name, level, now_ns, severity=True, some=some, full=full))
+
+    def refresh(self, now_ns: int) -> bool:
+        if self.period_ns == self.busy_period_ns or now_ns - self._last_ns < self.busy_period_ns:
+            return False  # sampling fast anyway, or the last sample is fresh enough
+        self.tick(now_ns)
+        return True
 
     def close(self) -> None:
         if self._fd is not None:
@@ -315,6 +355,7 @@ class PsiTotalSource(Source):
     def info(self) -> dict[str, object]:
         return {
             "detail": self.detail,
+            "period_ms": self.period_ns / NS_PER_MS,
             "level": None if self.last_level is None else self.last_level.name.lower(),
             "some": round(self.last_some, 4),
             "full": round(self.last_full, 4),
@@ -643,6 +684,25 @@ class Poller:
         if self.on_failure is not None:
             self.on_failure(source.name, reason)
 
+    def _refresh_samplers(
+        self, ready: dict[Source, dict[int, int]], now: int, due: dict[Source, int]
+    ) -> bool:
+        """Let sampled sources sample before the ready sources' events (:meth:`Source.refresh`);
+        return whether a source failed. A source that sampled is next due a period later."""
+        failed = False
+        for src in list(due):
+            if src in ready or src not in self.running:
+                continue
+            try:
+                sampled = src.refresh(now)
+            except (OSError, ValueError) as exc:
+                self._fail(src, f"read failed: {exc}")
+                failed = True
+                continue
+            if sampled:
+                due[src] = now + (src.period_ns or 0)
+        return failed
+
     def _run(self) -> None:
         assert self._wake_fd is not None
         wake_fd = self._wake_fd
@@ -680,6 +740,8 @@ class Poller:
                     if src is not None:
                         ready.setdefault(src, {})[fd] = revents
                 changed = False
+                if ready:
+                    changed = self._refresh_samplers(ready, now, due)
                 for src, fds in ready.items():
                     bad = [r for r in fds.values() if r & (select.POLLERR | select.POLLNVAL)]
                     if bad:

@@ -57,6 +57,70 @@ def test_psi_total_source_grades_each_period(tmp_path: Path) -> None:
     assert events[0].some == pytest.approx(0.1)
 
 
+def test_psi_total_source_samples_slower_while_nothing_stalls(tmp_path: Path) -> None:
+    path = tmp_path / "memory.pressure"
+    path.write_text(psi_text(0, 0))
+    events: list[SourceEvent] = []
+    ms = NS_PER_MS
+    src = PsiTotalSource(
+        str(path), period_ns=50 * ms, quiet_period_ns=250 * ms, quiet_after_ns=1000 * ms
+    )
+    src.open(0, events.append)
+    periods: list[int] = []
+    try:
+        for t in range(50, 1050, 50):  # 1 s of samples that see no stall
+            src.tick(t * ms)
+            periods.append(src.period_ns)
+        path.write_text(psi_text(5_000, 0))  # a stall: back to 50 ms at once
+        src.tick(1250 * ms)  # one quiet period after the last sample
+        periods.append(src.period_ns)
+        src.tick(1300 * ms)  # no new stall, but not yet 1 s since the last one
+        periods.append(src.period_ns)
+        src.tick(2300 * ms)
+        periods.append(src.period_ns)
+    finally:
+        src.close()
+    assert periods[:19] == [50 * ms] * 19  # 950 ms without stall: still fast
+    assert periods[19] == 250 * ms  # 1 s without stall: quiet
+    assert periods[20:] == [50 * ms, 50 * ms, 250 * ms]
+    # The stall sample measured its own (longer) period: 5 ms of 250 ms.
+    assert events[20].some == pytest.approx(0.02)
+    assert events[20].level == PressureLevel.LOW
+
+
+def test_psi_total_source_refreshes_only_when_quiet_and_stale(tmp_path: Path) -> None:
+    path = tmp_path / "memory.pressure"
+    path.write_text(psi_text(0, 0))
+    events: list[SourceEvent] = []
+    ms = NS_PER_MS
+    src = PsiTotalSource(
+        str(path), period_ns=50 * ms, quiet_period_ns=250 * ms, quiet_after_ns=100 * ms
+    )
+    src.open(0, events.append)
+    try:
+        assert not src.refresh(60 * ms)  # sampling every 50 ms: nothing to refresh
+        src.tick(50 * ms)
+        src.tick(100 * ms)
+        assert src.period_ns == 250 * ms  # quiet
+        assert not src.refresh(140 * ms)  # the last sample is 40 ms old: fresh enough
+        assert len(events) == 2
+        path.write_text(psi_text(20_000, 0))
+        assert src.refresh(200 * ms)  # 100 ms old: sample now
+        assert len(events) == 3
+        assert events[-1].now_ns == 200 * ms
+        assert events[-1].level == PressureLevel.MEDIUM  # 20 ms of 100 ms
+        assert src.period_ns == 50 * ms  # the stall makes it fast again
+    finally:
+        src.close()
+
+
+def test_psi_total_source_rejects_bad_periods(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="periods"):
+        PsiTotalSource(str(tmp_path / "x"), period_ns=0)
+    with pytest.raises(ValueError, match="periods"):
+        PsiTotalSource(str(tmp_path / "x"), quiet_period_ns=-1)
+
+
 def test_psi_total_source_missing_file(tmp_path: Path) -> None:
     with pytest.raises(EnvironmentProblem, match="No such file"):
         PsiTotalSource(str(tmp_path / "nope")).open(0, lambda e: None)
@@ -168,6 +232,44 @@ def test_poller_reports_failures_and_runs_fd_sources() -> None:
     finally:
         poller.stop()
     assert poller.running == []
+
+
+def test_poller_samples_a_quiet_psi_total_before_other_events(tmp_path: Path) -> None:
+    """A quiet PSI-totals source samples first when another source reports, so the fusion
+    grades and confirms that event on a fresh sample."""
+    path = tmp_path / "memory.pressure"
+    path.write_text(psi_text(0, 0))
+    hour = 3600 * 1000 * NS_PER_MS
+    psi = PsiTotalSource(
+        str(path), period_ns=20 * NS_PER_MS, quiet_period_ns=hour, quiet_after_ns=0
+    )
+    efd = EventfdSource()
+    events: list[SourceEvent] = []
+    first = threading.Event()
+    got = threading.Event()
+
+    def emit(event: SourceEvent) -> None:
+        events.append(event)
+        first.set()
+        if event.source == efd.name:
+            got.set()
+
+    clock = ManualClock()
+    poller = Poller([psi, efd], emit, clock=clock)
+    assert poller.start() == {}
+    try:
+        clock.advance_ns(20 * NS_PER_MS)
+        assert first.wait(5)  # the first sample: no stall, quiet for an hour from now
+        assert psi.period_ns == hour
+        clock.advance_ns(30 * NS_PER_MS)  # the last sample is older than the fast period
+        path.write_text(psi_text(30_000, 0))
+        os.eventfd_write(efd.fd, 1)
+        assert got.wait(5)
+    finally:
+        poller.stop()
+    assert [e.source for e in events] == ["psi-total", "psi-total", "efd"]
+    assert events[1].level is not None  # the refresh saw the stall...
+    assert psi.period_ns == 20 * NS_PER_MS  # ...and sampling is fast again
 
 
 def test_standalone_source_start_stop() -> None:
