@@ -25,6 +25,7 @@ from pathlib import Path
 #: The modules of the ring's data path, by measurement (docs/data-path.md).
 COMPILED: tuple[str, ...] = (
     "blkback.core.device",
+    "blkback.core.params",
     "blkback.core.pages",
     "blkback.core.policy",
     "blkback.core.polling",

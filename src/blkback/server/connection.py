@@ -135,6 +135,10 @@ class Connection:
         # After STARTTLS this is a TlsSocket: the same calls, over TLS (see server/tls.py).
         self.sock: socket.socket | TlsSocket = sock
         self.peer = peer
+        # The server's polling slots and connection table, held here: the server object is
+        # not compiled, and each batch reads both (:meth:`_busy_poll`).
+        self._poll_slots = server.poll_slots
+        self._connections = server.connections
         self.ring: Ring | None = None
         self.export: Export | None = None
         self.trace = False  # -vv: log every request (and serve all by the general path)
@@ -460,8 +464,8 @@ class Connection:
         included) leaves ``_window_pending``: the receive that follows measures the gap.
         """
         window = self._window
-        slots = self.server.poll_slots
-        if window is None or len(self.server.connections) > len(slots):
+        slots = self._poll_slots
+        if window is None or len(self._connections) > len(slots):
             return -1
         if window.batch_served():
             ring = self.ring
