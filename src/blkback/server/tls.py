@@ -274,6 +274,11 @@ class TlsSocket:
                     continue
             self._wait(want, reading=False)
 
+    def send(self, data: bytes | memoryview) -> int:
+        """Send all of ``data``; return the bytes sent (``socket.send`` may send less)."""
+        self.sendall(data)
+        return len(data)
+
     def sendmsg(self, bufs: Sequence[bytes | memoryview]) -> int:
         """Send every buffer (joined: one TLS record stream); return the bytes sent."""
         data = b"".join(bufs)
