@@ -145,6 +145,11 @@ class Connection:
         self.allocator: MmapAllocator | None = None
         self.send_lock = threading.Lock()
         self.ring_lock = threading.Lock()
+        # The hot path takes the ring lock three times per batch through these bound
+        # methods: compiled, ``lock.acquire()`` looks the method up by name on every call,
+        # and ``with lock`` costs a bound method more (docs/data-path.md section 6).
+        self._lock_ring: Callable[[], bool] = self.ring_lock.acquire
+        self._unlock_ring: Callable[[], None] = self.ring_lock.release
         self.thread: threading.Thread | None = None
         self._workers: list[threading.Thread] = []
         self._work: queue.SimpleQueue[tuple[int, int, int, int, int, list[int]] | None] = (
@@ -698,15 +703,13 @@ class Connection:
         """``n`` pages from the ring's pool in one call; None if the pool cannot grow."""
         ring = self.ring
         assert ring is not None
-        # acquire/release, not ``with``: compiled, a ``with`` block costs a bound method more.
-        lock = self.ring_lock
-        lock.acquire()
+        self._lock_ring()
         try:
             return ring.get_pages(n, now_ns)
         except MemoryError:
             return None
         finally:
-            lock.release()
+            self._unlock_ring()
 
     # -- step 4: do the I/O, and reply ----------------------------------------------------
     def _serve_group(
@@ -775,12 +778,11 @@ class Connection:
     def _put_back(self, pages: list[int]) -> None:
         ring = self.ring
         assert ring is not None
-        lock = self.ring_lock
-        lock.acquire()
+        self._lock_ring()
         try:
             ring.put_pages(pages)
         finally:
-            lock.release()
+            self._unlock_ring()
 
     def _pass_after_batch(self) -> None:
         """The loop pass after the I/O: trim, or squeeze."""
@@ -791,12 +793,11 @@ class Connection:
     def _pass(self, now_ns: int, *, had_io: bool, woken: bool) -> None:
         ring = self.ring
         assert ring is not None
-        lock = self.ring_lock
-        lock.acquire()
+        self._lock_ring()
         try:
             ring.loop_pass(now_ns, had_io=had_io, woken=woken)
         finally:
-            lock.release()
+            self._unlock_ring()
 
     def _one_request(self, view: memoryview, start: int, end: int) -> tuple[int, int]:
         """Parse and serve the request at ``start``; return the new staging ``(start, end)``."""
