@@ -175,6 +175,8 @@ class Connection:
         self._now_ns = server.clock.now_ns
         self._last_request_ns = self._now_ns()
         self._recv_into: Callable[[memoryview], int] = sock.recv_into
+        self._send_one: Callable[[bytes | memoryview], int] = sock.send
+        self._send_many: Callable[[list[bytes | memoryview]], int] = sock.sendmsg
         # Busy polling (see _busy_poll): the ring's adaptive window, if it may poll, and a
         # poll on the socket alone to spin with.
         self._window: PollWindow | None = None
@@ -366,6 +368,8 @@ class Connection:
         """Make the (possibly TLS) socket blocking and set up the receive, poll and rest."""
         sock.settimeout(None)  # blocking; waits are bounded by SO_RCVTIMEO
         self._recv_into = sock.recv_into
+        self._send_one = sock.send
+        self._send_many = sock.sendmsg
         if not isinstance(sock, socket.socket):
             return  # TLS may hold decrypted bytes a poll cannot see: it keeps timed passes
         self._recv_now = sock.recv_into  # a batch's drain, a busy poll's receive
@@ -1106,13 +1110,12 @@ class Connection:
             self._send_all(bufs)
 
     def _send_all(self, bufs: list[bytes | memoryview]) -> None:
-        sock = self.sock
         while bufs:
             chunk = bufs if len(bufs) <= IOV_MAX else bufs[:IOV_MAX]
             try:
                 # One buffer (a write's reply): ``send`` costs the socket module less than
                 # ``sendmsg``, which builds an iovec array from the list.
-                sent = sock.send(chunk[0]) if len(chunk) == 1 else sock.sendmsg(chunk)
+                sent = self._send_one(chunk[0]) if len(chunk) == 1 else self._send_many(chunk)
             except BlockingIOError:
                 raise TimeoutError("client stopped reading replies") from None
             # Drop what went out, keep the unsent tail.
