@@ -57,15 +57,26 @@ def test_psi_total_source_grades_each_period(tmp_path: Path) -> None:
     assert events[0].some == pytest.approx(0.1)
 
 
-def test_psi_total_source_samples_slower_while_nothing_stalls(tmp_path: Path) -> None:
+def open_quiet_psi_total(
+    tmp_path: Path, quiet_after_ms: int
+) -> tuple[Path, list[SourceEvent], PsiTotalSource]:
+    """A PSI-totals source on a file with no stall yet: 50 ms periods, 250 ms when quiet."""
     path = tmp_path / "memory.pressure"
     path.write_text(psi_text(0, 0))
     events: list[SourceEvent] = []
-    ms = NS_PER_MS
     src = PsiTotalSource(
-        str(path), period_ns=50 * ms, quiet_period_ns=250 * ms, quiet_after_ns=1000 * ms
+        str(path),
+        period_ns=50 * NS_PER_MS,
+        quiet_period_ns=250 * NS_PER_MS,
+        quiet_after_ns=quiet_after_ms * NS_PER_MS,
     )
     src.open(0, events.append)
+    return path, events, src
+
+
+def test_psi_total_source_samples_slower_while_nothing_stalls(tmp_path: Path) -> None:
+    path, events, src = open_quiet_psi_total(tmp_path, quiet_after_ms=1000)
+    ms = NS_PER_MS
     periods: list[int] = []
     try:
         for t in range(50, 1050, 50):  # 1 s of samples that see no stall
@@ -89,14 +100,8 @@ def test_psi_total_source_samples_slower_while_nothing_stalls(tmp_path: Path) ->
 
 
 def test_psi_total_source_refreshes_only_when_quiet_and_stale(tmp_path: Path) -> None:
-    path = tmp_path / "memory.pressure"
-    path.write_text(psi_text(0, 0))
-    events: list[SourceEvent] = []
+    path, events, src = open_quiet_psi_total(tmp_path, quiet_after_ms=100)
     ms = NS_PER_MS
-    src = PsiTotalSource(
-        str(path), period_ns=50 * ms, quiet_period_ns=250 * ms, quiet_after_ns=100 * ms
-    )
-    src.open(0, events.append)
     try:
         assert not src.refresh(60 * ms)  # sampling every 50 ms: nothing to refresh
         src.tick(50 * ms)
