@@ -7,7 +7,7 @@ The loop is ``xen_blkif_schedule`` in userspace:
    hot path costs one syscall per batch and no ``poll``;
 2. take every complete request already received (batched parsing), give each the pages of
    its payload from the ring's pool, do its I/O straight into or out of those pages, and send
-   all replies of the batch with one ``sendmsg``;
+   all replies of the batch with one gathered write (``writev``, or ``sendmsg``);
 3. put the pages back into the pool; once no request is waiting (the kernel's
    ``do_block_io_op`` drains its ring: here the staging buffer, and after a large write
    received into its pages the socket too), run the loop pass, which trims the pool to
@@ -161,8 +161,8 @@ class Connection:
         self._inflight = 0  # requests handed to workers and not finished
         self._idle = threading.Condition()
         self.max_payload = 0
-        # Pages per group of fast requests (see _loop): one pool call and one sendmsg per
-        # group. 1 serves request by request (for comparisons).
+        # Pages per group of fast requests (see _loop): one pool call and one gathered write
+        # per group. 1 serves request by request (for comparisons).
         self.group_pages = max(1, int(os.environ.get("BLKBACK_GROUP_PAGES", str(GROUP_PAGES))))
         self.closed = threading.Event()
         self._alloc_failed_ns = -(10**18)  # last page allocation failure
@@ -415,7 +415,7 @@ class Connection:
         and WRITE without flags, inside the export, on a storage with direct access served
         inline) are served in *groups*: the requests at the front of the staging buffer, up
         to ``group_pages`` pages, take their pages from the pool in one call, do their I/O,
-        send their replies in one ``sendmsg`` and give the pages back in one call. A group is
+        send their replies in one gathered write and give the pages back in one call. A group is
         what one pass of the kernel's ``do_block_io_op`` maps at once; 16 random 4 KiB
         requests are one group, a 1 MiB request is a group of its own (so that a stream of
         large requests reuses the same pages and the pool stays small). Anything else goes
@@ -727,7 +727,7 @@ class Connection:
     def _serve_group(
         self, group: list[_Request], pages: list[int], start: int, end: int
     ) -> tuple[int, int]:
-        """Do the group's I/O in order and send its replies in one ``sendmsg``.
+        """Do the group's I/O in order and send its replies in one gathered write.
 
         A request whose storage I/O fails gets its error reply in its place.
         """
@@ -1121,8 +1121,8 @@ class Connection:
         while bufs:
             chunk = bufs if len(bufs) <= IOV_MAX else bufs[:IOV_MAX]
             try:
-                # One buffer (a write's reply): ``send`` costs the socket module less than
-                # ``sendmsg``, which builds an iovec array from the list.
+                # One buffer (a write's reply) goes out without an iovec array: ``write`` or
+                # ``send`` (see _bind_socket), else ``writev`` or ``sendmsg``.
                 sent = self._send_one(chunk[0]) if len(chunk) == 1 else self._send_many(chunk)
             except BlockingIOError:
                 raise TimeoutError("client stopped reading replies") from None
