@@ -26,10 +26,11 @@ try:
     t1 = time.monotonic()
     after = resource.getrusage(resource.RUSAGE_SELF)
     samples = {k: v - samples_before.get(k, 0) for k, v in monitor.samples.items()}
+    sources = monitor.active_sources()
 finally:
     monitor.stop()
 cpu_s = after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime
 print(
-    f"sources {', '.join(monitor.active_sources())}: {1000 * cpu_s:.1f} ms of CPU in "
+    f"sources {', '.join(sources)}: {1000 * cpu_s:.1f} ms of CPU in "
     f"{t1 - t0:.1f} s = {100 * cpu_s / (t1 - t0):.3f} % of a core; samples without level {samples}"
 )
