@@ -43,6 +43,8 @@ import threading
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Final, Protocol
 
+from librt.threading import Lock
+
 from blkback.clock import NS_PER_MS, NS_PER_S, NS_PER_US, thread_cpu_ns
 from blkback.core.pages import PAGE_SHIFT, PAGE_SIZE, MmapAllocator
 from blkback.core.polling import PollWindow
@@ -109,7 +111,7 @@ class RingHost(Protocol):
     params: Params
     clock: Clock
     catalog: Catalog
-    poll_slots: list[threading.Lock]
+    poll_slots: list[Lock]
     connections: set[Connection]
 
     @property
@@ -145,12 +147,10 @@ class Connection:
         self.trace = False  # -vv: log every request (and serve all by the general path)
         self.allocator: MmapAllocator | None = None
         self.send_lock = threading.Lock()
-        self.ring_lock = threading.Lock()
-        # The hot path takes the ring lock three times per batch through these bound
-        # methods: compiled, ``lock.acquire()`` looks the method up by name on every call,
-        # and ``with lock`` costs a bound method more (docs/data-path.md section 6).
-        self._lock_ring: Callable[[], bool] = self.ring_lock.acquire
-        self._unlock_ring: Callable[[], None] = self.ring_lock.release
+        # mypyc's runtime lock: compiled, its acquire and release are direct C calls, where
+        # a threading.Lock's acquire parses its arguments on every call (the hot path takes
+        # the ring lock three times per batch; docs/data-path.md section 6).
+        self.ring_lock = Lock()
         self.thread: threading.Thread | None = None
         self._workers: list[threading.Thread] = []
         self._work: queue.SimpleQueue[tuple[int, int, int, int, int, list[int]] | None] = (
@@ -715,13 +715,13 @@ class Connection:
         """``n`` pages from the ring's pool in one call; None if the pool cannot grow."""
         ring = self.ring
         assert ring is not None
-        self._lock_ring()
+        self.ring_lock.acquire()
         try:
             return ring.get_pages(n, now_ns)
         except MemoryError:
             return None
         finally:
-            self._unlock_ring()
+            self.ring_lock.release()
 
     # -- step 4: do the I/O, and reply ----------------------------------------------------
     def _serve_group(
@@ -790,11 +790,11 @@ class Connection:
     def _put_back(self, pages: list[int]) -> None:
         ring = self.ring
         assert ring is not None
-        self._lock_ring()
+        self.ring_lock.acquire()
         try:
             ring.put_pages(pages)
         finally:
-            self._unlock_ring()
+            self.ring_lock.release()
 
     def _pass_after_batch(self) -> None:
         """The loop pass after the I/O: trim, or squeeze."""
@@ -805,11 +805,11 @@ class Connection:
     def _pass(self, now_ns: int, *, had_io: bool, woken: bool) -> None:
         ring = self.ring
         assert ring is not None
-        self._lock_ring()
+        self.ring_lock.acquire()
         try:
             ring.loop_pass(now_ns, had_io=had_io, woken=woken)
         finally:
-            self._unlock_ring()
+            self.ring_lock.release()
 
     def _one_request(self, view: memoryview, start: int, end: int) -> tuple[int, int]:
         """Parse and serve the request at ``start``; return the new staging ``(start, end)``."""

@@ -23,6 +23,8 @@ import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from librt.threading import Lock
+
 from blkback.clock import NS_PER_MS, NS_PER_S, Clock, MonotonicClock
 from blkback.core.device import Bus
 from blkback.core.params import Params
@@ -180,7 +182,8 @@ class Server:
         pollers = self.config.max_pollers or max(1, (os.cpu_count() or 2) // 2)
         #: One lock per polling slot: a ring polls only while it holds one (non-blocking
         #: acquire), so a busy host of many rings does not spin more threads than cores.
-        self.poll_slots = [threading.Lock() for _ in range(pollers)]
+        #: mypyc's runtime lock: the compiled ring's acquire is a direct C call.
+        self.poll_slots = [Lock() for _ in range(pollers)]
         self.catalog = Catalog()
         for name, spec, storage in exports:
             if name in self.catalog.exports:
