@@ -262,6 +262,20 @@ def test_offset_data_header() -> None:
     assert FULL.chunk_offset_data_header(3, 0, 1, done=False)[4:6] == b"\0\0"
 
 
+@pytest.mark.parametrize("cookie", [0, 1, 2**62, 2**63 - 1, 2**63, 2**64 - 1])
+@pytest.mark.parametrize("length", [1, 2**31 - 9, 2**31 - 8, 2**32 - 9])
+def test_fast_replies_carry_every_u64_cookie_and_u32_length(cookie: int, length: int) -> None:
+    # The fast path's replies are written as signed fields (BytesWriter): the top bit of a
+    # cookie or a chunk length must still come out as the client sent or asked for it.
+    offset = 2**63 - 4096
+    for done in (True, False):
+        assert FULL.chunk_offset_data_header(cookie, offset, length, done) == struct.pack(
+            ">IHHQIQ", 0x668E33EF, int(done), 1, cookie, length + 8, offset
+        )
+    assert FULL.ok_reply(cookie) == PLAIN.simple_reply(cookie)
+    assert PLAIN.read_reply_header(cookie, 0, length) == struct.pack(">IIQ", 0x67446698, 0, cookie)
+
+
 def test_hole_chunk() -> None:
     assert FULL.chunk_hole(3, 8192, 4096, done=False) == struct.pack(
         ">IHHQIQI", 0x668E33EF, 0, 2, 3, 12, 8192, 4096
