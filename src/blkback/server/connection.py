@@ -171,6 +171,7 @@ class Connection:
         # The ring loop's state between its steps.
         self._staging = bytearray(STAGING_BYTES)
         self._view = memoryview(self._staging)
+        self._first_header = self._view[:REQUEST_SIZE]
         self._small_recv = False  # receive the next header alone (after a large payload)
         self._served = False  # a batch was just served: busy-poll before sleeping
         self._now_ns = server.clock.now_ns
@@ -441,12 +442,11 @@ class Connection:
         When the wait ends with no data (the ring was idle until its pass was due),
         :meth:`_receive_timed_out` runs.
         """
-        view = self._view
         start, end = self._compact(start, end)
         # After a large write received straight into its pages, receive the next header
         # alone rather than a staging buffer's worth of the next payload, which would then
         # be copied once more.
-        dst = view[end:REQUEST_SIZE] if self._small_recv else view[end:]
+        dst = self._header_space(end) if self._small_recv else self._staging_space(end)
         n = self._busy_poll(dst) if self._served else -1
         self._served = False
         if n < 0:
@@ -463,6 +463,16 @@ class Connection:
             raise Disconnect
         self._small_recv = False
         return start, end + n
+
+    def _staging_space(self, end: int) -> memoryview:
+        """The staging buffer after its first ``end`` bytes."""
+        # Empty (usual: a batch consumes what it received), it is the view made once: no
+        # slice object per receive.
+        return self._view[end:] if end else self._view
+
+    def _header_space(self, end: int) -> memoryview:
+        """The rest of one request header after the first ``end`` staged bytes."""
+        return self._view[end:REQUEST_SIZE] if end else self._first_header
 
     def _compact(self, start: int, end: int) -> tuple[int, int]:
         """Move the staged bytes (a partial header) to the front; the new ``(start, end)``."""
@@ -641,7 +651,7 @@ class Connection:
             return start, end
         start, end = self._compact(start, end)
         try:
-            n = recv(self._view[end:REQUEST_SIZE], 0, MSG_DONTWAIT)
+            n = recv(self._header_space(end), 0, MSG_DONTWAIT)
         except BlockingIOError:
             return start, end
         # 0 is end-of-file: the receive step sees it again and ends the connection. A part
