@@ -103,6 +103,35 @@ def _load_libc() -> ctypes.CDLL | None:
     return ctypes.CDLL(name, use_errno=True)
 
 
+def _sort_pages(pages: list[int]) -> bool:
+    """Sort ``pages`` (distinct ids) in place; whether they are one run of consecutive ids.
+
+    A request's pages are usually one run, ascending or descending (:meth:`MmapAllocator.spans`):
+    compiled, checking that in one pass and reversing costs about a fifth of ``list.sort``
+    (13,000 instructions for a 1 MiB request's 256 ids, whose comparisons are generic).
+    """
+    n = len(pages)
+    if n < 2:
+        return n == 1
+    first = pages[0]
+    if pages[n - 1] - first == n - 1:
+        step = 1
+    elif first - pages[n - 1] == n - 1:
+        step = -1
+    else:
+        pages.sort()
+        return False
+    expected = first
+    for page in pages:
+        if page != expected:
+            pages.sort()
+            return False
+        expected += step
+    if step < 0:
+        pages.reverse()
+    return True
+
+
 class MmapAllocator:
     """Real 4 KiB pages over private anonymous mappings; freeing returns them to the OS.
 
@@ -320,15 +349,20 @@ class MmapAllocator:
     def spans(self, pages: list[int], length: int) -> list[memoryview]:
         """The first ``length`` bytes of ``pages`` as few memoryviews as possible.
 
-        Sorts ``pages`` in place and merges runs of adjacent pages of one chunk into one
-        view: a request's pages are usually one run (fresh ones are handed out ascending,
-        reused ones come back as the descending run they were returned as), so a 1 MiB
-        request costs one or a few iovecs and copies instead of 256. The data order is the
-        order of the returned views; callers use the same list for every step of a request.
+        Sorts ``pages`` in place (:func:`_sort_pages`) and merges runs of adjacent pages of
+        one chunk into one view: a request's pages are usually one run (fresh ones are
+        handed out ascending, reused ones come back as the descending run they were returned
+        as), so a 1 MiB request costs one or a few iovecs and copies instead of 256. The
+        data order is the order of the returned views; callers use the same list for every
+        step of a request.
         """
-        pages.sort()
         chunk_pages = self.chunk_pages
         chunk_views = self._chunk_views
+        if _sort_pages(pages):
+            c, o = divmod(pages[0], chunk_pages)
+            if o + len(pages) <= chunk_pages:  # the usual request: one run in one chunk
+                start = o * PAGE_SIZE
+                return [chunk_views[c][start : start + length]]
         out: list[memoryview] = []
         n = len(pages)
         i = 0

@@ -755,8 +755,10 @@ class Connection:
             if npages == 1:  # the common 4 KiB request: no span machinery
                 v = page_views[pages[j]]
                 views = [v if length == PAGE_SIZE else v[:length]]
-            else:
-                views = alloc.spans(pages[j : j + npages], length)
+            else:  # a request alone in its group (a 1 MiB one) spans the group's own list
+                views = alloc.spans(
+                    pages if npages == len(pages) else pages[j : j + npages], length
+                )
             j += npages
             try:
                 if cmd == C_READ:
@@ -1076,7 +1078,7 @@ class Connection:
         while got < total:
             try:
                 if i == last:  # one span left (a 1 MiB payload is usually one): no iovec
-                    n = sock.recv_into(views[i])
+                    n = self._recv_into(views[i])
                 else:
                     n = sock.recvmsg_into(views[i : i + IOV_MAX])[0]
             except BlockingIOError:

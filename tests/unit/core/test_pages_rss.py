@@ -157,6 +157,27 @@ for _p in _SPAN_PAGES:
     st.integers(min_value=0, max_value=PAGE_SIZE - 1),
 )
 def test_spans_are_the_sorted_pages_merged_only_within_a_chunk(pages: list[int], cut: int) -> None:
+    check_spans(pages, cut)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.integers(min_value=0, max_value=39),
+    st.integers(min_value=1, max_value=40),
+    st.booleans(),
+    st.integers(min_value=0, max_value=PAGE_SIZE - 1),
+)
+def test_spans_of_consecutive_pages_ascending_or_descending(
+    first: int, n: int, descending: bool, cut: int
+) -> None:
+    # The usual request (a run, as a LIFO pool hands it back or a fresh chunk hands it
+    # out) takes the path that checks the run instead of sorting: same spans, same order.
+    run = _SPAN_PAGES[first : first + n]
+    check_spans(run[::-1] if descending else list(run), cut)
+
+
+def check_spans(pages: list[int], cut: int) -> None:
+    """``spans`` of ``pages`` (the last one cut short by ``cut`` bytes), checked whole."""
     length = len(pages) * PAGE_SIZE - cut
     spans = _SPAN_ALLOC.spans(pages, length)
     assert pages == sorted(pages)
