@@ -41,7 +41,7 @@ import socket
 import struct
 import threading
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Final, Protocol
+from typing import TYPE_CHECKING, Final, Protocol, final
 
 from librt.threading import Lock
 
@@ -89,8 +89,23 @@ F_REQ_ONE: Final = int(CmdFlag.REQ_ONE)
 
 _UNPACK_REQUEST: Final = REQUEST.unpack_from
 
-#: One request of a group: command, cookie, offset, length, pages.
-_Request = tuple[int, int, int, int, int]
+
+@final
+class _Request:
+    """A fast-path request of a group: a READ or WRITE without flags, inside the export."""
+
+    # A compiled class, not a tuple: its integer fields are stored unboxed (a tuple boxes
+    # the cookie, offset and length of every request anew).
+    __slots__ = ("cmd", "cookie", "length", "npages", "offset")
+
+    def __init__(self, cmd: int, cookie: int, offset: int, length: int, npages: int) -> None:
+        self.cmd = cmd
+        self.cookie = cookie
+        self.offset = offset
+        self.length = length
+        self.npages = npages
+
+
 _Replies = list[bytes | memoryview]
 _NO_GROUP: Final[tuple[list[_Request], int]] = ([], 0)
 
@@ -714,7 +729,7 @@ class Connection:
             else:
                 break
             npages = (length + PAGE_SIZE_MASK) >> PAGE_SHIFT
-            group.append((cmd, cookie, offset, length, npages))
+            group.append(_Request(cmd, cookie, offset, length, npages))
             need += npages
             if pos >= end:
                 break
@@ -750,7 +765,12 @@ class Connection:
         out: _Replies = []
         reads = writes = read_bytes = write_bytes = 0
         j = 0
-        for cmd, cookie, offset, length, npages in group:
+        for req in group:
+            cmd = req.cmd
+            cookie = req.cookie
+            offset = req.offset
+            length = req.length
+            npages = req.npages
             start += REQUEST_SIZE
             if npages == 1:  # the common 4 KiB request: no span machinery
                 v = page_views[pages[j]]
