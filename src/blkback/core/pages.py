@@ -31,6 +31,8 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Final, Protocol
 
+from mypy_extensions import i64
+
 PAGE_SHIFT: Final = 12
 PAGE_SIZE: Final = 4096  # 1 << PAGE_SHIFT (a literal: compiled, both are constants)
 
@@ -114,6 +116,7 @@ def _sort_pages(pages: list[int]) -> bool:
     if n < 2:
         return n == 1
     first = pages[0]
+    step: i64
     if pages[n - 1] - first == n - 1:
         step = 1
     elif first - pages[n - 1] == n - 1:
@@ -121,7 +124,9 @@ def _sort_pages(pages: list[int]) -> bool:
     else:
         pages.sort()
         return False
-    expected = first
+    # Native 64-bit integers: compiled, the loop then neither boxes nor checks for overflow.
+    expected: i64 = first
+    page: i64
     for page in pages:
         if page != expected:
             pages.sort()
