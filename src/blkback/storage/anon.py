@@ -65,7 +65,7 @@ class AnonMemoryStorage(Capabilities):
         except OSError as exc:
             raise ConfigError(f"memory: cannot reserve {format_size(size)}: {exc}") from exc
         #: The whole disk and its page map; the server's fast path copies through it too.
-        self.region = MemoryRegion(memoryview(self._map))
+        self.region = MemoryRegion(self._map)
 
     def direct_access(self) -> MemoryRegion:
         """The server copies to and from the region itself (which marks what it wrote)."""

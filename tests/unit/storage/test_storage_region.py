@@ -10,7 +10,7 @@ PAGE = 1 << MAP_SHIFT
 
 
 def _region(pages: int) -> MemoryRegion:
-    return MemoryRegion(memoryview(bytearray(pages * PAGE)))
+    return MemoryRegion(bytearray(pages * PAGE))
 
 
 def test_a_write_larger_than_a_copy_piece_lands_whole_and_reads_back() -> None:
