@@ -109,8 +109,8 @@ def _sort_pages(pages: list[int]) -> bool:
     """Sort ``pages`` (distinct ids) in place; whether they are one run of consecutive ids.
 
     A request's pages are usually one run, ascending or descending (:meth:`MmapAllocator.spans`):
-    compiled, checking that in one pass and reversing costs about a fifth of ``list.sort``
-    (13,000 instructions for a 1 MiB request's 256 ids, whose comparisons are generic).
+    compiled, checking that in one pass and reversing costs about 6,000 instructions for a
+    1 MiB request's 256 ids, ``list.sort`` 13,000 (its comparisons are generic).
     """
     n = len(pages)
     if n < 2:
