@@ -1,8 +1,9 @@
 """Sans-IO transmission phase: request validation and reply encoding (the hot path).
 
-Rule: no I/O and no per-request allocation beyond the returned ``bytes``. The replies of the
-fast path are written field by field with mypyc's runtime ``BytesWriter`` (compiled, its
-writes are inline C, where a ``struct`` pack is a Python call that boxes every field); the
+Rule: no I/O and no per-request allocation beyond the returned ``bytes`` (and, for the fast
+path's replies, the writer that builds it). Those replies are written field by field with
+mypyc's runtime ``BytesWriter`` (compiled, its writes are inline C, where a ``struct`` pack
+is a Python call that boxes every field and made a ``bytes`` of its own); the
 other layouts are precompiled :class:`struct.Struct`. :meth:`Transmission.check` does its
 common case (a valid READ or WRITE) in a handful of integer comparisons.
 
