@@ -23,7 +23,6 @@ pool is used under its spinlock; it has no lock of its own.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 from blkback.core.pages import PageAllocator, Release
@@ -108,7 +107,9 @@ class PagePool:
         """
         free = self._free
         k = n if n <= len(free) else len(free)
-        if k:
+        if k == 1:  # a 4 KiB request alone: no slice, no deletion of one
+            pages = [free.pop()]
+        elif k:
             pages = free[-k:]
             del free[-k:]
             pages.reverse()
@@ -150,14 +151,17 @@ class PagePool:
             self.peak_in_flight = self.in_flight
         return pages
 
-    def put(self, pages: Sequence[int]) -> None:
+    def put(self, pages: list[int]) -> None:
         """Return pages that were taken with :meth:`get`; no cap is applied here."""
         n = len(pages)
         if n > self.in_flight:
             raise ValueError(f"put of {n} pages but only {self.in_flight} are in flight")
         self.in_flight -= n
         free = self._free
-        free.extend(pages)
+        if n == 1:
+            free.append(pages[0])  # a 4 KiB request's page: no extend through an iterator
+        else:
+            free.extend(pages)
         if len(free) > self.peak_pool:
             self.peak_pool = len(free)
 

@@ -11,7 +11,7 @@ through :class:`RingOwner`, so ``ring.py`` does not import ``device.py`` (which 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Final
 
@@ -150,7 +150,7 @@ class Ring:
                 self.stats.squeezed_alloc_pages += new
         return pages
 
-    def put_pages(self, pages: Sequence[int]) -> None:
+    def put_pages(self, pages: list[int]) -> None:
         """Give a finished request's pages back to the pool."""
         self.pool.put(pages)
 
