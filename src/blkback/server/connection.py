@@ -1163,6 +1163,8 @@ class Connection:
             while k < len(chunk) and sent >= len(chunk[k]):
                 sent -= len(chunk[k])
                 k += 1
+            if k == len(bufs):
+                return  # the usual end: all of it went out in one call, no empty list made
             if k < len(chunk) and sent:
                 bufs = [memoryview(chunk[k])[sent:], *bufs[k + 1 :]]
             else:
