@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import pytest
 
 from blkback.clock import NS_PER_MS, NS_PER_US, ManualClock
-from blkback.core.polling import GROW_START_NS, TIE, PollWindow
+from blkback.core.polling import GAIN, GROW_START_NS, TIE, PollWindow
 
 RECV_TIMEOUT_NS = 100 * NS_PER_MS  # the ring's receive times out after one pass interval
 
@@ -195,12 +195,32 @@ def test_spinning_that_costs_more_cpu_than_sleeping_runs_one_epoch_per_round() -
     assert sum(spun) == 3  # the trials only
 
 
-def test_a_tie_goes_to_spinning_and_more_than_the_tie_to_sleeping() -> None:
+def test_a_tie_goes_to_spinning_that_buys_latency_and_more_than_the_tie_to_sleeping() -> None:
+    """A QD1 client: spinning halves the wall time per request."""
     for extra, kept in ((TIE / 2, True), (2 * TIE, False)):
         cpu = ManualClock()
         window = PollWindow(50 * NS_PER_US, epoch_batches=EPOCH, hold_epochs=HOLD)
-        spun = _epochs(window, cpu, (10_000, round(10_000 * (1 + extra))), 1 + 2 + 1)
+        costs = (10_000, round(10_000 * (1 + extra)))
+        spun = _epochs(window, cpu, costs, 1 + 2 + 1, walls_ns=(40_000, 20_000))
         assert spun[-1] is kept
+
+
+def test_spinning_that_buys_no_latency_is_dropped_at_a_cpu_premium_within_the_tie() -> None:
+    """A QD16 client: the socket is seldom empty after a batch, so spinning serves it hardly
+    faster (5 %): a CPU premium within the tie is not paid for that; for 20 % it is."""
+    for gain, kept in ((GAIN / 2, False), (2 * GAIN, True)):
+        cpu = ManualClock()
+        window = PollWindow(50 * NS_PER_US, epoch_batches=EPOCH, hold_epochs=HOLD)
+        walls = (40_000, round(40_000 * (1 - gain)))
+        spun = _epochs(window, cpu, (10_000, 10_200), 1 + 2 + HOLD, walls_ns=walls)
+        assert spun[3:] == [kept] * HOLD
+
+
+def test_spinning_that_costs_no_more_cpu_is_kept_without_buying_latency() -> None:
+    cpu = ManualClock()
+    window = PollWindow(50 * NS_PER_US, epoch_batches=EPOCH, hold_epochs=HOLD)
+    spun = _epochs(window, cpu, (10_000, 10_000), 1 + 2 + HOLD, walls_ns=(20_000, 20_500))
+    assert spun[3:] == [True] * HOLD
 
 
 def test_spinning_that_slows_the_ring_down_is_dropped_even_when_it_costs_less_cpu() -> None:
