@@ -110,6 +110,18 @@ _Replies = list[bytes | memoryview]
 _NO_GROUP: Final[tuple[list[_Request], int]] = ([], 0)
 
 
+def unsent_tail(bufs: list[bytes | memoryview], sent: int) -> list[bytes | memoryview]:
+    """``bufs`` without their first ``sent`` bytes (fewer than they hold): what a partial
+    write left to send."""
+    k = 0
+    while sent >= len(bufs[k]):
+        sent -= len(bufs[k])
+        k += 1
+    if sent:
+        return [memoryview(bufs[k])[sent:], *bufs[k + 1 :]]
+    return bufs[k:]
+
+
 def _wants_tls(hs: ServerHandshake) -> bool:
     return hs.state is HandshakeState.START_TLS
 
@@ -763,6 +775,7 @@ class Connection:
         page_views = alloc.page_views
         codec = self.codec
         out: _Replies = []
+        out_bytes = 0  # the replies' length, counted as they are built: the send measures none
         reads = writes = read_bytes = write_bytes = 0
         j = 0
         for req in group:
@@ -783,19 +796,24 @@ class Connection:
             try:
                 if cmd == C_READ:
                     direct.read(views, offset, length)
-                    out.append(codec.read_reply_header(cookie, offset, length))
+                    reply = codec.read_reply_header(cookie, offset, length)
+                    out.append(reply)
                     out += views
+                    out_bytes += length
                     reads += 1
                     read_bytes += length
                 else:
                     start, end = self._take_payload(start, end, length, views)
                     direct.write(views, offset, length)
-                    out.append(codec.ok_reply(cookie))
+                    reply = codec.ok_reply(cookie)
+                    out.append(reply)
                     writes += 1
                     write_bytes += length
             except RequestError as exc:
-                out.append(self._io_error_reply(cookie, exc))
-        self._send(out)
+                reply = self._io_error_reply(cookie, exc)
+                out.append(reply)
+            out_bytes += len(reply)
+        self._send(out, out_bytes)
         stats = ring.stats
         stats.rd_req += reads
         stats.rd_bytes += read_bytes
@@ -1139,18 +1157,24 @@ class Connection:
         return start + staged
 
     # -- sending --------------------------------------------------------------------------
-    def _send(self, bufs: list[bytes | memoryview]) -> None:
-        """Send ``bufs`` whole; replies of workers and the ring go out one call at a time."""
+    def _send(self, bufs: list[bytes | memoryview], total: int = -1) -> None:
+        """Send ``bufs`` whole; replies of workers and the ring go out one call at a time.
+
+        ``total`` is their length in bytes when the caller has counted it (a group counts as
+        it builds its replies), else -1 and it is counted here.
+        """
         if not bufs:
             return
+        if total < 0:
+            total = sum([len(b) for b in bufs])
         if self._workers:
             with self.send_lock:
-                self._send_all(bufs)
+                self._send_all(bufs, total)
         else:  # only the ring's thread sends
-            self._send_all(bufs)
+            self._send_all(bufs, total)
 
-    def _send_all(self, bufs: list[bytes | memoryview]) -> None:
-        while bufs:
+    def _send_all(self, bufs: list[bytes | memoryview], total: int) -> None:
+        while True:
             chunk = bufs if len(bufs) <= IOV_MAX else bufs[:IOV_MAX]
             try:
                 # One buffer (a write's reply) goes out without an iovec array: ``write`` or
@@ -1158,17 +1182,10 @@ class Connection:
                 sent = self._send_one(chunk[0]) if len(chunk) == 1 else self._send_many(chunk)
             except BlockingIOError:
                 raise TimeoutError("client stopped reading replies") from None
-            # Drop what went out, keep the unsent tail.
-            k = 0
-            while k < len(chunk) and sent >= len(chunk[k]):
-                sent -= len(chunk[k])
-                k += 1
-            if k == len(bufs):
-                return  # the usual end: all of it went out in one call, no empty list made
-            if k < len(chunk) and sent:
-                bufs = [memoryview(chunk[k])[sent:], *bufs[k + 1 :]]
-            else:
-                bufs = bufs[k:]
+            total -= sent
+            if total <= 0:
+                return  # the usual end: one call took it all, and no buffer was measured
+            bufs = unsent_tail(bufs, sent)
 
     # -- workers (blocking backends) ------------------------------------------------------
     def _start_workers(self, n: int) -> None:
