@@ -68,6 +68,9 @@ log = logging.getLogger("blkback.connection")
 
 STAGING_BYTES: Final = 256 * 1024
 GROUP_PAGES: Final = 64  # a group of fast requests takes at most about this many pages
+# ... and ends after this many pages of write payload, so that a client that sent a burst of
+# writes hears back while the ring copies the rest (docs/data-path.md §7).
+WRITE_GROUP_PAGES: Final = 4
 LARGE_PAYLOAD: Final = 64 * 1024  # a write this large is received straight into its pages
 PAGE_SIZE_MASK: Final = PAGE_SIZE - 1
 IOV_MAX: Final = 1024
@@ -191,6 +194,9 @@ class Connection:
         # Pages per group of fast requests (see _loop): one pool call and one gathered write
         # per group. 1 serves request by request (for comparisons).
         self.group_pages = max(1, int(os.environ.get("BLKBACK_GROUP_PAGES", str(GROUP_PAGES))))
+        self.write_group_pages = max(
+            1, int(os.environ.get("BLKBACK_WRITE_GROUP_PAGES", str(WRITE_GROUP_PAGES)))
+        )
         self.closed = threading.Event()
         self._alloc_failed_ns = -(10**18)  # last page allocation failure
         self._alloc_backoff_ns = 0
@@ -710,16 +716,19 @@ class Connection:
     def _parse_group(self, start: int, end: int) -> tuple[list[_Request], int]:
         """The group at ``start`` and the pages it needs.
 
-        Fast requests whose headers (and write payloads) are staged; a write whose payload
-        is still arriving ends it, and so does any request the fast path does not take.
+        Fast requests whose headers (and write payloads) are staged, up to ``group_pages``
+        pages in all and ``write_group_pages`` pages of writes; a write whose payload is
+        still arriving ends it, and so does any request the fast path does not take.
         """
         view = self._view
         group_pages = self.group_pages
+        write_group_pages = self.write_group_pages
         max_block = self.max_block
         size = self.export_size
         writable = self.writable
         group: list[_Request] = []
         need = 0
+        write_pages = 0
         pos = start
         # Declared ints: compiled, the fields are unboxed once, then compared natively.
         magic: int
@@ -734,16 +743,17 @@ class Connection:
                 break
             if offset + length > size:
                 break
+            npages = (length + PAGE_SIZE_MASK) >> PAGE_SHIFT
             if cmd == C_READ:
                 pos += REQUEST_SIZE
             elif cmd == C_WRITE and writable:
                 pos += REQUEST_SIZE + length
+                write_pages += npages
             else:
                 break
-            npages = (length + PAGE_SIZE_MASK) >> PAGE_SHIFT
             group.append(_Request(cmd, cookie, offset, length, npages))
             need += npages
-            if pos >= end:
+            if pos >= end or write_pages >= write_group_pages:
                 break
         return group, need
 

@@ -1,5 +1,6 @@
 """A ring serves every request waiting in its socket before its pass, as the kernel's
-``do_block_io_op`` drains its ring before ``xen_blkif_schedule`` shrinks the pool.
+``do_block_io_op`` drains its ring before ``xen_blkif_schedule`` shrinks the pool; within
+that batch, writes are served in groups of a few pages, so that their replies go out early.
 
 Large writes are received straight into their pages, which leaves the staging buffer empty
 after each one; the ring then looks for the next request in the socket before it runs the
@@ -129,3 +130,38 @@ def test_without_a_waiting_request_every_large_write_has_its_own_pass(ring: Ring
     after = ring.now()
     assert int(after["misses"]) - int(before["misses"]) == n * PAYLOAD // PAGE
     assert after["pool_pages"] == 0
+
+
+WRITE_GROUP_PAGES = 4  # server/connection.py: a group ends after this many pages of writes
+
+
+@pytest.mark.parametrize(("cmd", "in_flight"), [(CMD_WRITE, WRITE_GROUP_PAGES), (CMD_READ, 16)])
+def test_a_burst_of_small_writes_is_served_in_groups_of_a_few_pages_and_reads_in_one(
+    serve: Callable[..., Served], cmd: int, in_flight: int
+) -> None:
+    # 16 pipelined 4 KiB requests sent at once. A group takes its pages from the pool in one
+    # call and gives them back after its replies, so the pages in flight at once are the
+    # largest group's: writes are cut after WRITE_GROUP_PAGES pages (their replies must not
+    # wait for the whole burst's copies), reads are not (16 headers are one group).
+    served = serve("disk=memory:16M")
+    sock = raw_transmission(served, b"disk")
+    try:
+        n = 16
+        rng = random.Random(7)
+        payloads = [rng.randbytes(PAGE) for _ in range(n)]
+        burst = b"".join(
+            REQUEST.pack(REQUEST_MAGIC, 0, cmd, i, i * PAGE, PAGE)
+            + (payloads[i] if cmd == CMD_WRITE else b"")
+            for i in range(n)
+        )
+        sock.sendall(burst)
+        replies = _replies(sock, n, PAGE if cmd == CMD_READ else 0)
+        # A group counts its requests once its replies are out: wait for the last ones.
+        counter = "wr" if cmd == CMD_WRITE else "rd"
+        wait_until(lambda: served.rings()[0]["requests"][counter] == n, 5.0, "the counts")
+        (after,) = served.rings()
+        assert after["peak_in_flight_pages"] == in_flight
+        if cmd == CMD_READ:
+            assert replies == [bytes(PAGE)] * n  # nothing was written: zeroes
+    finally:
+        sock.close()
