@@ -40,17 +40,12 @@ PAGE_SIZE: Final = 4096  # 1 << PAGE_SHIFT (a literal: compiled, both are consta
 class Release(enum.Enum):
     """How freed pages go back to the system (an argument of ``flush``).
 
-    ``KEEP``: a trim. The pages stay mapped and are handed out again first, with no system
-    call and no fault (``max_buffer_pages=0`` under load trims and retakes the same pages at
-    every batch); the ring frees them ``LAZY`` once they are ``lru_interval_ms`` old or it
-    turns idle. ``LAZY``: ``MADV_FREE`` of the kept and freed pages: the kernel takes the
-    frames whenever it needs memory, without swapping, and a page it has not taken yet is
-    reused without a fault. ``NOW``: a squeeze or a close. ``MADV_DONTNEED`` of everything
-    freed, kept and lazily freed pages included: the frames leave at once, because under
-    pressure the memory must leave now.
+    ``LAZY``: a trim. ``MADV_FREE``: the kernel takes the frames whenever it needs memory,
+    without swapping, and a page it has not taken yet is reused without a fault. ``NOW``: a
+    squeeze or a close. ``MADV_DONTNEED`` of everything freed, lazily freed pages included:
+    the frames leave at once, because under pressure the memory must leave now.
     """
 
-    KEEP = "keep"
     LAZY = "lazy"
     NOW = "now"
 
@@ -87,10 +82,9 @@ class ReleaseCounts:
 
     Attributes:
         held: handed out and not freed (a ring's pool plus its pages in flight).
-        lazy: freed by a trim and not reused since, kept mapped (``Release.KEEP``) or freed
-            with ``MADV_FREE``: either way their frames may still be in the process (they
-            count in RSS until the kernel takes them, which needs no swap).
-        lazily_freed: pages ever freed by a trim (kept, then ``MADV_FREE``).
+        lazy: freed lazily and not reused since: the kernel may still hold their frames in
+            the process (they count in RSS until it takes them, which needs no swap).
+        lazily_freed: pages ever freed lazily (``MADV_FREE``).
         lazy_reused: pages handed out again while lazily freed (no page fault if the kernel
             had not taken them).
         returned: pages ever given back at once (``MADV_DONTNEED``), lazily freed ones
@@ -178,7 +172,6 @@ class MmapAllocator:
         #: Every page's 4096 bytes by page id (the list grows with the chunks).
         self.page_views = self._views
         self._free_ids: list[int] = []  # slots with no frame (never touched, or dropped)
-        self._kept_ids: list[int] = []  # trimmed (Release.KEEP): mapped, not advised yet
         self._lazy_ids: list[int] = []  # MADV_FREE'd: the frame may still be there
         self._pending: list[int] = []  # freed, not yet given back (until flush)
         self._live = 0
@@ -199,12 +192,8 @@ class MmapAllocator:
 
     # -- allocator protocol ---------------------------------------------------------------
     def alloc(self) -> int:
-        # Kept pages first (no fault, no system call), then lazily freed ones: one the kernel
-        # has not taken is reused without a fault.
-        if self._kept_ids:
-            page = self._kept_ids.pop()
-            self.pages_lazy_reused += 1
-        elif self._lazy_ids:
+        # Lazily freed pages first: one the kernel has not taken is reused without a fault.
+        if self._lazy_ids:
             page = self._lazy_ids.pop()
             self.pages_lazy_reused += 1
         else:
@@ -240,10 +229,7 @@ class MmapAllocator:
                 self.flush()
                 raise
             return pinned
-        out = self._take(self._kept_ids, n)  # mapped and never advised: no fault
-        n_kept = len(out)
-        if n_kept < n:
-            out += self._take(self._lazy_ids, n - n_kept)  # no fault if the kernel left them
+        out = self._take(self._lazy_ids, n)  # no fault if the kernel left them
         n_lazy = len(out)
         free_ids = self._free_ids
         try:
@@ -255,8 +241,7 @@ class MmapAllocator:
                         self._map_chunk()
                 out.extend(self._take(free_ids, n - len(out)))
         except BaseException:
-            self._kept_ids.extend(reversed(out[:n_kept]))
-            self._lazy_ids.extend(reversed(out[n_kept:n_lazy]))
+            self._lazy_ids.extend(reversed(out[:n_lazy]))
             free_ids.extend(reversed(out[n_lazy:]))
             raise
         self.pages_lazy_reused += n_lazy
@@ -289,37 +274,27 @@ class MmapAllocator:
     def flush(self, release: Release = Release.NOW) -> None:
         """Give back the pages freed since the last flush as ``release`` says.
 
-        ``KEEP`` keeps them mapped, ``LAZY`` frees them and the kept ones with ``MADV_FREE``,
-        ``NOW`` drops them, the kept and the lazily freed ones with ``MADV_DONTNEED`` (see
-        :class:`Release`). One ``madvise`` per run of adjacent pages.
+        One ``madvise`` per run of adjacent pages; ``NOW`` gives back the lazily freed pages
+        too, since under pressure memory must leave now.
         """
         pending = self._pending
-        if release is not Release.NOW:
-            self.pages_lazily_freed += len(pending)
-            self._kept_ids += pending
-            pending.clear()
-            if release is Release.LAZY:
-                kept = self._kept_ids
-                self._advise_pages(mmap.MADV_FREE, kept)
-                self._lazy_ids += kept
-                kept.clear()
+        if release is Release.NOW:
+            pending += self._lazy_ids
+            self._lazy_ids.clear()
+        if not pending:
             return
-        pending += self._kept_ids
-        pending += self._lazy_ids
-        self._kept_ids.clear()
-        self._lazy_ids.clear()
-        self._advise_pages(mmap.MADV_DONTNEED, pending)
-        self._free_ids += pending
-        self.pages_returned += len(pending)
-        pending.clear()
-
-    def _advise_pages(self, advice: int, pages: list[int]) -> None:
-        """``madvise`` ``pages`` (sorted here), one call per run of adjacent ones."""
-        if not pages:
-            return
-        pages.sort()
-        for start, end in self._runs(pages):
+        pending.sort()
+        lazy = release is Release.LAZY
+        advice = mmap.MADV_FREE if lazy else mmap.MADV_DONTNEED
+        for start, end in self._runs(pending):
             self._advise(advice, start, end)
+        if lazy:
+            self._lazy_ids += pending
+            self.pages_lazily_freed += len(pending)
+        else:
+            self._free_ids += pending
+            self.pages_returned += len(pending)
+        pending.clear()
 
     def _runs(self, pages: list[int]) -> Iterator[tuple[int, int]]:
         """Runs ``(start, end)`` of adjacent ``pages`` (sorted), each inside one chunk."""
@@ -349,7 +324,7 @@ class MmapAllocator:
     def release_counts(self) -> ReleaseCounts:
         return ReleaseCounts(
             held=self._live,
-            lazy=len(self._kept_ids) + len(self._lazy_ids),
+            lazy=len(self._lazy_ids),
             lazily_freed=self.pages_lazily_freed,
             lazy_reused=self.pages_lazy_reused,
             returned=self.pages_returned,
@@ -439,6 +414,7 @@ class MmapAllocator:
             v.release()
         self._chunk_views.clear()
         self._free_ids.clear()
+        self._lazy_ids.clear()
         self._addrs.clear()
         for chunk in self._chunks:
             try:
@@ -451,7 +427,6 @@ class MmapAllocator:
         """Ids handed out by :meth:`alloc` and not freed since (for cleanup at disconnect)."""
         free = set(self._free_ids)
         free.update(self._pending)  # freed, frames not dropped yet: not live either
-        free.update(self._kept_ids)
         free.update(self._lazy_ids)
         return [i for i in range(len(self._views)) if i not in free]
 

@@ -130,10 +130,6 @@ class Ring:
         self.wake_ns: int | None = None
         self.waker: Callable[[], None] | None = None  # set by whoever runs the loop
         self.closed = False
-        # When the oldest trim whose pages the allocator still keeps mapped ran (None: none
-        # kept). They are freed lazily once they are lru_interval_ms old, or when the ring
-        # turns idle (see Release.KEEP).
-        self.kept_since_ns: int | None = None
 
     # -- pages ----------------------------------------------------------------------------
     def get_pages(self, n: int, now_ns: int) -> list[int]:
@@ -174,8 +170,7 @@ class Ring:
         habit, not a semantic. A pass changes the pool only when the pool is above its target,
         and without a new event the target cannot fall below the pool: no squeeze is pending
         (its window would end, or a graded level would see the ring turn idle), no page is in
-        flight (a worker returning pages could lift the pool above the target), no trimmed
-        page is kept mapped (the next pass frees it lazily), and every
+        flight (a worker returning pages could lift the pool above the target), and every
         event that could lower the target wakes the ring (``squeeze_wake`` is on: with it off,
         the kernel's lazy squeeze is what the timed pass reproduces). ``log_stats`` prints
         from timed passes, so it keeps them too.
@@ -184,7 +179,7 @@ class Ring:
         if not params.squeeze_wake or params.log_stats:
             return False
         pool = self.pool
-        if pool.in_flight or self.kept_since_ns is not None or self.device.squeezed(now_ns):
+        if pool.in_flight or self.device.squeezed(now_ns):
             return False
         return len(pool) <= self.target(now_ns)
 
@@ -222,25 +217,15 @@ class Ring:
         # (The lower of two reads: `ctl set` may change it while the policy reads it, and
         # a trim must not be counted as a squeeze then.)
         trim_floor = min(floor_before, params.max_buffer_pages)
-        # A trim keeps its pages mapped for reuse, then frees them lazily (reused without a
-        # fault until the kernel needs the memory); a squeeze frees at once, kept and lazily
-        # freed pages included, because under pressure the memory must leave now.
+        # A trim frees lazily (reused without a fault until the kernel needs the memory); a
+        # squeeze frees at once, pages freed lazily before it included, because under
+        # pressure the memory must leave now.
         freed = 0
-        release = self._release(target, trim_floor, now_ns)
-        if release is Release.NOW:
-            self.kept_since_ns = None
         if len(pool) > target:
-            if release is Release.KEEP and self.kept_since_ns is None:
-                self.kept_since_ns = now_ns
+            release = self._release(target, trim_floor, now_ns)
             freed = pool.shrink(target, params.batch_free_pages, release)
-        elif not had_io and release is Release.NOW:
+        elif not had_io and self._release(target, trim_floor, now_ns) is Release.NOW:
             pool.allocator.flush(Release.NOW)
-        kept_ns = self.kept_since_ns
-        if kept_ns is not None and (
-            not had_io or now_ns - kept_ns >= params.lru_interval_ms * NS_PER_MS
-        ):
-            pool.allocator.flush(Release.LAZY)
-            self.kept_since_ns = None
         if freed:
             self.last_free_ns = now_ns
             if target < trim_floor:
@@ -262,10 +247,10 @@ class Ring:
     def _release(self, target: int, trim_floor: int, now_ns: int) -> Release:
         """How the pages a pass frees leave the process (see :class:`Release`): at once
         under a squeeze (a target below the trim floor, or inside a squeeze window, which
-        ``max_buffer_pages=0`` would not show), kept and then freed lazily for a trim."""
+        ``max_buffer_pages=0`` would not show), lazily for a trim."""
         if target < trim_floor or self.device.squeezed(now_ns):
             return Release.NOW
-        return Release.KEEP
+        return Release.LAZY
 
     def request_wake(self, now_ns: int | None = None) -> None:
         """Ask the ring's runner to run a pass now (a squeeze began at ``now_ns``).

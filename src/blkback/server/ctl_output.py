@@ -24,9 +24,8 @@ from blkback.storage.base import format_size
 RING_COLUMNS_LEGEND = (
     "pool: free pages kept in the ring's pool now (the bytes they hold); peak: its largest "
     "size; in flight: pages held by requests being served; alloc, freed: pages allocated "
-    "and freed since the ring began; lazy (where shown): trimmed pages kept mapped for "
-    "reuse or freed with MADV_FREE, still in RSS until the kernel needs them; rd, wr, f, "
-    "ds: read, write (and write-zeroes), flush "
+    "and freed since the ring began; lazy (where shown): freed pages the kernel may still "
+    "hold (MADV_FREE) until it needs them; rd, wr, f, ds: read, write (and write-zeroes), flush "
     "and discard requests served (the kernel's st_rd_req, st_wr_req, st_f_req, st_ds_req); "
     "oo: requests that found no free request slot and waited (st_oo_req); err: requests "
     f"answered with an error; read, written: bytes moved. A page is {PAGE_SIZE} bytes."

@@ -89,11 +89,11 @@ RING_SERIES: dict[str, Series | None] = {
     "pages_lazy": Series(
         "blkback_pages_lazy",
         "gauge",
-        "Pages trimmed and not reused since (kept mapped, then MADV_FREE): still in RSS",
+        "Pages freed lazily (MADV_FREE) and not reused since: the kernel may still hold them",
         declare=False,
     ),
     "pages_lazily_freed": Series(
-        "blkback_pages_lazily_freed", "counter", "Pages freed lazily by trims", declare=False
+        "blkback_pages_lazily_freed", "counter", "Pages freed lazily (MADV_FREE)", declare=False
     ),
     "pages_lazy_reused": Series(
         "blkback_pages_lazy_reused",

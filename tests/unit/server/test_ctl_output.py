@@ -40,9 +40,8 @@ def test_stats_show_pools_in_pages_and_bytes_and_explain_the_columns(server: Ser
     assert cells[:5] == ["0", "256", "(1", "MiB)", "256"]
     assert "3 MiB" in row  # bytes read
     assert "device vol: not squeezed; 0 squeezes started by 0 pressure reports; 1 ring" in text
-    legend = " ".join(text.split())  # the legend wraps to the terminal's width
     for explained in ("rd, wr, f, ds: read, write", "oo: requests that found no free", "4096"):
-        assert explained in legend
+        assert explained in text
 
 
 def test_params_have_value_unit_default_and_meaning(server: Server) -> None:
@@ -72,4 +71,4 @@ def test_auto_state_and_lazy_pages_are_shown_where_reported(server: Server) -> N
     header, _rule, row = text.splitlines()[2:5]
     assert header.split()[7] == "lazy"
     assert "512 (2 MiB)" in row
-    assert "lazy (where shown): trimmed pages kept mapped for reuse" in " ".join(text.split())
+    assert "lazy (where shown): freed pages the kernel may still hold" in text
