@@ -322,8 +322,9 @@ def run(args: argparse.Namespace) -> int:
         _announce(server, print_uri=args.print_uri, quiet=quiet)
         if args.run:
             return _run_captive(args.run, server, stop)
-        while not stop.wait(1.0):
-            pass
+        # No timeout: a signal interrupts the wait and its handler sets ``stop``. A timed
+        # wait would wake the idle server every second for nothing.
+        stop.wait()
         log.info("stopping: finishing in-flight requests")
     return 0
 
