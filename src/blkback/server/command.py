@@ -102,6 +102,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("blkback.serve")
 
+STOP_SIGNALS = frozenset({signal.SIGINT, signal.SIGTERM})  # a graceful stop
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Register ``serve``'s options (defaults come from :class:`ServeOptions`, after --config)."""
@@ -301,8 +303,8 @@ def run(args: argparse.Namespace) -> int:
     def on_signal(signum: int, frame: FrameType | None) -> None:
         stop.set()
 
-    signal.signal(signal.SIGINT, on_signal)
-    signal.signal(signal.SIGTERM, on_signal)
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, on_signal)
     if args.exit_with_parent:
         _exit_with_parent(stop)
     if args.single and args.run:
@@ -310,9 +312,10 @@ def run(args: argparse.Namespace) -> int:
     stdin_sock = _stdin_socket() if args.single else None
     options = resolve_options(args)
     with contextlib.ExitStack() as cleanup:
-        server = _start(args, options, cleanup)
-        if stdin_sock is not None:
-            conn = server.serve_connected(stdin_sock, "stdin")
+        with _stop_signals_to_this_thread():
+            server = _start(args, options, cleanup)
+            conn = server.serve_connected(stdin_sock, "stdin") if stdin_sock else None
+        if conn is not None:
             while not stop.is_set() and not conn.closed.wait(1.0):
                 pass
             return 0
@@ -322,8 +325,8 @@ def run(args: argparse.Namespace) -> int:
         _announce(server, print_uri=args.print_uri, quiet=quiet)
         if args.run:
             return _run_captive(args.run, server, stop)
-        # No timeout: a signal interrupts the wait and its handler sets ``stop``. A timed
-        # wait would wake the idle server every second for nothing.
+        # No timeout: the signal interrupts this wait (it is delivered to this thread) and
+        # its handler sets ``stop``. A timed wait would wake the idle server every second.
         stop.wait()
         log.info("stopping: finishing in-flight requests")
     return 0
@@ -567,6 +570,23 @@ class PrivateDir:
             self._path = Path(tempfile.mkdtemp(prefix="blkback-"))
             self._cleanup.callback(shutil.rmtree, self._path, ignore_errors=True)
         return self._path
+
+
+@contextlib.contextmanager
+def _stop_signals_to_this_thread() -> Iterator[None]:
+    """Block SIGINT and SIGTERM while the server starts its threads, which keep the mask.
+
+    The kernel gives a process's signal to any thread that does not block it, and Python
+    runs the handler in the main thread only when it next runs: a signal taken by a ring or
+    accept thread would leave the main thread asleep in its wait. With every other thread
+    blocking them, the signals come to this one and interrupt its wait. One that arrives
+    meanwhile waits until the ``with`` ends, then stops the server as usual.
+    """
+    signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
 
 
 def _exit_with_parent(stop: threading.Event) -> None:
