@@ -135,6 +135,34 @@ def wait_until(pred: Callable[[], bool], timeout_s: float, what: str) -> None:
     raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
 
 
+def thread_context_switches(pid: int) -> dict[str, int]:
+    """Context switches so far of each thread of ``pid``: a thread that wakes adds one."""
+    switches = {}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            lines = (task / "status").read_text().splitlines()
+        except FileNotFoundError:  # the thread ended (a control request's)
+            continue
+        switches[task.name] = sum(
+            int(line.split()[1])
+            for line in lines
+            if line.startswith(("voluntary_ctxt_switches", "nonvoluntary_ctxt_switches"))
+        )
+    return switches
+
+
+def assert_no_thread_wakes(pid: int, seconds: float) -> None:
+    """No thread of ``pid`` runs for ``seconds``: an idle server must not wake.
+
+    A thread that ends meanwhile (one that served a control request) is allowed."""
+    before = thread_context_switches(pid)
+    CLOCK.wait_until(CLOCK.now_ns() + round(seconds * NS_PER_S))
+    after = thread_context_switches(pid)
+    woke = {tid: after[tid] - n for tid, n in before.items() if after.get(tid, n) != n}
+    assert not woke, f"threads woke while idle (thread id: switches): {woke}"
+    assert len(after) >= len(before) - 1
+
+
 def run(cmd: list[str], timeout: float = 120, **kw: Any) -> subprocess.CompletedProcess[str]:
     """Run a client tool; show its output if it fails."""
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, **kw)

@@ -314,10 +314,11 @@ def run(args: argparse.Namespace) -> int:
     with contextlib.ExitStack() as cleanup:
         with _stop_signals_to_this_thread():
             server = _start(args, options, cleanup)
-            conn = server.serve_connected(stdin_sock, "stdin") if stdin_sock else None
-        if conn is not None:
-            while not stop.is_set() and not conn.closed.wait(1.0):
-                pass
+            if stdin_sock is not None:
+                # The client leaving stops the server as a signal does.
+                server.serve_connected(stdin_sock, "stdin", on_close=stop.set)
+        if stdin_sock is not None:
+            stop.wait()  # no timeout, as below
             return 0
         # Captive and socket-activated servers share stdout with the program that started
         # them (nbdinfo -- [ blkback serve ] prints JSON there): they print nothing.
@@ -649,19 +650,31 @@ def captive_env(server: Server) -> dict[str, str]:
 
 
 def _run_captive(command: str, server: Server, stop: threading.Event) -> int:
-    """Run ``command``; a signal to us is passed on to it. Its exit status is returned
-    (128 + N when a signal N ended it, as a shell reports it)."""
+    """Run ``command``; a stop signal to us is passed on to it as SIGTERM. Its exit status
+    is returned (128 + N when a signal N ended it, as a shell reports it)."""
     proc = subprocess.Popen(["/bin/sh", "-c", command], env=captive_env(server))
-    with _reaped(proc):
-        while True:
-            try:
-                code = proc.wait(timeout=0.5)
-                break
-            except subprocess.TimeoutExpired:
-                if stop.is_set():
-                    proc.send_signal(signal.SIGTERM)
-                    stop.clear()
+    with _reaped(proc), _stop_signals_passed_to(proc):
+        if stop.is_set():  # a signal (or --exit-with-parent) came while we started
+            proc.send_signal(signal.SIGTERM)
+        # No timeout: a signal runs its handler in this thread, and the wait goes on
+        # until the command exits.
+        code = proc.wait()
     return 128 - code if code < 0 else code
+
+
+@contextlib.contextmanager
+def _stop_signals_passed_to(proc: subprocess.Popen[bytes]) -> Iterator[None]:
+    """While the captive command runs, SIGINT/SIGTERM to us send it SIGTERM."""
+
+    def pass_on(signum: int, frame: FrameType | None) -> None:
+        proc.send_signal(signal.SIGTERM)
+
+    previous = {signum: signal.signal(signum, pass_on) for signum in STOP_SIGNALS}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 @contextlib.contextmanager

@@ -20,6 +20,7 @@ import socket
 import stat
 import struct
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -199,6 +200,7 @@ class Server:
             device = self.bus.add_device(name)
             self.catalog.add(Export(name, storage, device, info, spec))
         self.connections: set[Connection] = set()
+        self._close_hooks: dict[Connection, Callable[[], object]] = {}
         self.conn_lock = threading.Lock()
         self._stop_event = threading.Event()
         self.started_ns = self.clock.now_ns()
@@ -317,13 +319,21 @@ class Server:
             self.addresses.append(f"tcp:{shown}:{port}")
         self.listeners.append(sock)
 
-    def serve_connected(self, sock: socket.socket, peer: str) -> Connection:
-        """Serve one already connected socket (``serve --single``: inetd's hand-over)."""
+    def serve_connected(
+        self, sock: socket.socket, peer: str, on_close: Callable[[], object] | None = None
+    ) -> Connection:
+        """Serve one already connected socket (``serve --single``: inetd's hand-over).
+
+        ``on_close`` is called on the connection's thread once it has closed: the caller
+        waits for that, not in timed steps.
+        """
         self._tune_socket(sock)
         conn = Connection(self, sock, peer)
         with self.conn_lock:
             self.connections.add(conn)
             self.connections_total += 1
+            if on_close is not None:
+                self._close_hooks[conn] = on_close
         conn.start()
         return conn
 
@@ -430,6 +440,9 @@ class Server:
         """Called by a connection's thread when it is done."""
         with self.conn_lock:
             self.connections.discard(conn)
+            hook = self._close_hooks.pop(conn, None)
+        if hook is not None:
+            hook()
 
     def attach_ring(self, conn: Connection, export: Export) -> Ring:
         """Create the connection's ring on the export's device."""

@@ -19,6 +19,7 @@ import subprocess
 from pathlib import Path
 
 from support import (
+    assert_no_thread_wakes,
     blkback_cmd,
     child_env,
     export_name,
@@ -29,6 +30,8 @@ from support import (
     wait_for_socket,
     wait_until,
 )
+
+from blkback.server.control_client import request
 
 REQ = struct.Struct(">IHHQQI")
 REQ_MAGIC, REPLY_MAGIC = 0x25609513, 0x67446698
@@ -89,6 +92,23 @@ def test_run_with_a_tcp_port_gives_qemu_img_the_uri_and_a_signal_status(tmp_path
         capture_output=True, text=True, env=child_env(), timeout=120,
     )  # fmt: skip
     assert killed.returncode == 128 + signal.SIGTERM, killed.stderr
+
+
+def test_run_sleeps_while_its_command_runs_and_passes_it_a_stop_signal(
+    tmp_path: Path, procs: list[subprocess.Popen[str]]
+) -> None:
+    started = tmp_path / "started"
+    p = _spawn(
+        procs,
+        blkback_cmd(
+            "serve", "--pressure", "off", "--run", f"touch {started} && exec sleep 60"
+        ),
+    )  # fmt: skip
+    wait_until(started.exists, 60, "the captive command to start")
+    assert_no_thread_wakes(p.pid, 2.5)  # it used to look at its command twice a second
+    p.send_signal(signal.SIGTERM)
+    _, err = p.communicate(timeout=30)
+    assert p.returncode == 128 + signal.SIGTERM, err  # the command's death, as sh reports it
 
 
 # -- --single ------------------------------------------------------------------------------
@@ -159,6 +179,43 @@ def test_single_under_inetd_style_activation(
             sock.settimeout(30)
             sock.connect(path)
             _oldstyle_export_name_session(sock)
+
+
+def test_single_sleeps_while_its_client_idles_and_exits_when_it_leaves(
+    tmp_path: Path, procs: list[subprocess.Popen[str]]
+) -> None:
+    # One process per connection (inetd, Accept=yes): an idle one must cost nothing. The
+    # main thread used to look for the client's departure every second.
+    control = str(tmp_path / "control.sock")
+    ours, theirs = socket.socketpair()
+    with ours:
+        with theirs:
+            p = _spawn(
+                procs,
+                blkback_cmd(
+                    "serve", "-s", "--pressure", "off", "--export", "d=memory:4M",
+                    "--control", control,
+                ),
+                stdin=theirs,
+            )  # fmt: skip
+        ours.settimeout(30)
+        start_handshake(ours)
+        export_name(ours, b"")
+        ours.sendall(REQ.pack(REQ_MAGIC, 0, CMD_WRITE, 1, 0, 4096) + b"x" * 4096)
+        assert struct.unpack(">IIQ", recv_exact(ours, 16)) == (REPLY_MAGIC, 0, 1)
+        wait_until(lambda: _rings_rest(control), 30, "the ring to rest")
+        assert_no_thread_wakes(p.pid, 2.5)
+    # The client went away without NBD_CMD_DISC: the server exits at once, not a second
+    # later (the whole start-and-stop of blkback serve takes far longer than that).
+    out, err = p.communicate(timeout=30)
+    assert p.returncode == 0, err
+    assert out == ""
+
+
+def _rings_rest(control: str) -> bool:
+    """Whether every ring has gone to rest (asleep until its client's next request)."""
+    stats = request(control, {"op": "stats"})
+    return all(r["requests"]["rests"] >= 1 for d in stats["devices"] for r in d["rings"])
 
 
 def test_single_refuses_a_stdin_that_is_not_a_socket() -> None:

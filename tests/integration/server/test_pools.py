@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import subprocess
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from pathlib import Path
 from typing import Any
 
-from support import wait_until
+from support import assert_no_thread_wakes, wait_until
 
 from blkback.clients import HOLD_SCRIPT, libnbd_python
 from blkback.server.control_client import request
@@ -254,22 +252,6 @@ def test_auto_policy_set_at_runtime_squeezes_and_shows_its_state(serve) -> None:
         assert f"auto squeeze {auto['duration_ms']:g} ms ({auto['verdict']}" in text
 
 
-def _context_switches(pid: int) -> dict[str, int]:
-    """Context switches so far of each thread of ``pid``: a thread that wakes adds one."""
-    switches = {}
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        try:
-            lines = (task / "status").read_text().splitlines()
-        except FileNotFoundError:  # the thread ended (a control request's)
-            continue
-        switches[task.name] = sum(
-            int(line.split()[1])
-            for line in lines
-            if line.startswith(("voluntary_ctxt_switches", "nonvoluntary_ctxt_switches"))
-        )
-    return switches
-
-
 def test_an_idle_server_wakes_no_thread(serve) -> None:  # type: ignore[no-untyped-def]
     # Idle connections whose rings rest, no pressure monitor (the fixture's default): the
     # process has nothing to do, so none of its threads may wake. The main thread waits for
@@ -280,10 +262,5 @@ def test_an_idle_server_wakes_no_thread(serve) -> None:  # type: ignore[no-untyp
         wait_until(
             lambda: all(r["rests"] >= 1 for r in ring_requests(s.control)), 5.0, "rings to rest"
         )
-        before = _context_switches(s.proc.pid)
-        time.sleep(2.5)
-        after = _context_switches(s.proc.pid)
         # A thread that served the last control request may end meanwhile; none may wake.
-        woke = {tid: after[tid] - n for tid, n in before.items() if after.get(tid, n) != n}
-        assert not woke, f"threads woke while idle (thread id: switches): {woke}"
-        assert len(after) >= len(before) - 1
+        assert_no_thread_wakes(s.proc.pid, 2.5)
