@@ -107,80 +107,103 @@ STOP_SIGNALS = frozenset({signal.SIGINT, signal.SIGTERM})  # a graceful stop
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Register ``serve``'s options (defaults come from :class:`ServeOptions`, after --config)."""
-    d = ServeOptions()
     parser.add_argument(
         "--config",
         metavar="FILE",
         help="TOML file with listeners, exports, parameters, TLS, limits and pressure "
         "sources (see the README); flags given here override it",
     )
-    parser.add_argument(
+    _add_listen_arguments(parser)
+    _add_export_arguments(parser)
+    _add_pool_arguments(parser)
+    _add_limit_arguments(parser)
+    _add_timeout_arguments(parser)
+    _add_tls_arguments(parser)
+    _add_control_arguments(parser)
+    _add_mode_arguments(parser)
+
+
+def _add_listen_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("where to listen")
+    group.add_argument(
         "--listen",
         action="append",
         metavar="unix:PATH|tcp:HOST:PORT",
         help="where to accept NBD clients (repeatable; default tcp:127.0.0.1:10809)",
     )
-    parser.add_argument(
+    group.add_argument(
         "-U",
         "--unix",
         metavar="PATH",
         help="listen on this Unix socket, as nbdkit -U ('-': a private one in a temp dir)",
     )
-    parser.add_argument(
+    group.add_argument(
         "-p", "--port", type=int, metavar="PORT", help="listen on this TCP port, as nbdkit -p"
     )
-    parser.add_argument(
+    group.add_argument(
         "-i",
         "--ipaddr",
         metavar="ADDR",
         help="the address for -p (default 127.0.0.1; nbdkit's default is every address)",
     )
-    parser.add_argument(
+
+
+def _add_export_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("what to serve")
+    group.add_argument(
         "--export",
         action="append",
         metavar="NAME=SPEC",
         help="an export (repeatable; default disk=memory:1G); the first is the default export",
     )
-    parser.add_argument(
+    group.add_argument(
         "-e",
         "--exportname",
         metavar="NAME",
         help="the default export: one of the --export names (it moves first), or the name "
         "of the default memory export when none is given, as nbdkit -e",
     )
-    parser.add_argument(
+    group.add_argument(
         "-r", "--readonly", action="store_true", default=None, help="every export read-only"
     )
-    parser.add_argument(
+
+
+def _add_pool_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("pools and memory pressure")
+    group.add_argument(
         "--param",
         action="append",
         default=[],
         metavar="NAME=VALUE",
         help="set a runtime parameter at start (repeatable)",
     )
-    parser.add_argument(
-        "--control",
-        metavar="PATH",
-        help="control socket for 'blkback ctl' (default: derived from the first listen "
-        "address, printed at start; none with --single unless given)",
-    )
-    parser.add_argument("--metrics", metavar="HOST:PORT", help="serve Prometheus /metrics")
-    parser.add_argument(
+    group.add_argument(
         "--pressure",
         metavar="auto|off|SOURCES",
         help="memory pressure sources: auto (default), off, or a comma list "
         "(see 'blkback pressure probe'); with $MEMORY_PRESSURE_WATCH set, auto is systemd's",
     )
-    parser.add_argument(
+    group.add_argument(
+        "--mlock",
+        action="store_true",
+        default=None,
+        help="pin pool pages in RAM, within RLIMIT_MEMLOCK (best effort)",
+    )
+
+
+def _add_limit_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("connections and sizes")
+    d = ServeOptions()
+    group.add_argument(
         "--workers",
         type=int,
         help=f"worker threads per connection for blocking backends (file, filters; "
         f"default {d.workers})",
     )
-    parser.add_argument(
+    group.add_argument(
         "--max-connections", type=int, help=f"connections accepted at once ({d.max_connections})"
     )
-    parser.add_argument(
+    group.add_argument(
         "--poll-us",
         type=int,
         metavar="MICROSECONDS",
@@ -191,40 +214,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "1; only rings of in-memory or plain-file exports poll, and only while the server "
         f"has at most half as many connections as CPUs; 0: never; default {d.poll_us}",
     )
-    parser.add_argument(
-        "--handshake-timeout",
-        type=seconds,
-        metavar="DURATION",
-        help="drop a client that has not finished the handshake in time "
-        f"(e.g. 10s or 500ms; a bare number is seconds; default {d.handshake_timeout:g}s)",
-    )
-    parser.add_argument(
-        "--idle-timeout",
-        type=seconds,
-        metavar="DURATION",
-        help="drop a connection idle this long (default 0: never)",
-    )
-    parser.add_argument(
-        "--io-timeout",
-        type=seconds,
-        metavar="DURATION",
-        help="drop a client that sends no byte of a write's payload, or takes none of its "
-        f"replies, for this long (default {d.io_timeout:g}s); a slow client that keeps "
-        "moving is never cut",
-    )
-    parser.add_argument(
+    group.add_argument(
         "--max-block",
         metavar="SIZE",
         help=f"largest request payload advertised (NBD_INFO_BLOCK_SIZE; default {d.max_block})",
     )
-    parser.add_argument(
+    group.add_argument(
         "--max-request",
         metavar="SIZE",
         help="largest READ/WRITE served, even if larger than advertised, as nbdkit serves "
         f"64M (default {d.max_request}); a connection's buffers may reach this times the "
         "requests in flight",
     )
-    parser.add_argument(
+    group.add_argument(
         "--send-buffer",
         metavar="SIZE",
         help="send buffer (SO_SNDBUF) of each Unix-socket connection: a 1 MiB read reply "
@@ -232,65 +234,103 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "kernel's default is 208K; it doubles the value and caps it at net.core.wmem_max); "
         f"TCP keeps the kernel's autotuning; 0: the kernel's default; default {d.send_buffer}",
     )
-    parser.add_argument(
+
+
+def _add_timeout_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("timeouts")
+    d = ServeOptions()
+    group.add_argument(
+        "--handshake-timeout",
+        type=seconds,
+        metavar="DURATION",
+        help="drop a client that has not finished the handshake in time "
+        f"(e.g. 10s or 500ms; a bare number is seconds; default {d.handshake_timeout:g}s)",
+    )
+    group.add_argument(
+        "--idle-timeout",
+        type=seconds,
+        metavar="DURATION",
+        help="drop a connection idle this long (default 0: never)",
+    )
+    group.add_argument(
+        "--io-timeout",
+        type=seconds,
+        metavar="DURATION",
+        help="drop a client that sends no byte of a write's payload, or takes none of its "
+        f"replies, for this long (default {d.io_timeout:g}s); a slow client that keeps "
+        "moving is never cut",
+    )
+
+
+def _add_tls_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("TLS")
+    group.add_argument(
         "--tls",
         choices=("off", "allow", "require"),
         help="NBD_OPT_STARTTLS: off (default), allow (client's choice) or require",
     )
-    parser.add_argument(
+    group.add_argument(
         "--tls-certificates",
         metavar="DIR",
         help="X.509 credentials directory: ca-cert.pem (optional), server-cert.pem, "
         "server-key.pem (nbdkit's layout)",
     )
-    parser.add_argument("--tls-cert", metavar="PEM", help="server certificate (chain)")
-    parser.add_argument("--tls-key", metavar="PEM", help="server private key")
-    parser.add_argument(
+    group.add_argument("--tls-cert", metavar="PEM", help="server certificate (chain)")
+    group.add_argument("--tls-key", metavar="PEM", help="server private key")
+    group.add_argument(
         "--tls-ca", metavar="PEM", help="CA that verifies client certificates when presented"
     )
-    parser.add_argument(
+    group.add_argument(
         "--tls-verify-peer",
         action="store_true",
         default=None,
         help="require a client certificate signed by the CA",
     )
-    parser.add_argument(
-        "--mlock",
-        action="store_true",
-        default=None,
-        help="pin pool pages in RAM, within RLIMIT_MEMLOCK (best effort)",
+
+
+def _add_control_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("control and metrics")
+    group.add_argument(
+        "--control",
+        metavar="PATH",
+        help="control socket for 'blkback ctl' (default: derived from the first listen "
+        "address, printed at start; none with --single unless given)",
     )
-    modes = parser.add_argument_group("how to run (nbdkit's conventions)")
-    modes.add_argument(
+    group.add_argument("--metrics", metavar="HOST:PORT", help="serve Prometheus /metrics")
+
+
+def _add_mode_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("how to run (nbdkit's conventions)")
+    group.add_argument(
         "-s",
         "--single",
         action="store_true",
         help="serve one client whose socket is stdin (inetd, systemd Accept=yes, "
         "nbd-tester-client -I), then exit; nothing is printed on stdout",
     )
-    modes.add_argument(
+    group.add_argument(
         "--run",
         metavar="CMD",
         help="captive mode: start, run CMD with /bin/sh and $uri, $unixsocket, $port, $tls, "
         "$exportname set, stop when it exits and exit with its status",
     )
-    modes.add_argument(
+    group.add_argument(
         "--exit-with-parent",
         action="store_true",
         help="stop when the parent process exits (Linux PR_SET_PDEATHSIG)",
     )
-    modes.add_argument(
+    group.add_argument(
         "--print-uri",
         action="store_true",
         help="print only the default export's URI on stdout (for scripts)",
     )
-    modes.add_argument(
+    group.add_argument(
         "-f",
         "--foreground",
         action="store_true",
         help="accepted for nbdkit's sake: blkback always runs in the foreground",
     )
-    modes.add_argument(
+    group.add_argument(
         "-P", "--pidfile", metavar="FILE", help="write the PID to FILE once listening"
     )
 
