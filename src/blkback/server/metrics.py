@@ -1,9 +1,11 @@
 """Prometheus metrics over HTTP (``--metrics HOST:PORT``), built from the server's stats.
 
 The series come from the same snapshot dicts as ``ctl stats --json`` (``Server.stats()``),
-read at each scrape by a custom collector; ``prometheus_client`` does the exposition, the
-HTTP serving and the process metrics (``process_cpu_seconds_total``,
-``process_resident_memory_bytes``, ``process_open_fds``, ...).
+read at each scrape by a custom collector; ``prometheus_client`` does the exposition and the
+process metrics (``process_cpu_seconds_total``, ``process_resident_memory_bytes``,
+``process_open_fds``, ...). The HTTP endpoint is :class:`MetricsEndpoint`: its thread sleeps
+until a scrape comes (``prometheus_client.start_http_server`` polls for its shutdown twice a
+second, which an idle server must not do).
 
 A counter added to a snapshot shows up without code here: every number in a ring's
 ``requests`` dict (``RingStats`` and its ``extra``) is a counter ``blkback_ring_<key>_total``,
@@ -14,20 +16,21 @@ every other number of a ring or device snapshot a gauge ``blkback_ring_<key>`` /
 from __future__ import annotations
 
 import logging
+import socket
+import threading
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal, Protocol
+from socketserver import ThreadingMixIn
+from typing import Any, Literal, Protocol
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
-from prometheus_client import CollectorRegistry, ProcessCollector, start_http_server
+from prometheus_client import CollectorRegistry, ProcessCollector, make_wsgi_app
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from blkback.errors import ConfigError
 
 log = logging.getLogger("blkback.server")
-
-if TYPE_CHECKING:
-    from wsgiref.simple_server import WSGIServer
 
 
 class StatsSource(Protocol):
@@ -320,19 +323,71 @@ def registry_for(server: StatsSource) -> CollectorRegistry:
     return registry
 
 
-def start_metrics(server: StatsSource, address: str) -> WSGIServer:
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 (the base names it)
+        """A scrape is not news: no line on stderr per request."""
+
+
+class _ThreadingWSGIServer(ThreadingMixIn, WSGIServer):
+    daemon_threads = True  # a slow scraper never holds up the server's exit
+
+
+class MetricsEndpoint:
+    """``/metrics`` over HTTP, served from a daemon thread that sleeps until a scrape comes.
+
+    The thread waits in ``handle_request`` with no timeout; :meth:`stop` wakes it by
+    shutting the listening socket down, which on Linux makes it readable and its
+    ``accept`` fail.
+    """
+
+    def __init__(self, httpd: WSGIServer) -> None:
+        self.httpd = httpd
+        self._stopping = False
+        self._thread = threading.Thread(target=self._serve, name="metrics", daemon=True)
+
+    @property
+    def address(self) -> tuple[str, int]:
+        """The bound host and port."""
+        host, port = self.httpd.server_address[:2]
+        return (host.decode() if isinstance(host, bytes) else str(host)), int(port)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def _serve(self) -> None:
+        while not self._stopping:
+            self.httpd.handle_request()
+
+    def stop(self) -> None:
+        """Stop serving and close the socket (scrapes in progress finish on their own)."""
+        self._stopping = True
+        try:
+            self.httpd.socket.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass  # not listening any more
+        self._thread.join(5.0)
+        self.httpd.server_close()
+
+
+def start_metrics(server: StatsSource, address: str) -> MetricsEndpoint:
     """Serve ``/metrics`` on ``HOST:PORT`` (``[v6]:PORT`` too) from a daemon thread."""
     host, sep, port = address.rpartition(":")
     if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
         raise ConfigError(f"--metrics {address!r}: expected HOST:PORT")
+    host = host.strip("[]") or "127.0.0.1"
     try:
-        httpd, _thread = start_http_server(
-            int(port), addr=host.strip("[]") or "127.0.0.1", registry=registry_for(server)
+        family = socket.getaddrinfo(host, int(port), type=socket.SOCK_STREAM)[0][0]
+        server_class = type(
+            "MetricsHTTPServer", (_ThreadingWSGIServer,), {"address_family": family}
+        )
+        httpd: WSGIServer = make_server(
+            host, int(port), make_wsgi_app(registry_for(server)), server_class, _QuietHandler
         )
     except OSError as exc:
         raise ConfigError(f"cannot serve metrics on {address}: {exc.strerror or exc}") from exc
-    bound = httpd.server_address
-    host_text = bound[0].decode() if isinstance(bound[0], bytes) else str(bound[0])
-    shown = f"[{host_text}]" if ":" in host_text else host_text
-    log.info("metrics on http://%s:%d/metrics", shown, bound[1])
-    return httpd
+    endpoint = MetricsEndpoint(httpd)
+    endpoint.start()
+    bound, bound_port = endpoint.address
+    shown = f"[{bound}]" if ":" in bound else bound
+    log.info("metrics on http://%s:%d/metrics", shown, bound_port)
+    return endpoint

@@ -41,7 +41,7 @@ from blkback.server.settings import ServerConfig
 from blkback.storage.base import Storage
 
 if TYPE_CHECKING:
-    from wsgiref.simple_server import WSGIServer
+    from blkback.server.metrics import MetricsEndpoint
 
 log = logging.getLogger("blkback.server")
 
@@ -210,7 +210,7 @@ class Server:
         self._threads: list[threading.Thread] = []
         self._warned: set[str] = set()
         self.control: ControlServer | None = None
-        self.metrics_server: WSGIServer | None = None
+        self.metrics: MetricsEndpoint | None = None
         #: The kernel's pressure signals, when :meth:`start_pressure_monitor` started them.
         self.monitor: PressureMonitor | None = None
         self.pressure_events: dict[str, int] = {}
@@ -247,7 +247,7 @@ class Server:
             if self.config.metrics:
                 from blkback.server.metrics import start_metrics
 
-                self.metrics_server = start_metrics(self, self.config.metrics)
+                self.metrics = start_metrics(self, self.config.metrics)
         except BaseException:
             self.stop()
             raise
@@ -376,9 +376,8 @@ class Server:
             self.monitor.stop()
         if self.control is not None:
             self.control.close()
-        if self.metrics_server is not None:
-            self.metrics_server.shutdown()
-            self.metrics_server.server_close()
+        if self.metrics is not None:
+            self.metrics.stop()
         for export in self.catalog.exports.values():
             with contextlib.suppress(Exception):
                 if export.storage.can_flush:

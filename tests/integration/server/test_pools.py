@@ -253,10 +253,11 @@ def test_auto_policy_set_at_runtime_squeezes_and_shows_its_state(serve) -> None:
 
 
 def test_an_idle_server_wakes_no_thread(serve) -> None:  # type: ignore[no-untyped-def]
-    # Idle connections whose rings rest, no pressure monitor (the fixture's default): the
-    # process has nothing to do, so none of its threads may wake. The main thread waits for
-    # a signal with no timeout; it used to wake every second.
-    s = serve("disk=memory:16M")
+    # Idle connections whose rings rest, the metrics endpoint, no pressure monitor (the
+    # fixture's default): the process has nothing to do, so none of its threads may wake.
+    # The main thread waits for a signal with no timeout (it used to wake every second), and
+    # the metrics thread for a scrape (prometheus_client's polled twice a second).
+    s = serve("disk=memory:16M", extra=("--metrics", "127.0.0.1:0"))
     with holding(s.uri(), 2) as h:
         assert h.do(f"write {1 * MiB}") == "ok"
         wait_until(
