@@ -161,8 +161,12 @@ class PressureMonitor:
         meminfo_period_ms: float = 250.0,
         on_event: EventHook | None = None,
         layout: CgroupLayout | None = None,
+        park_quiet_sampling: bool = False,
     ) -> None:
         self.deliver = deliver
+        # Whether quiet PSI totals stop sampling while an event-driven source runs (see
+        # Poller): the server asks for it where every client has a process (serve --single).
+        self.park_quiet_sampling = park_quiet_sampling
         self.mode = mode
         self._names = parse_mode(mode)  # validates now: a bad mode is a ConfigError
         self.clock: Clock = clock or MonotonicClock()
@@ -220,7 +224,7 @@ class PressureMonitor:
             psi_period_ns=self.psi_period_ns,
             meminfo_period_ns=self.meminfo_period_ns,
         )
-        poller = Poller(sources, self._on_event, clock=self.clock, on_failure=self._on_failure)
+        poller = self._poller_of(sources)
         failed.update(poller.start())
         if from_unit:
             pass  # no fallback: a disabled or broken watch is reported in ``failed``
@@ -234,9 +238,7 @@ class PressureMonitor:
                     psi_period_ns=self.psi_period_ns,
                     meminfo_period_ns=self.meminfo_period_ns,
                 )
-                poller = Poller(
-                    extra, self._on_event, clock=self.clock, on_failure=self._on_failure
-                )
+                poller = self._poller_of(extra)
                 failed.update(more_failed)
                 failed.update(poller.start())
             else:
@@ -256,6 +258,15 @@ class PressureMonitor:
             "pressure monitor: active %s; failed %s",
             ", ".join(self.active_sources()) or "none",
             "; ".join(f"{n}: {w}" for n, w in failed.items()) or "none",
+        )
+
+    def _poller_of(self, sources: list[Source]) -> Poller:
+        return Poller(
+            sources,
+            self._on_event,
+            clock=self.clock,
+            on_failure=self._on_failure,
+            park_quiet=self.park_quiet_sampling,
         )
 
     def stop(self) -> None:
@@ -317,9 +328,12 @@ class PressureMonitor:
             fuser = self.fuser
             sources: dict[str, object] = {}
             running = set(self._poller.running) if self._poller is not None else set()
+            parked = set(self._poller.parked) if self._poller is not None else set()
             for src in self._opened:
                 info = src.info()
                 info["running"] = src in running
+                if src.period_ns is not None:
+                    info["parked"] = src in parked
                 sources[src.name] = info
             fresh, sev = fuser.severity(now)
             return {

@@ -77,6 +77,9 @@ class Source:
 
     name = "source"
     period_ns: int | None = None  # sampled every period_ns when set
+    #: Whether the kernel tells this source of new pressure (an fd to poll), as opposed to
+    #: a sampled source that must look for it.
+    reports_onset = False
 
     def __init__(self) -> None:
         self._emit: Emit = _nothing
@@ -97,6 +100,12 @@ class Source:
 
     def tick(self, now_ns: int) -> None:
         """The sampling period elapsed."""
+
+    @property
+    def quiet(self) -> bool:
+        """A sampled source that has seen nothing for a while: it may stop sampling while a
+        source that :attr:`reports_onset` runs (:class:`Poller`'s ``park_quiet``)."""
+        return False
 
     def refresh(self, now_ns: int) -> bool:
         """Another source's events are about to be handled; return whether this one sampled.
@@ -160,6 +169,8 @@ class PsiTriggerSource(Source):
     first event of each trigger is dropped unless the file's ``total`` of that trigger's
     kind grew since arming (counted in ``dropped_first``).
     """
+
+    reports_onset = True
 
     def __init__(
         self,
@@ -303,6 +314,7 @@ class PsiTotalSource(Source):
         self._last: PsiSample | None = None
         self._last_ns = 0
         self._last_stall_ns = 0  # the last sample that saw a stall (or the opening)
+        self._quiet = False
         self.last_level: PressureLevel | None = None
         self.last_some = 0.0
         self.last_full = 0.0
@@ -319,6 +331,7 @@ class PsiTotalSource(Source):
             self.close()
             raise EnvironmentProblem(f"{self.path}: unreadable PSI format: {exc}") from None
         self._last_ns = self._last_stall_ns = now_ns
+        self._quiet = False
         self.period_ns = self.busy_period_ns
         self.detail = (
             f"{self.path}: total= polled every {self.busy_period_ns / NS_PER_MS:g} ms, "
@@ -336,11 +349,15 @@ class PsiTotalSource(Source):
         stalled = bool(some or full)
         if stalled:
             self._last_stall_ns = now_ns
-        quiet = not stalled and now_ns - self._last_stall_ns >= self.quiet_after_ns
-        self.period_ns = self.quiet_period_ns if quiet else self.busy_period_ns
+        self._quiet = not stalled and now_ns - self._last_stall_ns >= self.quiet_after_ns
+        self.period_ns = self.quiet_period_ns if self._quiet else self.busy_period_ns
         level = self.thresholds.level(some, full)
         self.last_level, self.last_some, self.last_full = level, some, full
         self._emit(SourceEvent(self.name, level, now_ns, severity=True, some=some, full=full))
+
+    @property
+    def quiet(self) -> bool:
+        return self._quiet
 
     def refresh(self, now_ns: int) -> bool:
         if self.period_ns == self.busy_period_ns or now_ns - self._last_ns < self.busy_period_ns:
@@ -381,6 +398,7 @@ class VmpressureSource(Source):
     """
 
     name = "vmpressure"
+    reports_onset = True
 
     def __init__(self, cgroup_dir: str, *, mode: str = "") -> None:
         super().__init__()
@@ -614,6 +632,14 @@ class Poller:
     ``on_failure(name, reason)`` is called (from the thread) when a running source breaks:
     its fd reports an error (e.g. its cgroup was removed) or reading it raises OSError. The
     source is closed and dropped; the others go on.
+
+    ``park_quiet``: a sampled source that is :attr:`~Source.quiet` stops sampling (is
+    *parked*) while a source that :attr:`~Source.reports_onset` runs; that source's next
+    event makes it sample first (:meth:`Source.refresh`), and a sample that sees a stall
+    makes it sample on its period again. The thread then sleeps until the kernel reports
+    something. Its price is the onset latency of the reporting sources (see
+    ``docs/data-path.md``), so the server asks for it where many processes would each
+    sample (``serve --single``).
     """
 
     def __init__(
@@ -624,8 +650,11 @@ class Poller:
         clock: Clock | None = None,
         on_failure: Callable[[str, str], None] | None = None,
         thread_name: str = "blkback-pressure",
+        park_quiet: bool = False,
     ) -> None:
         self.sources = list(sources)
+        self.park_quiet = park_quiet
+        self.parked: set[Source] = set()  # sampled sources not sampling now (park_quiet)
         self.emit = emit
         self.clock: Clock = clock or MonotonicClock()
         self.on_failure = on_failure
@@ -685,14 +714,39 @@ class Poller:
         if self.on_failure is not None:
             self.on_failure(source.name, reason)
 
+    def _parks(self, src: Source) -> bool:
+        """Whether sampled ``src`` stops sampling for now (see ``park_quiet``)."""
+        return self.park_quiet and src.quiet and any(s.reports_onset for s in self.running)
+
+    def _schedule(self, src: Source, due: dict[Source, int], after: int, now: int) -> None:
+        """Set when sampled ``src`` samples next: a period after ``after`` (never in the
+        past), or not at all while it is parked."""
+        if self._parks(src):
+            due.pop(src, None)
+            self.parked.add(src)
+            return
+        self.parked.discard(src)
+        period = src.period_ns or 0
+        nxt = after + period
+        due[src] = nxt if nxt > now else now + period
+
+    def _unpark_orphans(self, due: dict[Source, int], now: int) -> None:
+        """Parked sources sample again when no running source would wake them any more
+        (it failed) and drop out when they failed themselves."""
+        for sampler in list(self.parked):
+            if sampler not in self.running:
+                self.parked.discard(sampler)
+            elif not self._parks(sampler):
+                self._schedule(sampler, due, now, now)
+
     def _refresh_samplers(
         self, ready: dict[Source, dict[int, int]], now: int, due: dict[Source, int]
     ) -> bool:
         """Let sampled sources sample before the ready sources' events (:meth:`Source.refresh`);
         return whether a source failed. A source that sampled is next due a period later."""
         failed = False
-        for src in list(due):
-            if src in ready or src not in self.running:
+        for src in list(self.running):
+            if src in ready or src.period_ns is None:
                 continue
             try:
                 sampled = src.refresh(now)
@@ -701,7 +755,7 @@ class Poller:
                 failed = True
                 continue
             if sampled:
-                due[src] = now + (src.period_ns or 0)
+                self._schedule(src, due, now, now)
         return failed
 
     def _run(self) -> None:
@@ -712,6 +766,7 @@ class Poller:
             s: now + s.period_ns for s in self.running if s.period_ns is not None
         }
         while not self._stopping:
+            self._unpark_orphans(due, self.clock.now_ns())
             poller = select.poll()
             poller.register(wake_fd, select.POLLIN)
             owner: dict[int, Source] = {}
@@ -765,9 +820,7 @@ class Poller:
                             self._fail(src, f"read failed: {exc}")
                             changed = True
                             continue
-                        period = src.period_ns or 0
-                        nxt = when + period
-                        due[src] = nxt if nxt > now else now + period
+                        self._schedule(src, due, when, now)
                 if changed:
                     break
                 live_due = list(due.values())

@@ -108,6 +108,7 @@ class SystemdWatchSource(Source):
     """The service manager's memory-pressure watch, as ``sd_event_add_memory_pressure``."""
 
     name = "systemd"
+    reports_onset = True
 
     def __init__(self, spec: WatchSpec) -> None:
         super().__init__()

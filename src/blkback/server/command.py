@@ -396,7 +396,9 @@ def _start(
     server.start()
     cleanup.callback(server.stop)
     if options.pressure != "off":
-        server.start_pressure_monitor(options.pressure)  # logs which sources work and why not
+        # Logs which sources work and why not. With --single every client has a process of
+        # its own, each with a monitor: quiet ones sleep until the kernel reports pressure.
+        server.start_pressure_monitor(options.pressure, park_quiet_sampling=args.single)
     if args.pidfile:
         _write_pidfile(args.pidfile, cleanup)
     return server

@@ -466,15 +466,23 @@ class Server:
             log.warning("%s", message)
 
     # -- pressure -------------------------------------------------------------------------
-    def start_pressure_monitor(self, mode: str) -> PressureMonitor:
+    def start_pressure_monitor(
+        self, mode: str, *, park_quiet_sampling: bool = False
+    ) -> PressureMonitor:
         """Listen to the kernel's memory pressure signals (``serve --pressure MODE``).
 
         This is the xenbus backend shrinker's role: the monitor fuses and coalesces the
         signals and calls :meth:`report_pressure`, which walks the bus and calls each
         device's ``reclaim_memory``. Sources that do not work here are logged once (see
         ``blkback pressure probe``); with ``auto`` the server serves on regardless.
+        ``park_quiet_sampling``: see :class:`~blkback.pressure.monitor.PressureMonitor`.
         """
-        monitor = PressureMonitor(self.report_pressure, mode=mode, clock=self.clock)
+        monitor = PressureMonitor(
+            self.report_pressure,
+            mode=mode,
+            clock=self.clock,
+            park_quiet_sampling=park_quiet_sampling,
+        )
         monitor.start()
         self.monitor = monitor
         return monitor

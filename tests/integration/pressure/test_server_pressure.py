@@ -11,13 +11,23 @@ footprint must fall. With ``buffer_squeeze_duration_ms=0`` the pools must stay.
 from __future__ import annotations
 
 import os
+import socket
+import struct
 import subprocess
 import time
 from pathlib import Path
 from typing import Any
 
 import pytest
-from support import blkback_cmd, child_env, wait_for_socket, wait_until
+from support import (
+    blkback_cmd,
+    child_env,
+    export_name,
+    recv_exact,
+    start_handshake,
+    wait_for_socket,
+    wait_until,
+)
 
 from blkback.clients import HOLD_SCRIPT, libnbd_python
 from blkback.hostenv.cgroup import MemoryCgroup
@@ -30,6 +40,9 @@ pytestmark = pytest.mark.root
 MIB = 1 << 20
 RINGS = 3
 POOL_PAGES = 4096  # 16 MiB per ring, 48 MiB in all
+REQ = struct.Struct(">IHHQQI")
+REPLY = struct.Struct(">IIQ")
+REQ_MAGIC, REPLY_MAGIC, CMD_WRITE = 0x25609513, 0x67446698, 1
 
 
 def _footprint(pid: int) -> int:
@@ -127,3 +140,53 @@ def test_squeeze_disabled_keeps_pools_under_pressure(
     assert _detected_by_kernel_signals(res["stats"]) > 0  # the pressure was heard...
     assert res["pools"] == [POOL_PAGES] * RINGS  # ...and nothing was squeezed
     assert res["after"] >= 0.9 * res["before"]
+
+
+def test_a_single_client_server_squeezes_with_its_quiet_sampling_parked(
+    pressure_cgroup: MemoryCgroup, tmp_path: Path
+) -> None:
+    # serve --single (one process per client) stops sampling the PSI totals while quiet,
+    # leaving detection to the sources the kernel wakes us for (vmpressure on this cgroup,
+    # PSI triggers): pressure must still squeeze its pool, as a daemon's would.
+    control = str(tmp_path / "ctl.sock")
+    cmd = blkback_cmd(
+        "serve", "--single", "--export", "d=null:1G", "--control", control,
+        "--param", f"max_buffer_pages={POOL_PAGES}",
+    )  # fmt: skip
+    procs = os.path.join(pressure_cgroup.path, "cgroup.procs")
+    ours, theirs = socket.socketpair()
+    with ours:
+        with theirs:
+            server = subprocess.Popen(
+                ["sh", "-c", f'echo $$ > {procs} && exec "$@"', "sh", *cmd],
+                stdin=theirs, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                env=child_env(),
+            )  # fmt: skip
+        try:
+            ours.settimeout(30)
+            start_handshake(ours)
+            export_name(ours, b"")
+            # One 8 MiB write: its 2048 pages stay in the pool after it.
+            length = 2048 * 4096
+            ours.sendall(REQ.pack(REQ_MAGIC, 0, CMD_WRITE, 1, 0, length) + bytes(length))
+            assert REPLY.unpack(recv_exact(ours, REPLY.size)) == (REPLY_MAGIC, 0, 1)
+
+            def state() -> tuple[list[int], bool, int]:
+                stats = request(control, {"op": "stats"})
+                pools = [r["pool_pages"] for d in stats["devices"] for r in d["rings"]]
+                sources = stats["pressure"]["monitor"]["sources"]
+                return (
+                    pools,
+                    sources["psi-total"].get("parked", False),
+                    stats["pressure"]["reports"],
+                )
+
+            wait_until(lambda: state()[:2] == ([2048], True), 20, "a full pool, sampling parked")
+            with MemoryHog(160, cgroup=pressure_cgroup):
+                wait_until(lambda: state()[0] == [0], 20, "the squeeze")
+            stats = request(control, {"op": "stats"})
+            assert _detected_by_kernel_signals(stats) > 0
+        finally:
+            ours.close()
+            server.communicate(timeout=30)
+    assert server.returncode == 0

@@ -18,6 +18,7 @@ import struct
 import subprocess
 from pathlib import Path
 
+import pytest
 from support import (
     assert_no_thread_wakes,
     blkback_cmd,
@@ -181,11 +182,14 @@ def test_single_under_inetd_style_activation(
             _oldstyle_export_name_session(sock)
 
 
+@pytest.mark.parametrize("pressure", ["off", "psi-trigger,psi-total"])
 def test_single_sleeps_while_its_client_idles_and_exits_when_it_leaves(
-    tmp_path: Path, procs: list[subprocess.Popen[str]]
+    tmp_path: Path, procs: list[subprocess.Popen[str]], pressure: str
 ) -> None:
     # One process per connection (inetd, Accept=yes): an idle one must cost nothing. The
-    # main thread used to look for the client's departure every second.
+    # main thread used to look for the client's departure every second, and each process's
+    # pressure monitor sampled the PSI totals 4 times a second while quiet; now the quiet
+    # sampling stops while the PSI trigger (which the kernel wakes us for) is armed.
     control = str(tmp_path / "control.sock")
     ours, theirs = socket.socketpair()
     with ours:
@@ -193,7 +197,7 @@ def test_single_sleeps_while_its_client_idles_and_exits_when_it_leaves(
             p = _spawn(
                 procs,
                 blkback_cmd(
-                    "serve", "-s", "--pressure", "off", "--export", "d=memory:4M",
+                    "serve", "-s", "--pressure", pressure, "--export", "d=memory:4M",
                     "--control", control,
                 ),
                 stdin=theirs,
@@ -203,7 +207,7 @@ def test_single_sleeps_while_its_client_idles_and_exits_when_it_leaves(
         export_name(ours, b"")
         ours.sendall(REQ.pack(REQ_MAGIC, 0, CMD_WRITE, 1, 0, 4096) + b"x" * 4096)
         assert struct.unpack(">IIQ", recv_exact(ours, 16)) == (REPLY_MAGIC, 0, 1)
-        wait_until(lambda: _rings_rest(control), 30, "the ring to rest")
+        wait_until(lambda: _settled(control), 30, "the ring to rest and the monitor to park")
         assert_no_thread_wakes(p.pid, 2.5)
     # The client went away without NBD_CMD_DISC: the server exits at once, not a second
     # later (the whole start-and-stop of blkback serve takes far longer than that).
@@ -212,10 +216,18 @@ def test_single_sleeps_while_its_client_idles_and_exits_when_it_leaves(
     assert out == ""
 
 
-def _rings_rest(control: str) -> bool:
-    """Whether every ring has gone to rest (asleep until its client's next request)."""
+def _settled(control: str) -> bool:
+    """Whether every ring has gone to rest (asleep until its client's next request) and the
+    pressure monitor, if any, has stopped sampling (after its first second without stall)."""
     stats = request(control, {"op": "stats"})
-    return all(r["requests"]["rests"] >= 1 for d in stats["devices"] for r in d["rings"])
+    rings = [r for d in stats["devices"] for r in d["rings"]]
+    monitor = stats["pressure"]["monitor"]
+    samplers = (
+        [] if monitor is None else [src for src in monitor["sources"].values() if "parked" in src]
+    )
+    return all(r["requests"]["rests"] >= 1 for r in rings) and all(
+        src["parked"] for src in samplers
+    )
 
 
 def test_single_refuses_a_stdin_that_is_not_a_socket() -> None:

@@ -277,6 +277,58 @@ def test_poller_samples_a_quiet_psi_total_before_other_events(tmp_path: Path) ->
     assert psi.period_ns == 20 * NS_PER_MS  # ...and sampling is fast again
 
 
+class OnsetSource(EventfdSource):
+    """An event-driven source, as PSI triggers and vmpressure are: the kernel wakes us."""
+
+    name = "onset"
+    reports_onset = True
+
+
+@pytest.mark.parametrize("onset", [True, False], ids=["onset-source", "no-onset-source"])
+def test_poller_parks_a_quiet_psi_total_only_while_an_onset_source_runs(
+    tmp_path: Path, onset: bool
+) -> None:
+    """With ``park_quiet``, a quiet PSI-totals source stops sampling while a source the kernel
+    wakes us for runs; that source's event makes it sample, and a stall unparks it."""
+    path = tmp_path / "memory.pressure"
+    path.write_text(psi_text(0, 0))
+    hour = 3600 * 1000 * NS_PER_MS
+    psi = PsiTotalSource(
+        str(path), period_ns=20 * NS_PER_MS, quiet_period_ns=hour, quiet_after_ns=0
+    )
+    other = OnsetSource() if onset else EventfdSource()
+    events: list[SourceEvent] = []
+    parked_at_refresh: set[Source] = set()
+    first = threading.Event()
+    got = threading.Event()
+    clock = ManualClock()
+
+    def emit(event: SourceEvent) -> None:
+        events.append(event)
+        if len(events) == 2:  # the refresh before the other source's event
+            parked_at_refresh.update(poller.parked)
+        first.set()
+        if event.source == other.name:
+            got.set()
+
+    poller = Poller([psi, other], emit, clock=clock, park_quiet=True)
+    assert poller.start() == {}
+    try:
+        clock.advance_ns(20 * NS_PER_MS)
+        assert first.wait(5)  # the first sample: no stall, quiet at once
+        clock.advance_ns(30 * NS_PER_MS)
+        path.write_text(psi_text(30_000, 0))
+        os.eventfd_write(other.fd, 1)
+        assert got.wait(5)
+    finally:
+        poller.stop()
+    assert [e.source for e in events] == ["psi-total", "psi-total", other.name]
+    assert parked_at_refresh == ({psi} if onset else set())
+    assert events[1].level is not None  # the refresh saw the stall...
+    assert psi not in poller.parked  # ...and sampling goes on at its period
+    assert psi.period_ns == 20 * NS_PER_MS
+
+
 def test_standalone_source_start_stop() -> None:
     got = threading.Event()
     levels: list[tuple[PressureLevel, str]] = []
