@@ -306,7 +306,9 @@ def _add_mode_arguments(parser: argparse.ArgumentParser) -> None:
         "--single",
         action="store_true",
         help="serve one client whose socket is stdin (inetd, systemd Accept=yes, "
-        "nbd-tester-client -I), then exit; nothing is printed on stdout",
+        "nbd-tester-client -I), then exit; nothing is printed on stdout; a process per "
+        "client, so its pressure monitor, once quiet, sleeps until the kernel reports "
+        "pressure instead of sampling PSI 4 times a second",
     )
     group.add_argument(
         "--run",
