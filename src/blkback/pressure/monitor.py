@@ -165,7 +165,7 @@ class PressureMonitor:
     ) -> None:
         self.deliver = deliver
         # Whether quiet PSI totals stop sampling while an event-driven source runs (see
-        # Poller): the server asks for it where every client has a process (serve --single).
+        # Poller): the server asks for it; `pressure watch` keeps its samples coming.
         self.park_quiet_sampling = park_quiet_sampling
         self.mode = mode
         self._names = parse_mode(mode)  # validates now: a bad mode is a ConfigError

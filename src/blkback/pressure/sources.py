@@ -637,9 +637,8 @@ class Poller:
     *parked*) while a source that :attr:`~Source.reports_onset` runs; that source's next
     event makes it sample first (:meth:`Source.refresh`), and a sample that sees a stall
     makes it sample on its period again. The thread then sleeps until the kernel reports
-    something. Its price is the onset latency of the reporting sources (see
-    ``docs/data-path.md``), so the server asks for it where many processes would each
-    sample (``serve --single``).
+    something. Its price is the onset latency of the reporting sources while quiet (see
+    ``docs/data-path.md`` section 2); the server asks for it.
     """
 
     def __init__(

@@ -181,7 +181,9 @@ def _add_pool_arguments(parser: argparse.ArgumentParser) -> None:
         "--pressure",
         metavar="auto|off|SOURCES",
         help="memory pressure sources: auto (default), off, or a comma list "
-        "(see 'blkback pressure probe'); with $MEMORY_PRESSURE_WATCH set, auto is systemd's",
+        "(see 'blkback pressure probe'); with $MEMORY_PRESSURE_WATCH set, auto is systemd's; "
+        "after 1 s without any stall the PSI totals are not sampled while a source the "
+        "kernel wakes us for (a PSI trigger, vmpressure) is armed, so an idle server sleeps",
     )
     group.add_argument(
         "--mlock",
@@ -306,9 +308,7 @@ def _add_mode_arguments(parser: argparse.ArgumentParser) -> None:
         "--single",
         action="store_true",
         help="serve one client whose socket is stdin (inetd, systemd Accept=yes, "
-        "nbd-tester-client -I), then exit; nothing is printed on stdout; a process per "
-        "client, so its pressure monitor, once quiet, sleeps until the kernel reports "
-        "pressure instead of sampling PSI 4 times a second",
+        "nbd-tester-client -I), then exit; nothing is printed on stdout",
     )
     group.add_argument(
         "--run",
@@ -398,9 +398,7 @@ def _start(
     server.start()
     cleanup.callback(server.stop)
     if options.pressure != "off":
-        # Logs which sources work and why not. With --single every client has a process of
-        # its own, each with a monitor: quiet ones sleep until the kernel reports pressure.
-        server.start_pressure_monitor(options.pressure, park_quiet_sampling=args.single)
+        server.start_pressure_monitor(options.pressure)  # logs which sources work and why not
     if args.pidfile:
         _write_pidfile(args.pidfile, cleanup)
     return server

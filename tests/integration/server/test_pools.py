@@ -7,6 +7,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
+import pytest
 from support import assert_no_thread_wakes, wait_until
 
 from blkback.clients import HOLD_SCRIPT, libnbd_python
@@ -252,16 +253,26 @@ def test_auto_policy_set_at_runtime_squeezes_and_shows_its_state(serve) -> None:
         assert f"auto squeeze {auto['duration_ms']:g} ms ({auto['verdict']}" in text
 
 
-def test_an_idle_server_wakes_no_thread(serve) -> None:  # type: ignore[no-untyped-def]
-    # Idle connections whose rings rest, the metrics endpoint, no pressure monitor (the
-    # fixture's default): the process has nothing to do, so none of its threads may wake.
-    # The main thread waits for a signal with no timeout (it used to wake every second), and
-    # the metrics thread for a scrape (prometheus_client's polled twice a second).
-    s = serve("disk=memory:16M", extra=("--metrics", "127.0.0.1:0"))
+def _sampling_parked(control: str) -> bool:
+    """Whether every sampled pressure source has stopped sampling (true with no monitor)."""
+    monitor = request(control, {"op": "stats"})["pressure"]["monitor"]
+    sources = [] if monitor is None else monitor["sources"].values()
+    return all(src["parked"] for src in sources if "parked" in src)
+
+
+@pytest.mark.parametrize("pressure", ["off", "psi-trigger,psi-total"])
+def test_an_idle_server_wakes_no_thread(serve, pressure: str) -> None:  # type: ignore[no-untyped-def]
+    # Idle connections whose rings rest, the metrics endpoint, and no pressure monitor or
+    # one that has gone quiet: the process has nothing to do, so none of its threads may
+    # wake. The main thread waits for a signal with no timeout (it used to wake every
+    # second), the metrics thread for a scrape (prometheus_client's polled twice a second),
+    # and the monitor for the PSI trigger (it sampled the PSI totals 4 times a second).
+    s = serve("disk=memory:16M", extra=("--metrics", "127.0.0.1:0"), pressure=pressure)
     with holding(s.uri(), 2) as h:
         assert h.do(f"write {1 * MiB}") == "ok"
         wait_until(
             lambda: all(r["rests"] >= 1 for r in ring_requests(s.control)), 5.0, "rings to rest"
         )
+        wait_until(lambda: _sampling_parked(s.control), 10.0, "the monitor to go quiet")
         # A thread that served the last control request may end meanwhile; none may wake.
         assert_no_thread_wakes(s.proc.pid, 2.5)
