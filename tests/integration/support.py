@@ -28,6 +28,11 @@ REPO = Path(__file__).resolve().parents[2]
 
 # The handshake of the raw clients below (doc/proto.md)
 NBDMAGIC = 0x4E42444D41474943
+REQUEST = struct.Struct(">IHHQQI")
+REQUEST_MAGIC = 0x25609513
+SIMPLE_REPLY = struct.Struct(">IIQ")
+SIMPLE_REPLY_MAGIC = 0x67446698
+CMD_WRITE = 1
 IHAVEOPT = 0x49484156454F5054
 OPT_EXPORT_NAME = 1
 
@@ -135,6 +140,20 @@ def wait_until(pred: Callable[[], bool], timeout_s: float, what: str) -> None:
     raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
 
 
+def rings_at_rest(control: str) -> bool:
+    """Whether every ring of the server has rested (slept until its client's next request)."""
+    stats = request(control, {"op": "stats"})
+    return all(r["requests"]["rests"] >= 1 for d in stats["devices"] for r in d["rings"])
+
+
+def sampling_parked(control: str) -> bool:
+    """Whether every sampled pressure source of the server has stopped sampling while quiet
+    (true with no pressure monitor)."""
+    monitor = request(control, {"op": "stats"})["pressure"]["monitor"]
+    sources = [] if monitor is None else monitor["sources"].values()
+    return all(src["parked"] for src in sources if "parked" in src)
+
+
 def thread_context_switches(pid: int) -> dict[str, int]:
     """Context switches so far of each thread of ``pid``: a thread that wakes adds one."""
     switches = {}
@@ -200,6 +219,13 @@ def raw_transmission(served: Served, export: bytes) -> socket.socket:
     # The ring is attached right after the handshake's last reply.
     wait_until(lambda: len(served.rings()) > rings_before, 5.0, "the connection's ring")
     return sock
+
+
+def raw_write(sock: socket.socket, offset: int, payload: bytes, cookie: int = 1) -> None:
+    """One NBD_CMD_WRITE on a transmission-phase socket; its simple reply must say OK."""
+    sock.sendall(REQUEST.pack(REQUEST_MAGIC, 0, CMD_WRITE, cookie, offset, len(payload)) + payload)
+    reply = SIMPLE_REPLY.unpack(recv_exact(sock, SIMPLE_REPLY.size))
+    assert reply == (SIMPLE_REPLY_MAGIC, 0, cookie), reply
 
 
 def recv_exact(sock: socket.socket, n: int) -> bytes:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import os
 import socket
-import struct
 import subprocess
 import time
 from pathlib import Path
@@ -23,7 +22,8 @@ from support import (
     blkback_cmd,
     child_env,
     export_name,
-    recv_exact,
+    raw_write,
+    sampling_parked,
     start_handshake,
     wait_for_socket,
     wait_until,
@@ -40,9 +40,6 @@ pytestmark = pytest.mark.root
 MIB = 1 << 20
 RINGS = 3
 POOL_PAGES = 4096  # 16 MiB per ring, 48 MiB in all
-REQ = struct.Struct(">IHHQQI")
-REPLY = struct.Struct(">IIQ")
-REQ_MAGIC, REPLY_MAGIC, CMD_WRITE = 0x25609513, 0x67446698, 1
 
 
 def _footprint(pid: int) -> int:
@@ -166,24 +163,19 @@ def test_a_single_client_server_squeezes_with_its_quiet_sampling_parked(
             ours.settimeout(30)
             start_handshake(ours)
             export_name(ours, b"")
-            # One 8 MiB write: its 2048 pages stay in the pool after it.
-            length = 2048 * 4096
-            ours.sendall(REQ.pack(REQ_MAGIC, 0, CMD_WRITE, 1, 0, length) + bytes(length))
-            assert REPLY.unpack(recv_exact(ours, REPLY.size)) == (REPLY_MAGIC, 0, 1)
+            raw_write(ours, 0, bytes(2048 * 4096))  # its 2048 pages stay in the pool after it
 
-            def state() -> tuple[list[int], bool, int]:
+            def pools() -> list[int]:
                 stats = request(control, {"op": "stats"})
-                pools = [r["pool_pages"] for d in stats["devices"] for r in d["rings"]]
-                sources = stats["pressure"]["monitor"]["sources"]
-                return (
-                    pools,
-                    sources["psi-total"].get("parked", False),
-                    stats["pressure"]["reports"],
-                )
+                return [r["pool_pages"] for d in stats["devices"] for r in d["rings"]]
 
-            wait_until(lambda: state()[:2] == ([2048], True), 20, "a full pool, sampling parked")
+            wait_until(
+                lambda: pools() == [2048] and sampling_parked(control),
+                20,
+                "a full pool, sampling parked",
+            )
             with MemoryHog(160, cgroup=pressure_cgroup):
-                wait_until(lambda: state()[0] == [0], 20, "the squeeze")
+                wait_until(lambda: pools() == [0], 20, "the squeeze")
             stats = request(control, {"op": "stats"})
             assert _detected_by_kernel_signals(stats) > 0
         finally:

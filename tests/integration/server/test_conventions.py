@@ -25,18 +25,19 @@ from support import (
     child_env,
     export_name,
     need_tool,
+    raw_write,
     recv_exact,
+    rings_at_rest,
     run,
+    sampling_parked,
     start_handshake,
     wait_for_socket,
     wait_until,
 )
 
-from blkback.server.control_client import request
-
 REQ = struct.Struct(">IHHQQI")
 REQ_MAGIC, REPLY_MAGIC = 0x25609513, 0x67446698
-CMD_READ, CMD_WRITE, CMD_DISC = 0, 1, 2
+CMD_READ, CMD_DISC = 0, 2
 USR_PY = "/usr/bin/python3"  # Debian's python3 has libnbd's ``nbd`` module
 
 
@@ -135,8 +136,7 @@ def _oldstyle_export_name_session(sock: socket.socket) -> bytes:
     size, _tflags = export_name(sock, b"")
     assert size == 4 << 20
     data = os.urandom(65536)
-    sock.sendall(REQ.pack(REQ_MAGIC, 0, CMD_WRITE, 1, 4096, len(data)) + data)
-    assert struct.unpack(">IIQ", recv_exact(sock, 16)) == (REPLY_MAGIC, 0, 1)
+    raw_write(sock, 4096, data)
     sock.sendall(REQ.pack(REQ_MAGIC, 0, CMD_READ, 2, 4096, len(data)))
     assert struct.unpack(">IIQ", recv_exact(sock, 16)) == (REPLY_MAGIC, 0, 2)
     back = recv_exact(sock, len(data))
@@ -205,29 +205,18 @@ def test_single_sleeps_while_its_client_idles_and_exits_when_it_leaves(
         ours.settimeout(30)
         start_handshake(ours)
         export_name(ours, b"")
-        ours.sendall(REQ.pack(REQ_MAGIC, 0, CMD_WRITE, 1, 0, 4096) + b"x" * 4096)
-        assert struct.unpack(">IIQ", recv_exact(ours, 16)) == (REPLY_MAGIC, 0, 1)
-        wait_until(lambda: _settled(control), 30, "the ring to rest and the monitor to park")
+        raw_write(ours, 0, b"x" * 4096)
+        wait_until(
+            lambda: rings_at_rest(control) and sampling_parked(control),
+            30,
+            "the ring to rest and the monitor to park",
+        )
         assert_no_thread_wakes(p.pid, 2.5)
     # The client went away without NBD_CMD_DISC: the server exits at once, not a second
     # later (the whole start-and-stop of blkback serve takes far longer than that).
     out, err = p.communicate(timeout=30)
     assert p.returncode == 0, err
     assert out == ""
-
-
-def _settled(control: str) -> bool:
-    """Whether every ring has gone to rest (asleep until its client's next request) and the
-    pressure monitor, if any, has stopped sampling (after its first second without stall)."""
-    stats = request(control, {"op": "stats"})
-    rings = [r for d in stats["devices"] for r in d["rings"]]
-    monitor = stats["pressure"]["monitor"]
-    samplers = (
-        [] if monitor is None else [src for src in monitor["sources"].values() if "parked" in src]
-    )
-    return all(r["requests"]["rests"] >= 1 for r in rings) and all(
-        src["parked"] for src in samplers
-    )
 
 
 def test_single_refuses_a_stdin_that_is_not_a_socket() -> None:

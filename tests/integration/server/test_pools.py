@@ -8,7 +8,7 @@ from contextlib import contextmanager
 from typing import Any
 
 import pytest
-from support import assert_no_thread_wakes, wait_until
+from support import assert_no_thread_wakes, rings_at_rest, sampling_parked, wait_until
 
 from blkback.clients import HOLD_SCRIPT, libnbd_python
 from blkback.server.control_client import request
@@ -184,9 +184,7 @@ def test_idle_rings_rest_yet_trim_and_squeeze_as_the_kernel_would(serve) -> None
     with holding(s.uri(), 2) as h:
         assert h.do(f"write {2 * MiB}") == "ok"
         wait_until(lambda: pools(s.control) == [512, 512], 1.0, "the post-I/O pass")
-        wait_until(
-            lambda: all(r["rests"] >= 1 for r in ring_requests(s.control)), 2.0, "rings to rest"
-        )
+        wait_until(lambda: rings_at_rest(s.control), 2.0, "rings to rest")
         before = [r["passes"] for r in ring_requests(s.control)]
         t0_ms = device(s.control)["now_ms"]
         # Ten lru intervals on the server's clock: a timed ring would run ten idle passes.
@@ -253,13 +251,6 @@ def test_auto_policy_set_at_runtime_squeezes_and_shows_its_state(serve) -> None:
         assert f"auto squeeze {auto['duration_ms']:g} ms ({auto['verdict']}" in text
 
 
-def _sampling_parked(control: str) -> bool:
-    """Whether every sampled pressure source has stopped sampling (true with no monitor)."""
-    monitor = request(control, {"op": "stats"})["pressure"]["monitor"]
-    sources = [] if monitor is None else monitor["sources"].values()
-    return all(src["parked"] for src in sources if "parked" in src)
-
-
 @pytest.mark.parametrize("pressure", ["off", "psi-trigger,psi-total"])
 def test_an_idle_server_wakes_no_thread(serve, pressure: str) -> None:  # type: ignore[no-untyped-def]
     # Idle connections whose rings rest, the metrics endpoint, and no pressure monitor or
@@ -270,9 +261,7 @@ def test_an_idle_server_wakes_no_thread(serve, pressure: str) -> None:  # type: 
     s = serve("disk=memory:16M", extra=("--metrics", "127.0.0.1:0"), pressure=pressure)
     with holding(s.uri(), 2) as h:
         assert h.do(f"write {1 * MiB}") == "ok"
-        wait_until(
-            lambda: all(r["rests"] >= 1 for r in ring_requests(s.control)), 5.0, "rings to rest"
-        )
-        wait_until(lambda: _sampling_parked(s.control), 10.0, "the monitor to go quiet")
+        wait_until(lambda: rings_at_rest(s.control), 5.0, "rings to rest")
+        wait_until(lambda: sampling_parked(s.control), 10.0, "the monitor to go quiet")
         # A thread that served the last control request may end meanwhile; none may wake.
         assert_no_thread_wakes(s.proc.pid, 2.5)
