@@ -107,6 +107,7 @@ STOP_SIGNALS = frozenset({signal.SIGINT, signal.SIGTERM})  # a graceful stop
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Register ``serve``'s options (defaults come from :class:`ServeOptions`, after --config)."""
+    defaults = ServeOptions()
     parser.add_argument(
         "--config",
         metavar="FILE",
@@ -116,8 +117,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     _add_listen_arguments(parser)
     _add_export_arguments(parser)
     _add_pool_arguments(parser)
-    _add_limit_arguments(parser)
-    _add_timeout_arguments(parser)
+    _add_limit_arguments(parser, defaults)
+    _add_timeout_arguments(parser, defaults)
     _add_tls_arguments(parser)
     _add_control_arguments(parser)
     _add_mode_arguments(parser)
@@ -193,9 +194,8 @@ def _add_pool_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _add_limit_arguments(parser: argparse.ArgumentParser) -> None:
+def _add_limit_arguments(parser: argparse.ArgumentParser, d: ServeOptions) -> None:
     group = parser.add_argument_group("connections and sizes")
-    d = ServeOptions()
     group.add_argument(
         "--workers",
         type=int,
@@ -238,9 +238,8 @@ def _add_limit_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _add_timeout_arguments(parser: argparse.ArgumentParser) -> None:
+def _add_timeout_arguments(parser: argparse.ArgumentParser, d: ServeOptions) -> None:
     group = parser.add_argument_group("timeouts")
-    d = ServeOptions()
     group.add_argument(
         "--handshake-timeout",
         type=seconds,
