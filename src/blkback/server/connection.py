@@ -72,6 +72,11 @@ GROUP_PAGES: Final = 64  # a group of fast requests takes at most about this man
 # writes hears back while the ring copies the rest (docs/data-path.md §7).
 WRITE_GROUP_PAGES: Final = 4
 LARGE_PAYLOAD: Final = 64 * 1024  # a write this large is received straight into its pages
+# A write this large on a plain socket is stored by the ring's store worker while the ring
+# receives the next request (_hand_over_write; docs/data-path.md §8) ...
+ASYNC_WRITE: Final = 256 * 1024
+# ... which holds at most this many of them (stored or waiting): their pages are in flight.
+STORES_IN_FLIGHT: Final = 2
 PAGE_SIZE_MASK: Final = PAGE_SIZE - 1
 IOV_MAX: Final = 1024
 MSG_DONTWAIT: Final = socket.MSG_DONTWAIT
@@ -176,7 +181,9 @@ class Connection:
         self.export: Export | None = None
         self.trace = False  # -vv: log every request (and serve all by the general path)
         self.allocator: MmapAllocator | None = None
-        self.send_lock = threading.Lock()
+        # Taken by every send once workers exist (a store worker starts with the first large
+        # write): mypyc's lock, as the ring lock below.
+        self.send_lock = Lock()
         # mypyc's runtime lock: compiled, its acquire and release are direct C calls, where
         # a threading.Lock's acquire parses its arguments on every call (the hot path takes
         # the ring lock three times per batch; docs/data-path.md section 6).
@@ -186,10 +193,11 @@ class Connection:
         self._work: queue.SimpleQueue[tuple[int, int, int, int, int, list[int]] | None] = (
             queue.SimpleQueue()
         )
-        self._slots: threading.Semaphore | None = None
+        # A token per request the workers may hold (see _start_workers): a C queue, whose
+        # get and put cost the ring no Python frame, where a Semaphore's run interpreted.
+        self._slots: queue.SimpleQueue[None] = queue.SimpleQueue()
+        self._slot_count = 0
         self._fatal: BaseException | None = None
-        self._inflight = 0  # requests handed to workers and not finished
-        self._idle = threading.Condition()
         self.max_payload = 0
         # Pages per group of fast requests (see _loop): one pool call and one gathered write
         # per group. 1 serves request by request (for comparisons).
@@ -393,7 +401,7 @@ class Connection:
         # Tracing logs every request: then every request takes the general path.
         self.direct = None if self.trace else direct_io(self.storage)
         if not self.storage.inline:
-            self._start_workers(server.config.workers)
+            self._start_workers(server.config.workers, server.config.max_requests_per_ring)
         self._bind_socket(self.sock)
         self._set_send_timeout()
         self._set_recv_timeout(server.params.lru_interval_ms * NS_PER_MS)
@@ -408,9 +416,10 @@ class Connection:
         if not isinstance(sock, socket.socket):
             return  # TLS may hold decrypted bytes a poll cannot see: it keeps timed passes
         if not self._workers:
-            # Only the ring's thread sends, and it closes the socket after its loop: its
-            # replies go to the descriptor, with os.write/os.writev, which cost ~360/~950
-            # instructions less per call than socket.send/sendmsg (docs/data-path.md §6).
+            # The ring's thread sends, and its store worker once started; the socket closes
+            # only after that worker has been joined (_close): replies go to the descriptor,
+            # with os.write/os.writev, which cost ~360/~950 instructions less per call than
+            # socket.send/sendmsg (docs/data-path.md §6).
             fd = sock.fileno()
             self._send_one = functools.partial(os.write, fd)
             self._send_many = functools.partial(os.writev, fd)
@@ -706,6 +715,9 @@ class Connection:
                 # Serve the first request alone: it gets pages or its ENOMEM reply.
                 start, end = self._one_request(view, start, end)
                 continue
+            if self._stored_apart(group):
+                start, end = self._hand_over_write(group[0], pages, start, end)
+                continue
             try:
                 start, end = self._serve_group(group, pages, start, end)
             finally:
@@ -756,6 +768,40 @@ class Connection:
             if pos >= end or write_pages >= write_group_pages:
                 break
         return group, need
+
+    def _stored_apart(self, group: list[_Request]) -> bool:
+        """Whether ``group`` is one large write for the store worker (:meth:`_hand_over_write`).
+
+        Only on a plain socket: a TLS socket must not send on one thread while it receives on
+        another.
+        """
+        if len(group) != 1 or self._recv_now is None:
+            return False
+        req = group[0]
+        return req.cmd == C_WRITE and req.length >= ASYNC_WRITE
+
+    def _hand_over_write(
+        self, req: _Request, pages: list[int], start: int, end: int
+    ) -> tuple[int, int]:
+        """Receive a large write's payload, then leave its store and reply to the store worker.
+
+        As ``xen-blkback`` submits a request's bio and goes on with the ring, the ring
+        receives the next request while the worker copies this one (with the GIL released:
+        ``MemoryRegion``'s large copies, a descriptor's ``pwritev``); a client whose send
+        buffer holds a fraction of a payload keeps sending meanwhile. The pages stay in
+        flight, out of the pool, until the worker has replied and puts them back.
+        """
+        try:
+            start, end = self._take_payload(
+                start + REQUEST_SIZE, end, req.length, self._views(pages, req.length)
+            )
+        except BaseException:
+            self._put_back(pages)
+            raise
+        if not self._workers:
+            self._start_workers(1, STORES_IN_FLIGHT)
+        self._submit((0, C_WRITE, req.cookie, req.offset, req.length, pages))
+        return start, end
 
     # -- step 3: get pages ----------------------------------------------------------------
     def _get_pages(self, n: int, now_ns: int) -> list[int] | None:
@@ -1030,7 +1076,11 @@ class Connection:
                 stats.rd_bytes += length
                 return [codec.read_reply_header(cookie, offset, length), *views]
             if cmd == C_WRITE:
-                storage.pwritev(self._views(pages, length), offset, bool(flags & F_FUA))
+                direct = self.direct
+                if direct is not None and not flags:  # the codec checked it: no second check
+                    direct.write(self._views(pages, length), offset, length)
+                else:
+                    storage.pwritev(self._views(pages, length), offset, bool(flags & F_FUA))
                 stats.wr_req += 1
                 stats.wr_bytes += length
             elif cmd == C_FLUSH:
@@ -1197,30 +1247,27 @@ class Connection:
                 return  # the usual end: one call took it all, and no buffer was measured
             bufs = unsent_tail(bufs, sent)
 
-    # -- workers (blocking backends) ------------------------------------------------------
-    def _start_workers(self, n: int) -> None:
-        self._slots = threading.Semaphore(self.server.config.max_requests_per_ring)
+    # -- workers (blocking backends; an inline one's large writes) ------------------------
+    def _start_workers(self, n: int, in_flight: int) -> None:
+        """``n`` worker threads, and at most ``in_flight`` requests handed to them at once."""
+        for _ in range(in_flight):
+            self._slots.put(None)
+        self._slot_count = in_flight
         for i in range(n):
             t = threading.Thread(target=self._worker, name=f"ring-{self.peer}-w{i}", daemon=True)
             t.start()
             self._workers.append(t)
 
     def _submit(self, req: tuple[int, int, int, int, int, list[int]]) -> None:
-        slots = self._slots
-        assert slots is not None
-        if not slots.acquire(blocking=False):
+        """Hand ``req`` to the workers once a slot is free (waiting counts as ``oo_req``)."""
+        try:
+            self._slots.get_nowait()
+        except queue.Empty:
             ring = self.ring
             assert ring is not None
             ring.stats.oo_req += 1
-            slots.acquire()
-        self._inflight_add(1)
+            self._slots.get()
         self._work.put(req)
-
-    def _inflight_add(self, n: int) -> None:
-        with self._idle:
-            self._inflight += n
-            if self._inflight == 0:
-                self._idle.notify_all()
 
     def _worker(self) -> None:
         while True:
@@ -1239,15 +1286,17 @@ class Connection:
                     self.stop_reading()
             finally:
                 self._return(pages)
-                assert self._slots is not None
-                self._slots.release()
-                self._inflight_add(-1)
+                self._slots.put(None)
 
     def _drain_workers(self) -> None:
         if not self._workers:
             return
-        with self._idle:
-            self._idle.wait_for(lambda: self._inflight == 0)
+        # Each request handed over holds a slot until its worker is done: take every slot
+        # back, then free them again.
+        for _ in range(self._slot_count):
+            self._slots.get()
+        for _ in range(self._slot_count):
+            self._slots.put(None)
 
     def _stop_workers(self) -> None:
         if not self._workers:

@@ -10,6 +10,7 @@ call into the storage object. It is compiled with the data path (``blkback._nati
 
 from __future__ import annotations
 
+import ctypes
 import mmap
 from typing import Final
 
@@ -27,6 +28,22 @@ MAP_PAGE_SIZE: Final = 1 << MAP_SHIFT
 COPY_PIECE: Final = 256 * 1024
 
 
+#: A write of at least this many bytes is copied with the GIL released (:func:`_move`), so
+#: that the ring receives the next request while its store worker copies this one (the
+#: server's ``ASYNC_WRITE``; docs/data-path.md §8). Only there: a ``ctypes`` copy of a MiB
+#: costs ~2 us more than a slice assignment with a warm cache, 3-13 us with a cold export
+#: (``scripts/measure/copy_gil.py``), which a read, copied on the ring, would pay for nothing.
+GIL_FREE_COPY: Final = 256 * 1024
+
+#: libc's ``memmove`` through ``ctypes``: a foreign call releases the GIL while it runs.
+_memmove: Final = ctypes.memmove
+
+
+def _address(buf: mmap.mmap | bytearray | memoryview, offset: int = 0) -> int:
+    """The address of ``buf[offset]`` (a writable buffer); held only for the call it feeds."""
+    return ctypes.addressof(ctypes.c_char.from_buffer(buf, offset))
+
+
 def _copy(dst: memoryview, src: memoryview) -> None:
     """``dst[:] = src`` (same lengths), in pieces of at most :data:`COPY_PIECE` bytes."""
     n = len(dst)
@@ -38,18 +55,28 @@ def _copy(dst: memoryview, src: memoryview) -> None:
 
 
 def _store(memory: mmap.mmap | bytearray, pos: int, src: memoryview) -> None:
-    """``memory[pos : pos + len(src)] = src``, in pieces of at most :data:`COPY_PIECE` bytes.
+    """``memory[pos : pos + len(src)] = src``, in pieces of at most :data:`COPY_PIECE` bytes;
+    a large copy from a writable ``src`` releases the GIL.
 
     The slice is assigned on the mapping (or bytearray) itself: a memoryview slice of it
     as the target would be one more object per copy (~570 instructions compiled).
     """
     n = len(src)
-    if n <= COPY_PIECE:
+    if n >= GIL_FREE_COPY and not src.readonly:
+        _move(_address(memory, pos), _address(src), n)
+    elif n <= COPY_PIECE:
         memory[pos : pos + n] = src
-        return
+    else:
+        for i in range(0, n, COPY_PIECE):
+            end = min(i + COPY_PIECE, n)  # exact: a bytearray would grow to fit a longer slice
+            memory[pos + i : pos + end] = src[i:end]
+
+
+def _move(dst: int, src: int, n: int) -> None:
+    """Copy ``n`` bytes from address ``src`` to ``dst`` in :data:`COPY_PIECE` pieces, each a
+    ``memmove`` with the GIL released."""
     for i in range(0, n, COPY_PIECE):
-        end = min(i + COPY_PIECE, n)  # exact: a bytearray would grow to fit a longer slice
-        memory[pos + i : pos + end] = src[i:end]
+        _memmove(dst + i, src + i, min(COPY_PIECE, n - i))
 
 
 class MemoryRegion(DirectIO):

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import random
+import sys
+import threading
+import time
 
-from blkback.storage.region import COPY_PIECE, MAP_SHIFT, MemoryRegion
+from blkback.storage.region import COPY_PIECE, GIL_FREE_COPY, MAP_SHIFT, MemoryRegion
 
 PAGE = 1 << MAP_SHIFT
 
@@ -42,3 +45,47 @@ def test_a_write_marks_exactly_the_pages_it_touched() -> None:
     assert region.used[9] == 1
     region.unmark(1, 4)
     assert list(region.used) == [0] * 9 + [1] + [0] * 6
+
+
+def test_a_read_only_source_is_stored_by_slices_whole() -> None:
+    # A read-only buffer cannot give its address to ctypes: the slice copy takes it.
+    region = _region(2 * GIL_FREE_COPY // PAGE)
+    data = random.Random(3).randbytes(GIL_FREE_COPY + 5)
+    region.write([memoryview(data)], PAGE - 1, len(data))
+    assert bytes(region.mem[PAGE - 1 : PAGE - 1 + len(data)]) == data
+
+
+def test_a_large_write_lets_other_threads_run_while_it_copies() -> None:
+    # The store worker's copy must not hold the GIL: the ring receives meanwhile. Another
+    # thread that releases the GIL at every step (sleep(0)) makes progress during a large
+    # write only if the write let go of it; with the switch interval at 10 s, no forced
+    # switch hands it over while a copy that holds it runs.
+    size = 64 << 20
+    region = _region(size // PAGE)
+    source = [memoryview(bytearray(b"z" * size))]
+    steps = 0
+    running = threading.Event()
+    stop = threading.Event()
+
+    def other() -> None:
+        nonlocal steps
+        while not stop.is_set():
+            steps += 1
+            running.set()
+            time.sleep(0)
+
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(10.0)
+    thread = threading.Thread(target=other)
+    try:
+        thread.start()
+        assert running.wait(10)
+        before = steps
+        region.write(source, 0, size)
+        during = steps - before
+    finally:
+        stop.set()
+        thread.join()
+        sys.setswitchinterval(interval)
+    assert bytes(region.mem[size - 4 :]) == b"zzzz"
+    assert during > 0, "the other thread never ran while 64 MiB were copied"
