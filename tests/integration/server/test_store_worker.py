@@ -14,17 +14,22 @@ passes then trim to its target.
 from __future__ import annotations
 
 import random
-import struct
 from collections.abc import Callable
 
 import pytest
-from support import Served, raw_transmission, recv_exact, wait_until
+from support import (
+    CMD_WRITE,
+    REQUEST,
+    REQUEST_MAGIC,
+    SIMPLE_REPLY,
+    SIMPLE_REPLY_MAGIC,
+    Served,
+    raw_transmission,
+    recv_exact,
+    wait_until,
+)
 
-REQUEST = struct.Struct(">IHHQQI")
-REQUEST_MAGIC = 0x25609513
-REPLY = struct.Struct(">IIQ")
-SIMPLE_MAGIC = 0x67446698
-CMD_READ, CMD_WRITE = 0, 1
+CMD_READ = 0
 PAGE = 4096
 MIB = 1 << 20
 PAGES_PER_WRITE = MIB // PAGE
@@ -52,9 +57,9 @@ def test_pipelined_large_writes_overlap_their_stores_and_every_page_comes_back(
                 for i in range(n)
             )
         )
-        replies = [REPLY.unpack(recv_exact(sock, REPLY.size)) for _ in range(n)]
+        replies = [SIMPLE_REPLY.unpack(recv_exact(sock, SIMPLE_REPLY.size)) for _ in range(n)]
         # NBD lets replies come in any order; every one must come, and say OK.
-        assert sorted(replies) == [(SIMPLE_MAGIC, 0, i) for i in range(n)]
+        assert sorted(replies) == [(SIMPLE_REPLY_MAGIC, 0, i) for i in range(n)]
 
         wait_until(
             lambda: (
@@ -76,7 +81,11 @@ def test_pipelined_large_writes_overlap_their_stores_and_every_page_comes_back(
             b"".join(REQUEST.pack(REQUEST_MAGIC, 0, CMD_READ, i, i * MIB, MIB) for i in range(n))
         )
         for i in range(n):
-            assert REPLY.unpack(recv_exact(sock, REPLY.size)) == (SIMPLE_MAGIC, 0, i)
+            assert SIMPLE_REPLY.unpack(recv_exact(sock, SIMPLE_REPLY.size)) == (
+                SIMPLE_REPLY_MAGIC,
+                0,
+                i,
+            )
             assert recv_exact(sock, MIB) == payloads[i], f"write {i} read back"
     finally:
         sock.close()
