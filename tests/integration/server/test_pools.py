@@ -177,6 +177,24 @@ def ring_requests(control: str) -> list[dict[str, int]]:
     return [r["requests"] for d in stats["devices"] for r in d["rings"]]
 
 
+def _rests_once_asleep(control: str, lru_interval_ms: int) -> list[int]:
+    """Each ring's rests, once no ring has run a pass for four intervals (all sleep)."""
+
+    def passes() -> list[int]:
+        return [r["passes"] for r in ring_requests(control)]
+
+    def no_pass_for_four_intervals() -> bool:
+        before = passes()
+        t0_ms = device(control)["now_ms"]
+        wait_until(
+            lambda: device(control)["now_ms"] >= t0_ms + 4 * lru_interval_ms, 5.0, "4 intervals"
+        )
+        return passes() == before
+
+    wait_until(no_pass_for_four_intervals, 10.0, "every ring asleep")
+    return [r["rests"] for r in ring_requests(control)]
+
+
 def test_idle_rings_rest_yet_trim_and_squeeze_as_the_kernel_would(serve) -> None:  # type: ignore[no-untyped-def]
     # The kernel wakes an idle ring every lru_interval_ms; blkback's idle ring sleeps once
     # its pool is at its target, and every event that could change the pool wakes it.
@@ -199,9 +217,12 @@ def test_idle_rings_rest_yet_trim_and_squeeze_as_the_kernel_would(serve) -> None
         # I/O after the window refills the pool up to the cap, and the ring rests again.
         end_ms = device(s.control)["squeeze_end_ms"]
         wait_until(lambda: device(s.control)["now_ms"] >= end_ms, 1.0, "the window's end")
+        # Counted while every ring sleeps, so that only the write below can wake one: a large
+        # write's pages come back from the store worker after the pass that follows it, and
+        # the next timed pass may trim them and rest before the pools are read.
+        rests = _rests_once_asleep(s.control, lru_interval_ms=50)
         assert h.do(f"write {1 * MiB}") == "ok"
         wait_until(lambda: pools(s.control) == [100, 100], 1.0, "refilled pools")
-        rests = [r["rests"] for r in ring_requests(s.control)]
         wait_until(
             lambda: all(
                 r["rests"] > n for r, n in zip(ring_requests(s.control), rests, strict=True)
