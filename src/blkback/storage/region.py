@@ -40,7 +40,12 @@ _memmove: Final = ctypes.memmove
 
 
 def _address(buf: mmap.mmap | bytearray | memoryview, offset: int = 0) -> int:
-    """The address of ``buf[offset]`` (a writable buffer); held only for the call it feeds."""
+    """The address of ``buf[offset]`` (a writable buffer).
+
+    Nothing holds the buffer once this returns: callers take addresses only in memory that
+    outlives the copy (the export's mapping, closed after the last request; a request's
+    pages, which stay mapped while in flight).
+    """
     return ctypes.addressof(ctypes.c_char.from_buffer(buf, offset))
 
 
