@@ -13,19 +13,24 @@ from __future__ import annotations
 
 import random
 import socket
-import struct
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import pytest
-from support import Served, raw_transmission, recv_exact, wait_until
+from support import (
+    CMD_WRITE,
+    REQUEST,
+    REQUEST_MAGIC,
+    SIMPLE_REPLY,
+    SIMPLE_REPLY_MAGIC,
+    Served,
+    raw_transmission,
+    recv_exact,
+    wait_until,
+)
 
-REQUEST = struct.Struct(">IHHQQI")
-REQUEST_MAGIC = 0x25609513
-REPLY = struct.Struct(">IIQ")
-SIMPLE_MAGIC = 0x67446698
-CMD_READ, CMD_WRITE = 0, 1
+CMD_READ = 0
 PAGE = 4096
 PAYLOAD = 64 * 1024  # the smallest write received straight into its pages
 TAIL = PAGE
@@ -65,8 +70,8 @@ def _io_passes(ring: dict[str, Any]) -> int:
 def _replies(sock: socket.socket, n: int, data_len: int = 0) -> list[bytes]:
     out = []
     for i in range(n):
-        magic, err, cookie = REPLY.unpack(recv_exact(sock, REPLY.size))
-        assert (magic, err, cookie) == (SIMPLE_MAGIC, 0, i)
+        magic, err, cookie = SIMPLE_REPLY.unpack(recv_exact(sock, SIMPLE_REPLY.size))
+        assert (magic, err, cookie) == (SIMPLE_REPLY_MAGIC, 0, i)
         out.append(recv_exact(sock, data_len) if data_len else b"")
     return out
 
