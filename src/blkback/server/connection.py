@@ -1141,6 +1141,9 @@ class Connection:
         The staged part is copied; the rest is received straight into the pages. ``views``
         is left as it was (the caller writes the same spans to storage next).
         """
+        if end - start >= length and len(views) == 1:  # a small write, staged whole
+            views[0][:] = view[start : start + length]
+            return start + length
         staged = min(end - start, length)
         pos = 0  # bytes of payload in place
         i = 0  # first span not yet full

@@ -131,19 +131,14 @@ class AnonMemoryStorage(Capabilities):
         check_read_range(self.size, offset, length, "extents")
         if not length:
             return []
-        used = self.region.used
+        region = self.region
         end = offset + length
         out: list[tuple[int, int]] = []
         pos = offset
         while pos < end and len(out) < _MAX_EXTENTS:
-            page = pos // PAGE
-            if used[page]:
-                nxt = used.find(0, page)
-                flags = 0
-            else:
-                nxt = used.find(1, page)
-                flags = HOLE | ZERO
-            stop = len(used) * PAGE if nxt < 0 else nxt * PAGE
+            marked, nxt = region.run_at(pos // PAGE)
+            flags = 0 if marked else HOLE | ZERO
+            stop = nxt * PAGE
             stop = min(stop, end)
             out.append((stop - pos, flags))
             pos = stop

@@ -14,6 +14,9 @@ import ctypes
 import mmap
 from typing import Final
 
+from librt.vecs import extend, vec
+from mypy_extensions import i64, u8
+
 from blkback.storage.direct import DirectIO
 
 #: The page map's granularity: a byte of ``used`` per 4 KiB of the export (NBD's block
@@ -34,6 +37,10 @@ COPY_PIECE: Final = 256 * 1024
 #: costs ~2 us more than a slice assignment with a warm cache, 3-13 us with a cold export
 #: (``scripts/measure/copy_gil.py``), which a read, copied on the ring, would pay for nothing.
 GIL_FREE_COPY: Final = 256 * 1024
+
+#: The page map is built, and scanned for runs (:meth:`MemoryRegion.run_at`), this many
+#: entries at a time: a bounded temporary ``bytes``, whatever the export's size.
+MAP_CHUNK: Final = 64 * 1024
 
 #: libc's ``memmove`` through ``ctypes``: a foreign call releases the GIL while it runs.
 _memmove: Final = ctypes.memmove
@@ -84,17 +91,33 @@ def _move(dst: int, src: int, n: int) -> None:
         _memmove(dst + i, src + i, min(COPY_PIECE, n - i))
 
 
+def _zero_map(n: int) -> vec[u8]:
+    """A page map of ``n`` zero entries, built :data:`MAP_CHUNK` at a time."""
+    used = vec[u8](capacity=n)
+    chunk = bytes(MAP_CHUNK)
+    while len(used) + MAP_CHUNK <= n:
+        used = extend(used, chunk)
+    return extend(used, bytes(n - len(used)))
+
+
 class MemoryRegion(DirectIO):
     """``memory`` (a whole export) and a byte per 4 KiB page: 1 when the page may hold data.
 
     Callers check ranges first: the region copies and marks, nothing else. ``mem`` is a
     memoryview of ``memory``: reads copy from its slices.
+
+    The page map ``used`` is a ``librt.vecs`` ``vec[u8]``, not a ``bytearray``: compiled, a
+    ``vec`` item is set natively, where a ``bytearray`` item is set through
+    ``PyObject_SetItem`` with the page number boxed into a new ``int`` (a 4 KiB write's
+    mark cost ~0.2 us of its ~5.5 there; docs/data-path.md §9).
     """
 
     def __init__(self, memory: mmap.mmap | bytearray) -> None:
         self.memory = memory
         self.mem = memoryview(memory)
-        self.used = bytearray((len(memory) + MAP_PAGE_SIZE - 1) >> MAP_SHIFT)
+        self.used = _zero_map((len(memory) + MAP_PAGE_SIZE - 1) >> MAP_SHIFT)
+        # A live read-only view of ``used``, for the scans of :meth:`run_at`.
+        self._used_bytes = memoryview(self.used)
 
     def read(self, views: list[memoryview], offset: int, length: int) -> None:
         """Fill ``views`` (``length`` bytes in all) from ``offset``; holes read as zeroes."""
@@ -126,13 +149,32 @@ class MemoryRegion(DirectIO):
         """
         if length <= 0:
             return
-        first = offset >> MAP_SHIFT
-        last = (offset + length - 1) >> MAP_SHIFT
-        if first == last:  # the common 4 KiB write: no bytes object to build
-            self.used[first] = 1
-        else:
-            self.used[first : last + 1] = b"\x01" * (last - first + 1)
+        used = self.used
+        first: i64 = offset >> MAP_SHIFT
+        last: i64 = (offset + length - 1) >> MAP_SHIFT
+        for page in range(first, last + 1):
+            used[page] = 1
 
     def unmark(self, first_page: int, end_page: int) -> None:
         """Pages ``[first_page, end_page)`` hold no data (call before dropping them)."""
-        self.used[first_page:end_page] = bytes(end_page - first_page)
+        used = self.used
+        first: i64 = first_page
+        end: i64 = end_page
+        for page in range(first, end):
+            used[page] = 0
+
+    def run_at(self, page: int) -> tuple[bool, int]:
+        """Whether ``page`` may hold data, and the first page after it that differs in that
+        (the map's length if none does): the run of pages that block status reports as one
+        extent."""
+        marks = self._used_bytes
+        n = len(marks)
+        marked = marks[page] != 0
+        other = 0 if marked else 1
+        pos = page + 1
+        while pos < n:
+            found = marks[pos : pos + MAP_CHUNK].tobytes().find(other)
+            if found >= 0:
+                return marked, pos + found
+            pos += MAP_CHUNK
+        return marked, n

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import mmap
 import random
 import sys
 import threading
 import time
 
-from blkback.storage.region import COPY_PIECE, GIL_FREE_COPY, MAP_SHIFT, MemoryRegion
+from blkback.storage.region import COPY_PIECE, GIL_FREE_COPY, MAP_CHUNK, MAP_SHIFT, MemoryRegion
 
 PAGE = 1 << MAP_SHIFT
 
@@ -45,6 +46,31 @@ def test_a_write_marks_exactly_the_pages_it_touched() -> None:
     assert region.used[9] == 1
     region.unmark(1, 4)
     assert list(region.used) == [0] * 9 + [1] + [0] * 6
+
+
+def test_runs_of_marks_are_found_across_the_scan_chunks() -> None:
+    # Block status reads the map in runs (run_at), scanning MAP_CHUNK entries at a time: a
+    # run that ends in a later chunk, or never, must come out whole. The mapping is never
+    # touched, so its pages take no memory.
+    pages = 2 * MAP_CHUNK + 300
+    memory = mmap.mmap(-1, pages * PAGE)
+    try:
+        region = MemoryRegion(memory)
+        lone = MAP_CHUNK + 7
+        region.mark(lone * PAGE, 1)
+        assert region.run_at(0) == (False, lone)
+        assert region.run_at(lone) == (True, lone + 1)
+        assert region.run_at(lone + 1) == (False, pages)
+        region.mark(10 * PAGE, (2 * MAP_CHUNK + 5) * PAGE)  # pages 10 .. 2 * MAP_CHUNK + 14
+        assert region.run_at(10) == (True, 2 * MAP_CHUNK + 15)
+        assert region.run_at(9) == (False, 10)
+        region.unmark(MAP_CHUNK, MAP_CHUNK + 1)
+        assert region.run_at(10) == (True, MAP_CHUNK)
+        assert region.run_at(MAP_CHUNK) == (False, MAP_CHUNK + 1)
+        assert region.run_at(pages - 1) == (False, pages)
+    finally:
+        region.mem.release()
+        memory.close()
 
 
 def test_a_read_only_source_is_stored_by_slices_whole() -> None:
