@@ -108,8 +108,8 @@ class MemoryRegion(DirectIO):
 
     The page map ``used`` is a ``librt.vecs`` ``vec[u8]``, not a ``bytearray``: compiled, a
     ``vec`` item is set natively, where a ``bytearray`` item is set through
-    ``PyObject_SetItem`` with the page number boxed into a new ``int`` (a 4 KiB write's
-    mark cost ~0.2 us of its ~5.5 there; docs/data-path.md §9).
+    ``PyObject_SetItem`` with the page number boxed into a new ``int`` (~250 of a 4 KiB
+    write's ~9,300 instructions; docs/data-path.md §9).
     """
 
     def __init__(self, memory: mmap.mmap | bytearray) -> None:
