@@ -32,9 +32,11 @@ REQUEST = struct.Struct(">IHHQQI")
 REQUEST_MAGIC = 0x25609513
 SIMPLE_REPLY = struct.Struct(">IIQ")
 SIMPLE_REPLY_MAGIC = 0x67446698
+CMD_READ = 0
 CMD_WRITE = 1
 IHAVEOPT = 0x49484156454F5054
 OPT_EXPORT_NAME = 1
+PAGE = 4096  # the pool's page: what one page of a request holds
 
 
 def need_tool(*names: str) -> None:

@@ -19,7 +19,9 @@ from typing import Any
 
 import pytest
 from support import (
+    CMD_READ,
     CMD_WRITE,
+    PAGE,
     REQUEST,
     REQUEST_MAGIC,
     SIMPLE_REPLY,
@@ -30,8 +32,6 @@ from support import (
     wait_until,
 )
 
-CMD_READ = 0
-PAGE = 4096
 PAYLOAD = 64 * 1024  # the smallest write received straight into its pages
 TAIL = PAGE
 

@@ -18,7 +18,9 @@ from collections.abc import Callable
 
 import pytest
 from support import (
+    CMD_READ,
     CMD_WRITE,
+    PAGE,
     REQUEST,
     REQUEST_MAGIC,
     SIMPLE_REPLY,
@@ -29,8 +31,6 @@ from support import (
     wait_until,
 )
 
-CMD_READ = 0
-PAGE = 4096
 MIB = 1 << 20
 PAGES_PER_WRITE = MIB // PAGE
 STORES_IN_FLIGHT = 2  # server/connection.py: requests the store worker holds at most
