@@ -138,8 +138,7 @@ class AnonMemoryStorage(Capabilities):
         while pos < end and len(out) < _MAX_EXTENTS:
             marked, nxt = region.run_at(pos // PAGE)
             flags = 0 if marked else HOLE | ZERO
-            stop = nxt * PAGE
-            stop = min(stop, end)
+            stop = min(nxt * PAGE, end)
             out.append((stop - pos, flags))
             pos = stop
         return out
