@@ -112,7 +112,7 @@ def serve(conn: socket.socket, mem: memoryview, spin: bool) -> None:
 
 def main() -> None:
     mem = memoryview(bytearray(SIZE))
-    spin = bool(os.environ.get("SPIN"))
+    spin = os.environ.get("SPIN") == "1"
     serve_forever(sys.argv[1], lambda conn: serve(conn, mem, spin))
 
 
