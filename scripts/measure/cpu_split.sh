@@ -9,19 +9,19 @@
 #         SPIN=1 scripts/measure/cpu_split.sh scripts/measure/floor_server.py randwrite 4k 1
 # Prints IOPS and user/sys/total microseconds per request; RT=SECONDS sets fio's runtime
 # (default 5); PIN=CPU runs the server and the measured fio on that one CPU (taskset).
-tree=$1; rw=$2; bs=$3; qd=$4; shift 4
+server=$1; rw=$2; bs=$3; qd=$4; shift 4
 here=$(cd "$(dirname "$0")/../.." && pwd)
 pin=()
 [ -n "${PIN:-}" ] && pin=(taskset -c "$PIN")
 d=$(mktemp -d /tmp/cpu_split.XXXX)
-if [ "$tree" = nbdkit ]; then
+if [ "$server" = nbdkit ]; then
   "${pin[@]}" nbdkit -f -U "$d/s" "$@" memory 1G >"$d/log" 2>&1 & pid=$!
   uri="nbd+unix:///?socket=$d/s"
-elif [[ "$tree" == *.py ]]; then
-  "${pin[@]}" "$here/.venv/bin/python" "$tree" "$d/s" >"$d/log" 2>&1 & pid=$!
+elif [[ "$server" == *.py ]]; then
+  "${pin[@]}" "$here/.venv/bin/python" "$server" "$d/s" >"$d/log" 2>&1 & pid=$!
   uri="nbd+unix:///disk?socket=$d/s"
 else
-  "${pin[@]}" "$tree/.venv/bin/blkback" serve -U "$d/s" --export disk=memory:1G --control "$d/c" "$@" >"$d/log" 2>&1 & pid=$!
+  "${pin[@]}" "$server/.venv/bin/blkback" serve -U "$d/s" --export disk=memory:1G --control "$d/c" "$@" >"$d/log" 2>&1 & pid=$!
   uri="nbd+unix:///disk?socket=$d/s"
 fi
 for _ in $(seq 50); do [ -S "$d/s" ] && break; sleep 0.1; done
